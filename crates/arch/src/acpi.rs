@@ -1,0 +1,218 @@
+//! ACPI tables: how the guest finds its CPUs (MADT) and powers off (a
+//! hardware-reduced FADT whose sleep-control register is an I/O port of ours,
+//! and a DSDT declaring the S5 soft-off state).
+//!
+//! Layout in the BIOS area at [`layout::ACPI_START`]: RSDP, XSDT, FADT, MADT,
+//! DSDT, each 16-byte aligned.
+
+use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout;
+
+/// Port of the sleep control register (write `SLP_TYP << 2 | SLP_EN`).
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// Port of the reset register.
+pub const RESET_PORT: u16 = 0x3c1;
+/// Value the guest writes to [`RESET_PORT`] to reset.
+pub const RESET_VALUE: u8 = 0x1;
+/// The SLP_TYP value of S5 (soft off) that the DSDT declares.
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+const OEM_ID: [u8; 6] = *b"NESTVM";
+/// IA-PC boot architecture flags: no VGA, no CMOS RTC (kvmclock gives time).
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// Errors of ACPI table placement.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit in the BIOS area.
+    #[error("ACPI tables for {0} vCPUs do not fit below 1 MiB")]
+    TooLarge(u32),
+    /// Writing into guest memory failed.
+    #[error("cannot write the ACPI tables into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+}
+
+fn bytes_of(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// The DSDT: just the `\_S5_` package Linux needs to power off.
+pub fn dsdt() -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"NESTVMDS", 1);
+    let s5 = Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &0u8, &0u8]),
+    );
+    s5.to_aml_bytes(&mut sdt);
+    // Sdt::append keeps the length field right; the checksum needs refreshing.
+    sdt.update_checksum();
+    sdt.as_slice().to_vec()
+}
+
+/// The FADT: hardware-reduced, sleep and reset through our ports.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut b = FADTBuilder::new(OEM_ID, *b"NESTVMFA", 1)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.sleep_control_reg = io_register(SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = io_register(SLEEP_CONTROL_PORT);
+    b.reset_reg = io_register(RESET_PORT);
+    b.reset_value = RESET_VALUE;
+    b.iapc_boot_arch = (IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    b.hypervisor_vendor_identity = u64::from_le_bytes(*b"NESTVM\0\0").into();
+    bytes_of(&b.finalize())
+}
+
+/// The MADT: one enabled local APIC per vCPU and the IOAPIC.
+pub fn madt(vcpus: u32) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        *b"NESTVMAP",
+        1,
+        LocalInterruptController::Address(layout::LAPIC_START as u32),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
+    }
+    madt.add_structure(IoApic::new(0, layout::IOAPIC_START as u32, 0));
+    bytes_of(&madt)
+}
+
+/// Writes all tables and returns the RSDP address.
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = layout::ACPI_START;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    // XSDT: header + two 8-byte entries.
+    let fadt_addr = align(xsdt_addr + 36 + 16);
+    let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
+    let madt = madt(vcpus);
+    let dsdt_addr = align(madt_addr + madt.len() as u64);
+    let dsdt = dsdt();
+    if dsdt_addr + dsdt.len() as u64 > layout::BIOS_END {
+        return Err(AcpiError::TooLarge(vcpus));
+    }
+    let mut xsdt = XSDT::new(OEM_ID, *b"NESTVMXS", 1);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes_of(&xsdt);
+    debug_assert_eq!(xsdt.len(), 36 + 16);
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    for (addr, bytes) in [
+        (rsdp_addr, rsdp),
+        (xsdt_addr, xsdt),
+        (fadt_addr, fadt(dsdt_addr)),
+        (madt_addr, madt),
+        (dsdt_addr, dsdt),
+    ] {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(AcpiError::GuestMemory)?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(t: &[u8]) -> bool {
+        t.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn u32_at(t: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(t[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(t: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(t[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn tables_chain_from_rsdp_with_valid_checksums() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rsdp_addr = write_tables(&mem, 4).unwrap();
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
+        let read_table = |addr: u64| {
+            let mut hdr = [0u8; 8];
+            mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+            let mut t = vec![0u8; u32_at(&hdr, 4) as usize];
+            mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+            assert!(
+                checksum_ok(&t),
+                "checksum of {:?}",
+                std::str::from_utf8(&t[..4])
+            );
+            t
+        };
+        let xsdt = read_table(u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        let fadt = read_table(u64_at(&xsdt, 36));
+        let madt = read_table(u64_at(&xsdt, 44));
+        assert_eq!(&fadt[..4], b"FACP");
+        assert_eq!(&madt[..4], b"APIC");
+        // Hardware-reduced flag, and the sleep control register is our port.
+        assert_ne!(u32_at(&fadt, 112) & (1 << 20), 0);
+        assert_eq!(fadt[244], 1, "sleep control in system I/O space");
+        assert_eq!(u64_at(&fadt, 248), u64::from(SLEEP_CONTROL_PORT));
+        let dsdt = read_table(u64_at(&fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        // Four local APICs (type 0, length 8) with ids 0..3, then one IOAPIC.
+        let mut off = 44;
+        let mut apic_ids = vec![];
+        let mut ioapics = 0;
+        while off < madt.len() {
+            match madt[off] {
+                0 => apic_ids.push(madt[off + 3]),
+                1 => {
+                    ioapics += 1;
+                    assert_eq!(u32_at(&madt, off + 4), layout::IOAPIC_START as u32);
+                }
+                t => panic!("unexpected MADT entry {t}"),
+            }
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!(apic_ids, vec![0, 1, 2, 3]);
+        assert_eq!(ioapics, 1);
+    }
+
+    #[test]
+    fn many_vcpus_still_fit() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_tables(&mem, 255).unwrap();
+    }
+}

@@ -1,0 +1,164 @@
+//! The console: a 16550 UART from vm-superio whose output goes to a writer
+//! (nestvm's stdout) and whose input the VMM feeds from stdin. Its interrupt
+//! is an [`EventTrigger`] that the VMM attaches to an irqfd (IRQ 4 for COM1).
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use crate::bus::BusDevice;
+use crate::EventTrigger;
+
+/// Base port of COM1.
+pub const COM1_PORT: u64 = 0x3f8;
+/// Number of registers.
+pub const SERIAL_PORT_LEN: u64 = 8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// A 16550 UART on the port bus.
+pub struct SerialPort {
+    uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    /// A UART that raises `irq` and writes what the guest sends to `out`.
+    pub fn new(irq: EventTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(irq, out),
+        }
+    }
+
+    /// How many input bytes the receive FIFO can take now.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues input for the guest; returns how many bytes were taken (the
+    /// rest must be offered again once the guest has read some).
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || self.uart.fifo_capacity() == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot raise the receive interrupt: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = match u8::try_from(offset + i as u64) {
+                Ok(off) if u64::from(off) < SERIAL_PORT_LEN => self.uart.read(off),
+                _ => 0xff,
+            };
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            let Ok(off) = u8::try_from(offset + i as u64) else {
+                return;
+            };
+            if u64::from(off) >= SERIAL_PORT_LEN {
+                return;
+            }
+            if let Err(e) = self.uart.write(off, b) {
+                // Output that cannot be written (a closed stdout) must not stop the guest.
+                log::debug!("serial: write at offset {off}: {e:?}");
+            }
+        }
+    }
+}
+
+/// A writer that flushes every write, so an interactive guest's prompt
+/// appears at once.
+pub struct Unbuffered<W: Write>(pub W);
+
+impl<W: Write> Write for Unbuffered<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    #[test]
+    fn guest_output_reaches_the_writer() {
+        let out = Shared::default();
+        let mut s = SerialPort::new(EventTrigger::new().unwrap(), Box::new(out.clone()));
+        for b in b"hi\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        // A 2-byte access covers two registers, as on the ISA bus.
+        s.write(0, b"ok");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\no");
+        s.write(1, &[0]);
+        s.write(0, b"k");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\nok");
+        // The transmitter is always ready.
+        let mut lsr = [0u8];
+        s.read(LSR, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn input_raises_the_interrupt_and_fifo_bounds_it() {
+        let irq = EventTrigger::new().unwrap();
+        let irq_seen = irq.try_clone().unwrap();
+        let mut s = SerialPort::new(irq, Box::new(std::io::sink()));
+        // Enable the received-data interrupt.
+        s.write(IER, &[0x01]);
+        let room = s.input_room();
+        assert!(room > 0);
+        let big = vec![b'x'; room + 10];
+        assert_eq!(s.queue_input(&big), room);
+        assert_eq!(s.queue_input(b"more"), 0, "full FIFO takes nothing");
+        assert!(irq_seen.0.read().unwrap() >= 1);
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        assert_eq!(s.input_room(), 1);
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_ignored() {
+        let mut s = SerialPort::new(EventTrigger::new().unwrap(), Box::new(std::io::sink()));
+        let mut d = [0u8; 2];
+        s.read(7, &mut d);
+        assert_eq!(d[1], 0xff);
+        s.write(300, &[1]);
+    }
+}

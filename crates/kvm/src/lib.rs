@@ -1,0 +1,20 @@
+//! The KVM boundary of nestvm.
+//!
+//! Everything that talks to `/dev/kvm` lives here: opening the hypervisor and
+//! reading its capabilities ([`hypervisor`]), creating a VM with its memory
+//! slots, irqchip and PIT ([`vm`]), and running vCPUs ([`vcpu`]). A vCPU exit
+//! leaves this crate as plain port/MMIO calls on an [`ExitHandler`] (the device
+//! bus), so devices never see a KVM type. [`kick`] lets another thread pull a
+//! vCPU out of `KVM_RUN` without races.
+
+pub mod hypervisor;
+pub mod kick;
+pub mod vcpu;
+pub mod vm;
+
+pub use hypervisor::{Hypervisor, HypervisorError};
+pub use vcpu::{ExitHandler, RunOutcome, Vcpu, VcpuError};
+pub use vm::{Vm, VmError};
+
+/// Re-exported so the layers above share one set of KVM data types.
+pub use kvm_bindings;

@@ -1,0 +1,136 @@
+//! A KVM VM: memory slots, the in-kernel interrupt controllers and timers, irqfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::Vcpu;
+
+/// Address of the three pages KVM needs for the TSS on Intel hosts; it sits in
+/// the 32-bit hole, above guest RAM and below the IOAPIC.
+pub const TSS_ADDRESS: usize = 0xfffb_d000;
+/// Address of the identity-map page KVM needs on Intel hosts (one page below the TSS).
+pub const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors of VM-wide KVM calls.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
+    #[error("cannot give guest memory slot {slot} at {guest_addr:#x} ({size} bytes) to KVM")]
+    MemorySlot {
+        /// The slot number.
+        slot: u32,
+        /// Guest physical start.
+        guest_addr: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_TSS_ADDR` / identity map failed.
+    #[error("cannot set the TSS / identity map address")]
+    Tss(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_IRQCHIP` failed.
+    #[error("cannot create the in-kernel interrupt controller (KVM_CREATE_IRQCHIP)")]
+    Irqchip(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_PIT2` failed.
+    #[error("cannot create the in-kernel PIT (KVM_CREATE_PIT2)")]
+    Pit(#[source] kvm_ioctls::Error),
+    /// `KVM_IRQFD` failed.
+    #[error("cannot attach an eventfd to guest interrupt {gsi}")]
+    Irqfd {
+        /// The interrupt line.
+        gsi: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("cannot create vCPU {id}")]
+    CreateVcpu {
+        /// The vCPU index.
+        id: u64,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// A KVM VM handle.
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    pub(crate) fn new(fd: VmFd) -> Self {
+        Self { fd }
+    }
+
+    /// Hands every region of `mem` to KVM as a memory slot, in order.
+    ///
+    /// The caller must keep `mem` alive (and unmoved in the address space) for
+    /// as long as this VM exists; nestvm does so by owning both in one `Vmm`
+    /// that drops the VM's vCPUs first.
+    pub fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let slot = slot as u32;
+            let host = mem
+                .get_host_address(region.start_addr())
+                .expect("a region's own start address is inside guest memory");
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` .. `host + len` is a live mapping owned by `mem`,
+            // which the caller keeps alive for the VM's whole life (see the doc
+            // comment above); slots do not overlap because vm-memory refuses
+            // overlapping regions.
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| {
+                VmError::MemorySlot {
+                    slot,
+                    guest_addr: desc.guest_phys_addr,
+                    size: desc.memory_size,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Sets up what x86 KVM needs before vCPUs: the TSS and identity-map
+    /// pages, the in-kernel PIC + IOAPIC + LAPICs, and the PIT.
+    pub fn setup_irqchip_and_pit(&self) -> Result<(), VmError> {
+        self.fd
+            .set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(VmError::Tss)?;
+        self.fd.set_tss_address(TSS_ADDRESS).map_err(VmError::Tss)?;
+        self.fd.create_irq_chip().map_err(VmError::Irqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(VmError::Pit)?;
+        Ok(())
+    }
+
+    /// Makes a write to `evt` raise guest interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Creates vCPU number `id`.
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
+        let fd = self
+            .fd
+            .create_vcpu(id)
+            .map_err(|source| VmError::CreateVcpu { id, source })?;
+        Ok(Vcpu::new(fd, id as u32))
+    }
+}

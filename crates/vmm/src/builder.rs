@@ -1,0 +1,280 @@
+//! Builds a VM complete and paused: guest memory, kernel, initrd, command
+//! line, ACPI tables and boot_params; then the KVM VM with its irqchip and
+//! PIT, the devices on their buses, and every vCPU with CPUID, MSRs, LAPIC and
+//! (for the boot vCPU) the 64-bit entry registers. Nothing runs until
+//! [`crate::runner::run`] resumes it.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use nestvm_arch::{acpi, boot, cpuid, layout, regs};
+use nestvm_devices::acpi_pm::AcpiPm;
+use nestvm_devices::bus::{Bus, BusError};
+use nestvm_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use nestvm_devices::serial::{SerialPort, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
+use nestvm_devices::EventTrigger;
+use nestvm_kvm::{ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuError, VmError};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// More vCPUs than KVM allows.
+    #[error("--cpus {got} is more than this host's KVM allows ({max}): lower --cpus")]
+    TooManyCpus {
+        /// What was asked.
+        got: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// Guest memory cannot be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory: lower --memory or free host memory")]
+    Memory {
+        /// The size asked for.
+        mib: u64,
+        /// The cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Page tables or GDT.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// Opening KVM.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// A VM-wide KVM call.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU KVM call.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// An eventfd for a device.
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// Two devices claim the same addresses.
+    #[error("device layout is inconsistent")]
+    Bus(#[from] BusError),
+}
+
+impl BuildError {
+    /// True for errors the user fixes by changing the command or config
+    /// (exit code 2), false for host or runtime failures (exit code 1).
+    pub fn is_usage(&self) -> bool {
+        use boot::BootError as B;
+        match self {
+            Self::TooManyCpus { .. } => true,
+            Self::Boot(b) => matches!(
+                b,
+                B::Read { .. }
+                    | B::NotAKernel(_)
+                    | B::Not64Bit(_)
+                    | B::TooSmall { .. }
+                    | B::CmdlineTooLong { .. }
+                    | B::CmdlineNul
+                    | B::Load { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Port I/O and MMIO buses; the vCPU exit handler.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// MMIO outside guest RAM and the in-kernel APICs.
+    pub mmio: Bus,
+}
+
+impl ExitHandler for Buses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            log::trace!("unclaimed port read {port:#x}/{}", data.len());
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if !self.pio.write(u64::from(port), data) {
+            log::trace!("unclaimed port write {port:#x} {data:x?}");
+        }
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            log::debug!("unclaimed MMIO read {addr:#x}/{}", data.len());
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) {
+            log::debug!("unclaimed MMIO write {addr:#x} {data:x?}");
+        }
+    }
+}
+
+/// A VM built and paused.
+pub struct BuiltVm {
+    /// Its settings.
+    pub config: VmConfig,
+    /// vCPUs, not yet running. Declared before `memory` and `vm` so they are
+    /// dropped first.
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) buses: Arc<Buses>,
+    pub(crate) serial: Arc<Mutex<SerialPort>>,
+    pub(crate) reset: EventTrigger,
+    pub(crate) power_off: EventTrigger,
+    _vm: nestvm_kvm::Vm,
+    _memory: GuestMemoryMmap,
+}
+
+fn event(what: &'static str) -> Result<EventTrigger, BuildError> {
+    EventTrigger::new().map_err(|e| BuildError::EventFd(what, e))
+}
+
+fn clone_event(t: &EventTrigger, what: &'static str) -> Result<EventTrigger, BuildError> {
+    t.try_clone().map_err(|e| BuildError::EventFd(what, e))
+}
+
+/// Builds the VM described by `config`; the guest's console output goes to `console`.
+pub fn build(
+    config: &VmConfig,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    let max = hv.max_vcpus();
+    if config.cpus as usize > max {
+        return Err(BuildError::TooManyCpus {
+            got: config.cpus,
+            max,
+        });
+    }
+    let memory = load_guest_memory(config)?;
+
+    let vm = hv.create_vm()?;
+    vm.setup_irqchip_and_pit()?;
+    vm.map_memory(&memory.0)?;
+
+    // Devices.
+    let serial_irq = event("the serial interrupt")?;
+    vm.register_irqfd(&serial_irq.0, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
+    let reset = event("reset")?;
+    let power_off = event("power-off")?;
+    let mut buses = Buses::default();
+    buses
+        .pio
+        .insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)?;
+    buses.pio.insert(
+        Arc::new(Mutex::new(I8042::new(clone_event(&reset, "reset")?))),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )?;
+    buses.pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(
+            acpi::S5_SLEEP_TYPE,
+            acpi::RESET_VALUE,
+            clone_event(&power_off, "power-off")?,
+            clone_event(&reset, "reset")?,
+        ))),
+        u64::from(acpi::SLEEP_CONTROL_PORT),
+        2,
+    )?;
+
+    // vCPUs.
+    let supported = hv.supported_cpuid()?;
+    let tsc_deadline = hv.has_tsc_deadline();
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for index in 0..config.cpus {
+        let vcpu = vm.create_vcpu(u64::from(index))?;
+        let tsc_khz = match vcpu.tsc_khz() {
+            Ok(k) if k > 0 => Some(k),
+            _ => None,
+        };
+        let table = cpuid::build(
+            &supported,
+            &cpuid::CpuidPolicy {
+                topology: cpuid::VcpuTopology {
+                    index,
+                    count: config.cpus,
+                },
+                tsc_khz,
+                tsc_deadline,
+                expose_virtualization: true,
+            },
+        );
+        vcpu.set_cpuid(&table)?;
+        vcpu.set_msrs(&regs::boot_msrs())?;
+        vcpu.set_fpu(&regs::boot_fpu())?;
+        let mut lapic = vcpu.lapic()?;
+        regs::setup_lint(&mut lapic);
+        vcpu.set_lapic(&lapic)?;
+        if index == 0 {
+            let mut sregs = vcpu.sregs()?;
+            regs::setup_long_mode(&mut sregs, memory.1.cr3);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&regs::boot_regs(memory.1.entry))?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    Ok(BuiltVm {
+        config: config.clone(),
+        vcpus,
+        buses: Arc::new(buses),
+        serial,
+        reset,
+        power_off,
+        _vm: vm,
+        _memory: memory.0,
+    })
+}
+
+/// Where the boot vCPU starts.
+struct Entry {
+    entry: u64,
+    cr3: u64,
+}
+
+/// Allocates guest memory and fills it: kernel, initrd, command line, ACPI,
+/// boot_params, GDT and page tables. Needs no KVM, so bad kernels and sizes
+/// are reported the same on any host.
+fn load_guest_memory(config: &VmConfig) -> Result<(GuestMemoryMmap, Entry), BuildError> {
+    let memory =
+        GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|source| {
+            BuildError::Memory {
+                mib: config.memory >> 20,
+                source,
+            }
+        })?;
+    let low_end = layout::low_ram_end(config.memory);
+    let kernel = boot::load_kernel(&memory, low_end, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&memory, low_end, &kernel, path)?),
+        None => None,
+    };
+    boot::write_cmdline(&memory, &kernel, &config.cmdline)?;
+    let rsdp = acpi::write_tables(&memory, config.cpus)?;
+    let e820 = layout::e820_map(config.memory);
+    let params = boot::build_boot_params(&boot::BootInfo {
+        kernel: &kernel,
+        cmdline_len: config.cmdline.len(),
+        initrd,
+        e820: &e820,
+        rsdp,
+    });
+    boot::write_boot_params(&memory, &params)?;
+    let cr3 = regs::write_boot_tables(&memory)?;
+    Ok((
+        memory,
+        Entry {
+            entry: kernel.entry,
+            cr3,
+        },
+    ))
+}

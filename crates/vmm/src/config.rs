@@ -1,0 +1,327 @@
+//! A VM's settings: read from a TOML file, overridden by flags, validated.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default guest memory: 512 MiB.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Smallest guest memory we build (tiny test guests need little).
+pub const MIN_MEMORY: u64 = 8 << 20;
+/// Largest guest memory we accept (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most vCPUs a VM may have (APIC IDs are 8 bits in our MADT).
+pub const MAX_CPUS: u32 = 255;
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Errors in a VM's settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for a VM.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, on one line.
+        message: String,
+    },
+    /// No kernel anywhere.
+    #[error("no kernel given: pass --kernel FILE or set kernel = \"FILE\" in the config file")]
+    NoKernel,
+    /// A size that does not parse.
+    #[error("invalid size '{0}': use a number of MiB or a number with a K, M, G or T suffix, e.g. 512M or 4G")]
+    BadSize(String),
+    /// Memory out of range.
+    #[error("memory {got_mib} MiB is out of range: give between {} MiB and {} GiB", MIN_MEMORY >> 20, MAX_MEMORY >> 30)]
+    MemoryRange {
+        /// What was asked, MiB.
+        got_mib: u64,
+    },
+    /// vCPU count out of range.
+    #[error("--cpus {got} is out of range: give between 1 and {max}")]
+    Cpus {
+        /// What was asked.
+        got: u32,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// Parses `512`, `512M`, `512MiB`, `4G`, `4096K`... (a bare number is MiB).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_owned());
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let num: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "b" => 0,
+        _ => return Err(bad()),
+    };
+    num.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Formats a byte count the way [`parse_size`] reads it back.
+pub fn format_size(bytes: u64) -> String {
+    match bytes {
+        b if b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b => format!("{}K", b >> 10),
+    }
+}
+
+/// A size in a TOML file: a string like "4G" or an integer number of MiB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Text(String),
+    Mib(u64),
+}
+
+/// The file form of a VM's settings; every field optional so flags can fill in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<u32>,
+    memory: Option<SizeValue>,
+}
+
+/// Settings given on the command line; they override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `--cmdline`.
+    pub cmdline: Option<String>,
+    /// `--cpus`.
+    pub cpus: Option<u32>,
+    /// `--memory`, unparsed.
+    pub memory: Option<String>,
+}
+
+/// A VM's complete, validated settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmConfig {
+    /// Kernel image (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest memory in bytes.
+    pub memory: u64,
+}
+
+impl VmConfig {
+    /// Reads `file` (if any), applies `over`, fills defaults and validates.
+    pub fn resolve(file: Option<&Path>, over: Overrides) -> Result<Self, ConfigError> {
+        let base = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let mut cfg: FileConfig =
+                    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.message().replace('\n', " "),
+                    })?;
+                // Relative paths in a file are relative to the file.
+                let dir = path.parent().unwrap_or(Path::new("."));
+                for p in [&mut cfg.kernel, &mut cfg.initrd].into_iter().flatten() {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
+                }
+                cfg
+            }
+            None => FileConfig::default(),
+        };
+        let memory = match over.memory {
+            Some(s) => parse_size(&s)?,
+            None => match base.memory {
+                Some(SizeValue::Text(s)) => parse_size(&s)?,
+                Some(SizeValue::Mib(m)) => m
+                    .checked_mul(1 << 20)
+                    .ok_or(ConfigError::BadSize(m.to_string()))?,
+                None => DEFAULT_MEMORY,
+            },
+        };
+        let cfg = VmConfig {
+            kernel: over.kernel.or(base.kernel).ok_or(ConfigError::NoKernel)?,
+            initrd: over.initrd.or(base.initrd),
+            cmdline: over
+                .cmdline
+                .or(base.cmdline)
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+            cpus: over.cpus.or(base.cpus).unwrap_or(1),
+            memory,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges that need no host knowledge.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) {
+            return Err(ConfigError::MemoryRange {
+                got_mib: self.memory >> 20,
+            });
+        }
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus {
+                got: self.cpus,
+                max: MAX_CPUS,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn over_kernel() -> Overrides {
+        Overrides {
+            kernel: Some("/boot/vmlinuz".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512 << 20);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("6GiB").unwrap(), 6 << 30);
+        assert_eq!(parse_size("65536k").unwrap(), 64 << 20);
+        assert_eq!(parse_size(" 1T ").unwrap(), 1 << 40);
+        for bad in [
+            "",
+            "G",
+            "12Q",
+            "-1",
+            "1.5G",
+            "99999999999999999999G",
+            "4 G B",
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.to_string().contains("invalid size"), "{bad}: {e}");
+        }
+        assert_eq!(format_size(4 << 30), "4G");
+        assert_eq!(format_size(384 << 20), "384M");
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = VmConfig::resolve(None, over_kernel()).unwrap();
+        assert_eq!(
+            (c.cpus, c.memory, c.cmdline.as_str()),
+            (1, DEFAULT_MEMORY, DEFAULT_CMDLINE)
+        );
+        let e = VmConfig::resolve(None, Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::NoKernel));
+        assert!(e.to_string().contains("--kernel"));
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let mut o = over_kernel();
+        o.cpus = Some(0);
+        assert!(matches!(
+            VmConfig::resolve(None, o.clone()),
+            Err(ConfigError::Cpus { got: 0, .. })
+        ));
+        o.cpus = Some(256);
+        assert!(matches!(
+            VmConfig::resolve(None, o),
+            Err(ConfigError::Cpus { got: 256, .. })
+        ));
+        let mut o = over_kernel();
+        o.memory = Some("1M".into());
+        let e = VmConfig::resolve(None, o).unwrap_err();
+        assert!(matches!(e, ConfigError::MemoryRange { got_mib: 1 }), "{e}");
+        let mut o = over_kernel();
+        o.memory = Some("lots".into());
+        assert!(matches!(
+            VmConfig::resolve(None, o),
+            Err(ConfigError::BadSize(_))
+        ));
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nestvm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let p = write(
+            "vm.toml",
+            "kernel = \"vmlinuz\"\ninitrd = \"/abs/initrd\"\ncpus = 2\nmemory = \"6G\"\ncmdline = \"console=ttyS0\"\n",
+        );
+        let c = VmConfig::resolve(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(c.kernel, p.parent().unwrap().join("vmlinuz"));
+        assert_eq!(c.initrd.as_deref(), Some(Path::new("/abs/initrd")));
+        assert_eq!((c.cpus, c.memory), (2, 6 << 30));
+        let o = Overrides {
+            cpus: Some(4),
+            memory: Some("1G".into()),
+            ..Default::default()
+        };
+        let c = VmConfig::resolve(Some(&p), o).unwrap();
+        assert_eq!(
+            (c.cpus, c.memory, c.cmdline.as_str()),
+            (4, 1 << 30, "console=ttyS0")
+        );
+        let p = write("mib.toml", "kernel = \"/k\"\nmemory = 256\n");
+        assert_eq!(
+            VmConfig::resolve(Some(&p), Overrides::default())
+                .unwrap()
+                .memory,
+            256 << 20
+        );
+    }
+
+    #[test]
+    fn bad_files() {
+        let p = write("typo.toml", "kernel = \"/k\"\ncpu = 2\n");
+        let e = VmConfig::resolve(Some(&p), Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+        assert!(e.to_string().contains("cpu"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+        let p = write("broken.toml", "kernel = \n");
+        assert!(matches!(
+            VmConfig::resolve(Some(&p), Overrides::default()),
+            Err(ConfigError::Parse { .. })
+        ));
+        let e = VmConfig::resolve(Some(Path::new("/nonexistent.toml")), Overrides::default())
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+    }
+}

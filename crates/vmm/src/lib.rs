@@ -1,0 +1,27 @@
+//! nestvm's VMM: from a [`config::VmConfig`] to a running VM and back to an
+//! outcome.
+//!
+//! - [`config`]: the VM's settings (TOML file and flags), validated.
+//! - [`builder`]: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
+//!   paused, so nothing runs until everything exists.
+//! - [`vcpu`]: one thread per vCPU, an explicit Paused/Running/Exited state
+//!   machine driven by commands, reporting exits as events.
+//! - [`runner`]: resumes the VM and runs the event loop (console, signals,
+//!   reset/power-off, vCPU exits) until the VM stops.
+//! - [`terminal`]: raw mode for an interactive console, always restored.
+
+pub mod builder;
+pub mod config;
+pub mod runner;
+pub mod terminal;
+pub mod vcpu;
+
+pub use builder::{build, BuildError, BuiltVm};
+pub use config::{ConfigError, VmConfig};
+pub use runner::{run, RunError, VmOutcome};
+
+/// The guest console's default writer: nestvm's stdout, flushed after every
+/// write so interactive prompts show at once.
+pub fn console_stdout() -> impl std::io::Write + Send {
+    nestvm_devices::serial::Unbuffered(std::io::stdout())
+}

@@ -1,0 +1,352 @@
+//! Runs a built VM: starts its vCPU threads (paused), resumes them, and runs
+//! the event loop until the VM stops. Events: console input (stdin into the
+//! UART), the reset and power-off eventfds, vCPU thread reports, and
+//! SIGINT/SIGTERM/SIGHUP through a signalfd.
+
+use std::cell::RefCell;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use nestvm_devices::serial::SerialPort;
+use nestvm_kvm::kick;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::builder::BuiltVm;
+use crate::vcpu::{Command, Event, ExitReason, VcpuHandle};
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest reset itself (i8042, ACPI reset or a KVM reset event).
+    Reset,
+    /// The guest powered off (ACPI S5 or a KVM shutdown event).
+    PowerOff,
+    /// nestvm got this signal and stopped the VM.
+    Signal(i32),
+    /// The user typed the console's quit sequence.
+    Quit,
+    /// The guest crashed.
+    Crashed {
+        /// What happened.
+        reason: String,
+        /// Register dump of the vCPU.
+        registers: String,
+    },
+}
+
+/// Errors of the run loop itself (not of the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Setting up the event loop or its event sources failed.
+    #[error("cannot set up the event loop ({what})")]
+    Setup {
+        /// Which part.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting a vCPU thread failed.
+    #[error("cannot start a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
+    move |source| RunError::Setup { what, source }
+}
+
+/// Console wiring for a run.
+pub struct Console {
+    /// Where input for the guest's serial port comes from.
+    pub input: Option<OwnedFd>,
+    /// Whether Ctrl-A x quits (interactive terminals).
+    pub escape: bool,
+}
+
+/// Options for a run.
+pub struct RunOptions {
+    /// Stop cleanly on SIGINT/SIGTERM/SIGHUP (blocks them in this thread).
+    pub handle_signals: bool,
+}
+
+type Outcome = Rc<RefCell<Option<VmOutcome>>>;
+
+fn settle(outcome: &Outcome, value: VmOutcome) {
+    let mut o = outcome.borrow_mut();
+    if o.is_none() {
+        *o = Some(value);
+    }
+}
+
+/// Watches reset/power-off eventfds, vCPU reports and signals.
+struct Control {
+    reset: EventFd,
+    power_off: EventFd,
+    notify: EventFd,
+    vcpu_events: Receiver<Event>,
+    signals: Option<SignalFd>,
+    outcome: Outcome,
+}
+
+const TOKEN_RESET: u32 = 1;
+const TOKEN_POWER_OFF: u32 = 2;
+const TOKEN_VCPU: u32 = 3;
+const TOKEN_SIGNAL: u32 = 4;
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: i32, token| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                log::error!("event loop: cannot watch fd {fd}: {e:?}");
+            }
+        };
+        add(self.reset.as_raw_fd(), TOKEN_RESET);
+        add(self.power_off.as_raw_fd(), TOKEN_POWER_OFF);
+        add(self.notify.as_raw_fd(), TOKEN_VCPU);
+        if let Some(s) = &self.signals {
+            add(s.as_raw_fd(), TOKEN_SIGNAL);
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_RESET => {
+                let _ = self.reset.read();
+                settle(&self.outcome, VmOutcome::Reset);
+            }
+            TOKEN_POWER_OFF => {
+                let _ = self.power_off.read();
+                settle(&self.outcome, VmOutcome::PowerOff);
+            }
+            TOKEN_VCPU => {
+                let _ = self.notify.read();
+                while let Ok(ev) = self.vcpu_events.try_recv() {
+                    log::debug!("{ev:?}");
+                    if let Event::Exited(_, reason) = ev {
+                        match reason {
+                            ExitReason::Stopped => {}
+                            ExitReason::Reset => settle(&self.outcome, VmOutcome::Reset),
+                            ExitReason::PowerOff => settle(&self.outcome, VmOutcome::PowerOff),
+                            ExitReason::Crashed { reason, registers } => {
+                                settle(&self.outcome, VmOutcome::Crashed { reason, registers })
+                            }
+                        }
+                    }
+                }
+            }
+            TOKEN_SIGNAL => {
+                if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
+                    settle(&self.outcome, VmOutcome::Signal(info.ssi_signo as i32));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Feeds console input into the UART. When the UART's FIFO is full, input
+/// waits in `pending` and a timer retries, so pasted text is never dropped.
+struct ConsoleInput {
+    input: std::fs::File,
+    serial: Arc<Mutex<SerialPort>>,
+    pending: Vec<u8>,
+    retry: TimerFd,
+    watching_input: bool,
+    escape: bool,
+    saw_escape_key: bool,
+    outcome: Outcome,
+}
+
+const TOKEN_INPUT: u32 = 10;
+const TOKEN_RETRY: u32 = 11;
+/// Ctrl-A.
+const ESCAPE_KEY: u8 = 0x01;
+
+impl ConsoleInput {
+    /// Moves what the UART can take from `pending` into it.
+    fn flush(&mut self) {
+        let mut uart = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let n = uart.queue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+
+    fn filter_escape(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.saw_escape_key {
+                self.saw_escape_key = false;
+                match b {
+                    b'x' | b'X' => {
+                        settle(&self.outcome, VmOutcome::Quit);
+                        return;
+                    }
+                    ESCAPE_KEY => self.pending.push(ESCAPE_KEY),
+                    other => self.pending.extend_from_slice(&[ESCAPE_KEY, other]),
+                }
+            } else if self.escape && b == ESCAPE_KEY {
+                self.saw_escape_key = true;
+            } else {
+                self.pending.push(b);
+            }
+        }
+    }
+
+    fn watch(&mut self, ops: &mut EventOps) {
+        let want_input = self.pending.is_empty();
+        if want_input != self.watching_input {
+            let ev = Events::with_data(&self.input, TOKEN_INPUT, EventSet::IN);
+            let r = if want_input {
+                ops.add(ev)
+            } else {
+                ops.remove(ev)
+            };
+            if let Err(e) = r {
+                log::warn!("console: cannot change input watch: {e:?}");
+            }
+            self.watching_input = want_input;
+        }
+        let retry = if want_input {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        };
+        if let Err(e) = self
+            .retry
+            .reset(retry, Some(retry).filter(|d| !d.is_zero()))
+        {
+            log::warn!("console: cannot arm the retry timer: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.input, TOKEN_INPUT, EventSet::IN)) {
+            log::info!("console input not available: {e:?}");
+            return;
+        }
+        self.watching_input = true;
+        let _ = ops.add(Events::with_data(&self.retry, TOKEN_RETRY, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_INPUT => {
+                let mut buf = [0u8; 256];
+                match self.input.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        // End of input (or a broken fd): the guest keeps running without it.
+                        let _ =
+                            ops.remove(Events::with_data(&self.input, TOKEN_INPUT, EventSet::IN));
+                        self.watching_input = false;
+                        return;
+                    }
+                    Ok(n) => self.filter_escape(&buf[..n]),
+                }
+            }
+            TOKEN_RETRY => {
+                let _ = self.retry.wait();
+            }
+            _ => return,
+        }
+        self.flush();
+        self.watch(ops);
+    }
+}
+
+/// Resumes `vm` and runs it until it stops.
+pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome, RunError> {
+    kick::install().map_err(setup("vCPU kick signal"))?;
+    let signals = if opts.handle_signals {
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(s);
+        }
+        // Blocked here before any vCPU thread exists, so every thread
+        // inherits the mask and the signalfd receives them all.
+        set.thread_block()
+            .map_err(|e| setup("signal mask")(std::io::Error::from(e)))?;
+        Some(
+            SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+                .map_err(|e| setup("signalfd")(std::io::Error::from(e)))?,
+        )
+    } else {
+        None
+    };
+
+    let BuiltVm {
+        vcpus,
+        buses,
+        serial,
+        reset,
+        power_off,
+        ..
+    } = vm;
+    let notify = EventFd::new(libc_efd_nonblock()).map_err(setup("vCPU notify eventfd"))?;
+    let (tx, rx) = channel();
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let n = notify.try_clone().map_err(setup("vCPU notify eventfd"))?;
+        handles
+            .push(VcpuHandle::spawn(vcpu, buses.clone(), tx.clone(), n).map_err(RunError::Spawn)?);
+    }
+    drop(tx);
+
+    let outcome: Outcome = Rc::new(RefCell::new(None));
+    let mut em: EventManager<Rc<RefCell<dyn MutEventSubscriber>>> =
+        EventManager::new().map_err(|e| setup("epoll")(std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Rc::new(RefCell::new(Control {
+        reset: reset.0,
+        power_off: power_off.0,
+        notify,
+        vcpu_events: rx,
+        signals,
+        outcome: outcome.clone(),
+    })));
+    if let Some(fd) = console.input {
+        em.add_subscriber(Rc::new(RefCell::new(ConsoleInput {
+            input: std::fs::File::from(fd),
+            serial,
+            pending: Vec::new(),
+            retry: TimerFd::new().map_err(|e| {
+                setup("console retry timer")(std::io::Error::from_raw_os_error(e.errno()))
+            })?,
+            watching_input: false,
+            escape: console.escape,
+            saw_escape_key: false,
+            outcome: outcome.clone(),
+        })));
+    }
+
+    for h in &handles {
+        h.send(Command::Resume);
+    }
+    while outcome.borrow().is_none() {
+        if let Err(e) = em.run() {
+            log::warn!("event loop: {e:?}");
+        }
+    }
+    for h in &handles {
+        h.send(Command::Stop);
+    }
+    for mut h in handles {
+        h.stop_and_join();
+    }
+    let result = outcome
+        .borrow_mut()
+        .take()
+        .expect("loop ends with an outcome");
+    Ok(result)
+}
+
+fn libc_efd_nonblock() -> i32 {
+    // EFD_NONBLOCK has the value of O_NONBLOCK.
+    0o4000
+}

@@ -1,0 +1,239 @@
+//! One thread per vCPU, running an explicit state machine:
+//!
+//! ```text
+//!            Resume                 guest exit needing the VMM
+//!  Paused ────────────▶ Running ─────────────────────────────▶ Exited
+//!    ▲  ◀──────────────    │          (reset, power-off, crash)
+//!    │       Pause         │ Stop
+//!    └──── Stop ───────────┴──────────────────────────────────▶ Exited
+//! ```
+//!
+//! Commands arrive on a channel, and each is followed by a kick so a vCPU
+//! inside `KVM_RUN` sees it at once. The thread reports state changes on an
+//! event channel and writes an eventfd so the VMM's event loop wakes up.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nestvm_kvm::kick;
+use nestvm_kvm::{RunOutcome, Vcpu};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::Buses;
+
+/// KVM system event types (`KVM_SYSTEM_EVENT_*`).
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Start or continue running the guest.
+    Resume,
+    /// Stop running the guest but keep the thread and its state.
+    Pause,
+    /// Leave the thread.
+    Stop,
+}
+
+/// The vCPU thread's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not running guest code; waiting for a command.
+    Paused,
+    /// Running guest code.
+    Running,
+    /// Finished; the thread ends.
+    Exited,
+}
+
+/// Why a vCPU thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The VMM asked it to stop.
+    Stopped,
+    /// The guest asked for a reset through KVM.
+    Reset,
+    /// The guest asked for power-off through KVM.
+    PowerOff,
+    /// The guest crashed; `registers` is a dump of its state.
+    Crashed {
+        /// What happened.
+        reason: String,
+        /// Register dump.
+        registers: String,
+    },
+}
+
+/// What a vCPU thread reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// vCPU `id` entered `state`.
+    State(u32, State),
+    /// vCPU `id` ended for this reason.
+    Exited(u32, ExitReason),
+}
+
+/// The state machine of one vCPU.
+struct Machine {
+    vcpu: Vcpu,
+    buses: Arc<Buses>,
+    state: State,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    notify: EventFd,
+}
+
+impl Machine {
+    fn report(&self, event: Event) {
+        // The VMM may already be gone when it is tearing down; nothing to do then.
+        let _ = self.events.send(event);
+        let _ = self.notify.write(1);
+    }
+
+    fn enter(&mut self, state: State) {
+        if self.state != state {
+            self.state = state;
+            self.report(Event::State(self.vcpu.id(), state));
+        }
+    }
+
+    /// Applies one command; returns an exit reason if it ends the thread.
+    fn apply(&mut self, cmd: Command) -> Option<ExitReason> {
+        match cmd {
+            Command::Resume => self.enter(State::Running),
+            Command::Pause => self.enter(State::Paused),
+            Command::Stop => return Some(ExitReason::Stopped),
+        }
+        None
+    }
+
+    /// One step of the machine.
+    fn step(&mut self) -> Option<ExitReason> {
+        match self.state {
+            State::Paused => match self.commands.recv() {
+                Ok(cmd) => self.apply(cmd),
+                Err(_) => Some(ExitReason::Stopped),
+            },
+            State::Running => {
+                while let Ok(cmd) = self.commands.try_recv() {
+                    if let Some(exit) = self.apply(cmd) {
+                        return Some(exit);
+                    }
+                }
+                if self.state != State::Running {
+                    return None;
+                }
+                self.run_once()
+            }
+            State::Exited => Some(ExitReason::Stopped),
+        }
+    }
+
+    fn crashed(&self, reason: String) -> Option<ExitReason> {
+        Some(ExitReason::Crashed {
+            reason,
+            registers: self.vcpu.dump(),
+        })
+    }
+
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let id = self.vcpu.id();
+        match self.vcpu.run(self.buses.as_ref()) {
+            Ok(RunOutcome::Handled | RunOutcome::Interrupted | RunOutcome::Halted) => None,
+            Ok(RunOutcome::Shutdown) => {
+                self.crashed(format!("vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN)"))
+            }
+            Ok(RunOutcome::SystemEvent(SYSTEM_EVENT_RESET)) => Some(ExitReason::Reset),
+            Ok(RunOutcome::SystemEvent(SYSTEM_EVENT_SHUTDOWN)) => Some(ExitReason::PowerOff),
+            Ok(RunOutcome::SystemEvent(kind)) => {
+                self.crashed(format!("vCPU {id}: guest system event {kind}"))
+            }
+            Ok(RunOutcome::Failed(why)) => self.crashed(format!("vCPU {id}: {why}")),
+            Err(e) => self.crashed(e.to_string()),
+        }
+    }
+
+    fn run(mut self) {
+        self.vcpu.bind_kick_to_this_thread();
+        let reason = loop {
+            if let Some(reason) = self.step() {
+                break reason;
+            }
+        };
+        self.state = State::Exited;
+        kick::unbind();
+        self.report(Event::Exited(self.vcpu.id(), reason));
+    }
+}
+
+/// The VMM's handle on a vCPU thread.
+pub struct VcpuHandle {
+    id: u32,
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread for `vcpu`, in the Paused state.
+    pub fn spawn(
+        vcpu: Vcpu,
+        buses: Arc<Buses>,
+        events: Sender<Event>,
+        notify: EventFd,
+    ) -> std::io::Result<Self> {
+        let id = vcpu.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let machine = Machine {
+            vcpu,
+            buses,
+            state: State::Paused,
+            commands: rx,
+            events,
+            notify,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || machine.run())?;
+        Ok(Self {
+            id,
+            commands: tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// This vCPU's index.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sends a command and kicks the thread out of `KVM_RUN` to see it.
+    pub fn send(&self, cmd: Command) {
+        if self.commands.send(cmd).is_ok() {
+            if let Some(t) = &self.thread {
+                if !t.is_finished() {
+                    if let Err(e) = kick::kick(t) {
+                        log::warn!("cannot kick vCPU {}: {e}", self.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop_and_join(&mut self) {
+        self.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("vCPU {} thread panicked", self.id);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
