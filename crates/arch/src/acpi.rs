@@ -5,7 +5,7 @@
 //! Layout in the BIOS area at [`layout::ACPI_START`]: RSDP, XSDT, FADT, MADT,
 //! DSDT, each 16-byte aligned.
 
-use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -60,7 +60,18 @@ fn io_register(port: u16) -> GAS {
     )
 }
 
-/// The DSDT: just the `\_S5_` package Linux needs to power off.
+/// COM1's I/O base and interrupt, as the DSDT declares them.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line (GSI).
+pub const COM1_GSI: u32 = 4;
+
+/// The DSDT: the `\_S5_` package Linux needs to power off, and COM1.
+///
+/// COM1 must be declared: with a hardware-reduced FADT Linux has no legacy
+/// PIC and reserves no ISA interrupt numbers, so the 8250 driver's built-in
+/// "IRQ 4" cannot be requested and the console tty would not open. Declared
+/// as a PNP0501 device, its interrupt is mapped through the IOAPIC like any
+/// ACPI device's.
 pub fn dsdt() -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"NESTVMDS", 1);
     let s5 = Name::new(
@@ -68,6 +79,12 @@ pub fn dsdt() -> Vec<u8> {
         &Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &0u8, &0u8]),
     );
     s5.to_aml_bytes(&mut sdt);
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let irq = Interrupt::new(true, true, false, false, COM1_GSI);
+    let io = IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq, &io]));
+    Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sdt);
     // Sdt::append keeps the length field right; the checksum needs refreshing.
     sdt.update_checksum();
     sdt.as_slice().to_vec()
@@ -191,6 +208,8 @@ mod tests {
         let dsdt = read_table(u64_at(&fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.windows(4).any(|w| w == b"_CRS"));
         // Four local APICs (type 0, length 8) with ids 0..3, then one IOAPIC.
         let mut off = 44;
         let mut apic_ids = vec![];

@@ -1,6 +1,6 @@
 //! The console: a 16550 UART from vm-superio whose output goes to a writer
 //! (nestvm's stdout) and whose input the VMM feeds from stdin. Its interrupt
-//! is an [`EventTrigger`] that the VMM attaches to an irqfd (IRQ 4 for COM1).
+//! is an [`EventTrigger`] that the VMM attaches to an irqfd.
 
 use std::io::Write;
 
@@ -10,12 +10,8 @@ use vm_superio::Serial;
 use crate::bus::BusDevice;
 use crate::EventTrigger;
 
-/// Base port of COM1.
-pub const COM1_PORT: u64 = 0x3f8;
 /// Number of registers.
 pub const SERIAL_PORT_LEN: u64 = 8;
-/// COM1's interrupt line.
-pub const COM1_IRQ: u32 = 4;
 
 /// A 16550 UART on the port bus.
 pub struct SerialPort {

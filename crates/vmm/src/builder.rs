@@ -11,7 +11,7 @@ use nestvm_arch::{acpi, boot, cpuid, layout, regs};
 use nestvm_devices::acpi_pm::AcpiPm;
 use nestvm_devices::bus::{Bus, BusError};
 use nestvm_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-use nestvm_devices::serial::{SerialPort, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
+use nestvm_devices::serial::{SerialPort, SERIAL_PORT_LEN};
 use nestvm_devices::EventTrigger;
 use nestvm_kvm::{ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuError, VmError};
 use vm_memory::GuestMemoryMmap;
@@ -162,14 +162,14 @@ pub fn build(
 
     // Devices.
     let serial_irq = event("the serial interrupt")?;
-    vm.register_irqfd(&serial_irq.0, COM1_IRQ)?;
+    vm.register_irqfd(&serial_irq.0, acpi::COM1_GSI)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
     let reset = event("reset")?;
     let power_off = event("power-off")?;
     let mut buses = Buses::default();
     buses
         .pio
-        .insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)?;
+        .insert(serial.clone(), u64::from(acpi::COM1_PORT), SERIAL_PORT_LEN)?;
     buses.pio.insert(
         Arc::new(Mutex::new(I8042::new(clone_event(&reset, "reset")?))),
         I8042_PORT,

@@ -1,0 +1,51 @@
+# Helpers for lab scripts, at every level.
+
+# A line on the console, tagged with this level.
+say() { echo "LAB-L$LEVEL: $*"; }
+
+# check NAME COMMAND...: runs the command and reports PASS or FAIL for NAME.
+# The test on the host expects every check it names to PASS.
+check() {
+    name=$1
+    shift
+    if "$@" >/dev/null 2>&1; then
+        echo "LAB-CHECK PASS $name"
+    else
+        echo "LAB-CHECK FAIL $name"
+    fi
+}
+
+# load_kvm NESTED: loads KVM for AMD with nested=NESTED.
+load_kvm() {
+    for m in irqbypass kvm ccp; do
+        insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+    done
+    if insmod /lib/modules/kvm-amd.ko "nested=$1"; then
+        say "kvm-amd loaded nested=$(cat /sys/module/kvm_amd/parameters/nested)"
+    else
+        say "kvm-amd refused to load"
+    fi
+}
+
+# vm NAME TIMEOUT ARGS...: runs `nestvm run ARGS` with a timeout; its console
+# goes to this console and to /tmp/NAME.log; its exit code to /tmp/NAME.rc.
+vm() {
+    name=$1
+    secs=$2
+    shift 2
+    say "starting $name: nestvm run $*"
+    ( timeout "$secs" /nestvm/nestvm run "$@" </dev/null; echo $? >"/tmp/$name.rc" ) 2>&1 | tee "/tmp/$name.log"
+    say "$name exited with $(cat "/tmp/$name.rc")"
+}
+
+# rc_is NAME CODE: the exit code of vm NAME was CODE.
+rc_is() { [ "$(cat "/tmp/$1.rc")" = "$2" ]; }
+
+# logged NAME PATTERN: vm NAME's console showed PATTERN.
+logged() { grep -q "$2" "/tmp/$1.log"; }
+
+# value NAME KEY: the value of "KEY=value" that vm NAME's console showed last.
+value() { sed -n "s/.*$2=\([0-9A-Za-z_.-]*\).*/\1/p" "/tmp/$1.log" | tail -n 1; }
+
+# between LOW HIGH VALUE: LOW <= VALUE <= HIGH (integers).
+between() { [ -n "$3" ] && [ "$3" -ge "$1" ] && [ "$3" -le "$2" ]; }

@@ -1,0 +1,156 @@
+//! The lab's kernel: Debian's `linux-image-amd64` (its current dependency,
+//! e.g. linux-image-6.1.0-56-amd64), downloaded once with `apt-get download`,
+//! unpacked with `dpkg-deb`, and cached: the bzImage plus the modules KVM on
+//! AMD needs, in load order.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::host::{apt_update_once, run};
+use crate::{cache_dir, io_err, say, LabError};
+
+/// KVM on AMD and what it depends on, in load order.
+pub const KVM_MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
+
+/// A cached Debian kernel.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Package name, e.g. linux-image-6.1.0-56-amd64.
+    pub package: String,
+    /// The bzImage.
+    pub vmlinuz: PathBuf,
+    /// `(module name, .ko file)` in load order.
+    pub modules: Vec<(String, PathBuf)>,
+}
+
+/// The concrete kernel package behind the `linux-image-amd64` meta-package,
+/// or `$NESTVM_LAB_KERNEL_PACKAGE`.
+fn package_name() -> Result<String, LabError> {
+    if let Ok(p) = std::env::var("NESTVM_LAB_KERNEL_PACKAGE") {
+        return Ok(p);
+    }
+    apt_update_once()?;
+    let out = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            LabError::Missing(
+                "apt-cache knows no linux-image-amd64: check /etc/apt/sources.list".into(),
+            )
+        })
+}
+
+fn find_file(dir: &Path, name_prefix: &str, suffixes: &[&str]) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(found) = find_file(&p, name_prefix, suffixes) {
+                return Some(found);
+            }
+        } else if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
+            if suffixes.iter().any(|s| n == format!("{name_prefix}{s}")) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Returns the cached kernel, fetching it on first use.
+pub fn kernel() -> Result<Kernel, LabError> {
+    let package = package_name()?;
+    let dir = cache_dir().join(&package);
+    let vmlinuz = dir.join("vmlinuz");
+    let modules: Vec<(String, PathBuf)> = KVM_MODULES
+        .iter()
+        .map(|m| (m.to_string(), dir.join(format!("{m}.ko"))))
+        .collect();
+    let ready = dir.join(".complete");
+    if ready.exists() {
+        return Ok(Kernel {
+            package,
+            vmlinuz,
+            modules,
+        });
+    }
+
+    say(format!(
+        "fetching Debian kernel package {package} (cached in {})",
+        dir.display()
+    ));
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
+    run(Command::new("apt-get")
+        .args(["download", &package])
+        .current_dir(&tmp))?;
+    let deb = std::fs::read_dir(&tmp)
+        .map_err(io_err("cannot list", &tmp))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| LabError::Missing(format!("apt-get download {package} left no .deb")))?;
+    let unpacked = tmp.join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let boot_image = std::fs::read_dir(unpacked.join("boot"))
+        .ok()
+        .and_then(|d| {
+            d.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+        })
+        .ok_or_else(|| LabError::Missing(format!("{package} has no /boot/vmlinuz-*")))?;
+    let staged = tmp.join("staged");
+    std::fs::create_dir_all(&staged).map_err(io_err("cannot create", &staged))?;
+    std::fs::copy(&boot_image, staged.join("vmlinuz"))
+        .map_err(io_err("cannot copy", &boot_image))?;
+    for m in KVM_MODULES {
+        let src = find_file(
+            &unpacked.join("lib/modules"),
+            m,
+            &[".ko", ".ko.xz", ".ko.zst"],
+        )
+        .or_else(|| {
+            find_file(
+                &unpacked.join("usr/lib/modules"),
+                m,
+                &[".ko", ".ko.xz", ".ko.zst"],
+            )
+        })
+        .ok_or_else(|| LabError::Missing(format!("{package} has no module {m}")))?;
+        let dst = staged.join(format!("{m}.ko"));
+        match src.extension().and_then(|e| e.to_str()) {
+            Some("xz") => {
+                let out = Command::new("xz")
+                    .arg("-dc")
+                    .arg(&src)
+                    .output()
+                    .map_err(io_err("cannot run xz on", &src))?;
+                std::fs::write(&dst, out.stdout).map_err(io_err("cannot write", &dst))?;
+            }
+            Some("zst") => {
+                let out = Command::new("zstd")
+                    .arg("-dc")
+                    .arg(&src)
+                    .output()
+                    .map_err(io_err("cannot run zstd on", &src))?;
+                std::fs::write(&dst, out.stdout).map_err(io_err("cannot write", &dst))?;
+            }
+            _ => {
+                std::fs::copy(&src, &dst).map_err(io_err("cannot copy", &src))?;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staged, &dir).map_err(io_err("cannot move into place", &dir))?;
+    std::fs::write(&ready, &package).map_err(io_err("cannot write", &ready))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(Kernel {
+        package,
+        vmlinuz,
+        modules,
+    })
+}

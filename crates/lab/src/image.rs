@@ -1,0 +1,175 @@
+//! Assembles the lab's initramfs images, innermost first:
+//!
+//! - L3: busybox, `/init`, the lab scripts.
+//! - L2: the same, plus the KVM modules, `nestvm` with its shared libraries,
+//!   the tiny test guests, and the Debian kernel with the L3 initramfs.
+//! - L1: the same as L2 but carrying the L2 initramfs.
+//!
+//! A scenario script is appended to the L1 image as a second cpio archive
+//! (Linux unpacks concatenated archives in order), so one base image serves
+//! every scenario.
+
+use std::path::{Path, PathBuf};
+
+use nestvm_guests::{hello, io_loop, Ending};
+
+use crate::cpio::Archive;
+use crate::debian::Kernel;
+use crate::host::{shared_libraries, BUSYBOX};
+use crate::{io_err, say, work_dir, LabError};
+
+/// The lab scripts every level carries under /lab.
+pub const SCRIPTS: [(&str, &str); 2] = [
+    ("lib", include_str!("../scripts/lib.sh")),
+    ("report", include_str!("../scripts/report.sh")),
+];
+const INIT: &str = include_str!("../scripts/init.sh");
+
+/// The tiny guests every level with nestvm carries under /guests.
+pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "hello-reset.elf",
+            hello("LAB-TINY: hello from a tiny guest", Ending::Reset),
+        ),
+        (
+            "hello-poweroff.elf",
+            hello("LAB-TINY: powering off", Ending::PowerOff),
+        ),
+        (
+            "triple-fault.elf",
+            hello("LAB-TINY: about to triple-fault", Ending::TripleFault),
+        ),
+        (
+            "io-loop.elf",
+            io_loop(0x80, 100_000, "LAB-TINY: io loop done", Ending::Reset),
+        ),
+    ]
+}
+
+/// A built L1 image.
+#[derive(Debug, Clone)]
+pub struct L1Image {
+    /// L1's kernel (the same Debian kernel runs at every level).
+    pub vmlinuz: PathBuf,
+    /// L1's base initramfs.
+    pub initrd: PathBuf,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LabError> {
+    std::fs::read(path).map_err(io_err("cannot read", path))
+}
+
+/// Adds `dir` and all its parents (once) to the archive.
+fn dirs(a: &mut Archive, seen: &mut Vec<String>, dir: &str) {
+    let mut cur = String::new();
+    for part in dir.split('/').filter(|p| !p.is_empty()) {
+        if !cur.is_empty() {
+            cur.push('/');
+        }
+        cur.push_str(part);
+        if !seen.contains(&cur) {
+            a.dir(&cur);
+            seen.push(cur.clone());
+        }
+    }
+}
+
+/// The parts of a level's image.
+struct Level<'a> {
+    kernel: &'a Kernel,
+    nestvm: Option<&'a Path>,
+    child_initrd: Option<Vec<u8>>,
+}
+
+fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
+    let mut a = Archive::new();
+    let mut seen = vec![];
+    for d in ["bin", "proc", "sys", "dev", "tmp", "run", "lab"] {
+        dirs(&mut a, &mut seen, d);
+    }
+    a.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX))?);
+    a.symlink("bin/sh", "busybox");
+    a.file("init", 0o755, INIT.as_bytes());
+    for (name, text) in SCRIPTS {
+        a.file(&format!("lab/{name}.sh"), 0o644, text.as_bytes());
+    }
+    if let Some(nestvm) = level.nestvm {
+        dirs(&mut a, &mut seen, "lib/modules");
+        for (name, ko) in &level.kernel.modules {
+            a.file(&format!("lib/modules/{name}.ko"), 0o644, &read(ko)?);
+        }
+        dirs(&mut a, &mut seen, "nestvm");
+        a.file("nestvm/nestvm", 0o755, &read(nestvm)?);
+        for lib in shared_libraries(nestvm)? {
+            let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
+            if let Some(parent) = Path::new(&inside).parent() {
+                dirs(&mut a, &mut seen, &parent.to_string_lossy());
+            }
+            // Follow symlinks: the image gets the real bytes under the linked name.
+            a.file(&inside, 0o755, &read(&lib)?);
+        }
+        dirs(&mut a, &mut seen, "guests");
+        for (name, bytes) in guests() {
+            a.file(&format!("guests/{name}"), 0o644, &bytes);
+        }
+    }
+    if let Some(child) = &level.child_initrd {
+        dirs(&mut a, &mut seen, "next");
+        a.file("next/vmlinuz", 0o644, &read(&level.kernel.vmlinuz)?);
+        a.file("next/initrd", 0o644, child);
+    }
+    Ok(a.finish())
+}
+
+/// Builds the L1 image around `nestvm` (the binary under test).
+pub fn build(kernel: &Kernel, nestvm: &Path) -> Result<L1Image, LabError> {
+    if !nestvm.exists() {
+        return Err(LabError::Missing(format!(
+            "{} does not exist: build it first (cargo build --release)",
+            nestvm.display()
+        )));
+    }
+    say("assembling the L1, L2 and L3 initramfs images");
+    let l3 = level_image(&Level {
+        kernel,
+        nestvm: None,
+        child_initrd: None,
+    })?;
+    let l2 = level_image(&Level {
+        kernel,
+        nestvm: Some(nestvm),
+        child_initrd: Some(l3),
+    })?;
+    let l1 = level_image(&Level {
+        kernel,
+        nestvm: Some(nestvm),
+        child_initrd: Some(l2),
+    })?;
+    let dir = work_dir();
+    std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    let initrd = dir.join("l1-base.cpio");
+    write_atomic(&initrd, &l1)?;
+    Ok(L1Image {
+        vmlinuz: kernel.vmlinuz.clone(),
+        initrd,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io_err("cannot write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("cannot rename into", path))
+}
+
+/// The L1 initramfs for one scenario: the base image plus `/lab/scenario.sh`.
+pub fn with_scenario(image: &L1Image, name: &str, script: &str) -> Result<PathBuf, LabError> {
+    let mut bytes = read(&image.initrd)?;
+    let mut a = Archive::new();
+    a.file("lab/scenario.sh", 0o644, script.as_bytes());
+    bytes.extend_from_slice(&a.finish());
+    let path = work_dir().join(format!("l1-{name}.cpio"));
+    write_atomic(&path, &bytes)?;
+    Ok(path)
+}

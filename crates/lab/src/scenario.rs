@@ -1,0 +1,243 @@
+//! Boots L1 under QEMU TCG with an emulated AMD-V CPU, runs a scenario script
+//! inside it, and reports each `check` the script made.
+//!
+//! The recipe (from LAB-NOTES.md): `qemu-system-x86_64 -accel tcg -cpu
+//! EPYC,+svm -m ... -kernel vmlinuz -initrd l1.cpio`, serial console on
+//! stdout. L1's serial log is written to `target/lab/logs/NAME.log` and kept.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::host::QEMU;
+use crate::image::{with_scenario, L1Image};
+use crate::{io_err, say, work_dir, LabError};
+
+/// One lab run: a script for L1 and how to boot L1.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Name, used for files and messages.
+    pub name: String,
+    /// Shell script run by L1's init (with /lab/lib.sh loaded).
+    pub script: String,
+    /// How long the whole L1 run may take.
+    pub timeout: Duration,
+    /// kvm-amd's `nested` parameter in L1.
+    pub l1_nested: bool,
+    /// L1's CPUs.
+    pub cpus: u32,
+    /// L1's memory in MiB.
+    pub memory_mib: u32,
+}
+
+impl Scenario {
+    /// A scenario with the usual L1: 2 CPUs, 3 GiB, nested=1.
+    pub fn new(name: &str, script: &str, timeout: Duration) -> Self {
+        Self {
+            name: name.to_owned(),
+            script: script.to_owned(),
+            timeout,
+            l1_nested: true,
+            cpus: 2,
+            memory_mib: 3072,
+        }
+    }
+}
+
+/// What a scenario run found.
+#[derive(Debug)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// `(check name, passed)` in the order they were reported.
+    pub checks: Vec<(String, bool)>,
+    /// Whether L1's init finished the script (vs. a timeout or crash).
+    pub completed: bool,
+    /// L1's serial log.
+    pub log: PathBuf,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Whether the named check was reported as passed.
+    pub fn passed(&self, check: &str) -> Option<bool> {
+        self.checks
+            .iter()
+            .rev()
+            .find(|(n, _)| n == check)
+            .map(|(_, p)| *p)
+    }
+
+    /// The names among `expected` that did not pass (failed or never reported),
+    /// and a note if the run did not complete.
+    pub fn problems(&self, expected: &[&str]) -> Vec<String> {
+        let mut out = vec![];
+        if !self.completed {
+            out.push(format!(
+                "scenario did not complete within its timeout ({:?})",
+                self.elapsed
+            ));
+        }
+        for name in expected {
+            match self.passed(name) {
+                Some(true) => {}
+                Some(false) => out.push(format!("check {name} FAILED")),
+                None => out.push(format!("check {name} was never reported")),
+            }
+        }
+        out
+    }
+
+    /// Panics with the problems and the end of L1's log unless every
+    /// expected check passed and the run completed.
+    pub fn assert_passed(&self, expected: &[&str]) {
+        let problems = self.problems(expected);
+        if problems.is_empty() {
+            return;
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!(
+            "lab scenario '{}' failed:\n  {}\nlast lines of L1's serial log ({}):\n{}",
+            self.name,
+            problems.join("\n  "),
+            self.log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// Kills QEMU if the run is abandoned.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `scenario` in a fresh L1 booted from `image`.
+pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
+    let initrd = with_scenario(image, &scenario.name, &scenario.script)?;
+    let logs = work_dir().join("logs");
+    std::fs::create_dir_all(&logs).map_err(io_err("cannot create", &logs))?;
+    let log_path = logs.join(format!("{}.log", scenario.name));
+    let mut log = std::fs::File::create(&log_path).map_err(io_err("cannot create", &log_path))?;
+    let append = format!(
+        "console=ttyS0 panic=-1 lab.level=1 lab.nested={} lab.script=scenario",
+        u8::from(scenario.l1_nested)
+    );
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "EPYC,+svm",
+        "-machine",
+        "q35",
+    ])
+    .args([
+        "-smp",
+        &scenario.cpus.to_string(),
+        "-m",
+        &format!("{}M", scenario.memory_mib),
+    ])
+    .args([
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&image.vmlinuz)
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", &append])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    say(format!(
+        "scenario '{}': booting L1 (QEMU TCG, EPYC+svm, {} CPUs, {} MiB), timeout {:?}; log {}",
+        scenario.name,
+        scenario.cpus,
+        scenario.memory_mib,
+        scenario.timeout,
+        log_path.display()
+    ));
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| LabError::Command {
+        command: QEMU.into(),
+        detail: e.to_string(),
+    })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let qemu = Qemu(child);
+    let (tx, rx) = channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let _ = tx.send(
+                String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_owned(),
+            );
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("[qemu stderr] {line}"));
+        }
+    });
+
+    let verbose = std::env::var_os("NESTVM_LAB_VERBOSE").is_some();
+    let deadline = start + scenario.timeout;
+    let mut checks = vec![];
+    let mut completed = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let _ = writeln!(log, "{line}");
+                if let Some(rest) = line.strip_prefix("LAB-CHECK ") {
+                    let mut parts = rest.splitn(2, ' ');
+                    let verdict = parts.next().unwrap_or_default();
+                    let name = parts.next().unwrap_or_default().trim().to_owned();
+                    say(format!("  {verdict} {name}"));
+                    checks.push((name, verdict == "PASS"));
+                } else if line.starts_with("LAB-L1: done") {
+                    completed = true;
+                } else if verbose || line.starts_with("LAB-L") || line.starts_with("[qemu") {
+                    say(format!("  | {line}"));
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                say(format!(
+                    "scenario '{}' timed out after {:?}",
+                    scenario.name, scenario.timeout
+                ));
+                break;
+            }
+        }
+    }
+    drop(qemu);
+    let elapsed = start.elapsed();
+    say(format!(
+        "scenario '{}' ended after {:.1}s",
+        scenario.name,
+        elapsed.as_secs_f64()
+    ));
+    Ok(Report {
+        name: scenario.name.clone(),
+        checks,
+        completed,
+        log: log_path,
+        elapsed,
+    })
+}
