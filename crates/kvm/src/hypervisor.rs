@@ -111,3 +111,28 @@ impl Hypervisor {
         Ok(Vm::new(fd))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_says_what_to_do() {
+        let err = Hypervisor::open_path(Path::new("/nonexistent/kvm"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, HypervisorError::NotFound(_)));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/kvm does not exist") && msg.contains("modprobe"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_kvm_is_refused() {
+        // /dev/null opens but answers no KVM ioctl.
+        let err = Hypervisor::open_path(Path::new("/dev/null")).err().unwrap();
+        assert!(matches!(err, HypervisorError::ApiVersion(_)), "{err}");
+    }
+}

@@ -49,3 +49,24 @@ value() { sed -n "s/.*$2=\([0-9A-Za-z_.-]*\).*/\1/p" "/tmp/$1.log" | tail -n 1; 
 
 # between LOW HIGH VALUE: LOW <= VALUE <= HIGH (integers).
 between() { [ -n "$3" ] && [ "$3" -ge "$1" ] && [ "$3" -le "$2" ]; }
+
+# vm_typed NAME TIMEOUT INPUT ARGS...: like vm, but once the guest's console
+# shows "shell ready", types the lines of file INPUT into nestvm's stdin.
+vm_typed() {
+    name=$1
+    secs=$2
+    input=$3
+    shift 3
+    : >"/tmp/$name.log"
+    say "starting $name: nestvm run $*"
+    (
+        n=0
+        until grep -q "shell ready" "/tmp/$name.log" || [ $n -ge "$secs" ]; do
+            sleep 1
+            n=$((n + 1))
+        done
+        sleep 1
+        cat "$input"
+    ) | ( timeout "$secs" /nestvm/nestvm run "$@"; echo $? >"/tmp/$name.rc" ) 2>&1 | tee "/tmp/$name.log"
+    say "$name exited with $(cat "/tmp/$name.rc")"
+}

@@ -19,9 +19,10 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 2] = [
+pub const SCRIPTS: [(&str, &str); 3] = [
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
+    ("shell", include_str!("../scripts/shell.sh")),
 ];
 const INIT: &str = include_str!("../scripts/init.sh");
 

@@ -237,3 +237,95 @@ impl Drop for VcpuHandle {
         self.stop_and_join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc::channel;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use nestvm_guests::{hello, Ending};
+    use nestvm_kvm::Hypervisor;
+
+    use crate::config::VmConfig;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn kvm() -> Option<Hypervisor> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            assert!(
+                std::env::var_os("NESTVM_REQUIRE_KVM").is_none(),
+                "/dev/kvm missing but NESTVM_REQUIRE_KVM is set"
+            );
+            eprintln!("SKIPPED: /dev/kvm is not available on this machine");
+            return None;
+        }
+        Some(Hypervisor::open().expect("open /dev/kvm"))
+    }
+
+    fn next_event(rx: &Receiver<Event>) -> Event {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("vCPU event")
+    }
+
+    /// The machine starts Paused, runs only after Resume, can be paused and
+    /// resumed, and reports the guest's reset as its exit.
+    #[test]
+    fn paused_until_resumed_then_pause_resume_and_exit() {
+        let Some(hv) = kvm() else { return };
+        kick::install().unwrap();
+        let dir = std::env::temp_dir().join(format!("nestvm-vcpu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("halt.elf");
+        std::fs::write(&kernel, hello("up", Ending::HaltForever)).unwrap();
+        let config = VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 16 << 20,
+        };
+        let out = Captured::default();
+        let mut vm = crate::builder::build(&config, &hv, Box::new(out.clone())).unwrap();
+        let (tx, rx) = channel();
+        let notify = EventFd::new(0).unwrap();
+        let vcpu = vm.vcpus.remove(0);
+        let mut handle = VcpuHandle::spawn(vcpu, vm.buses.clone(), tx, notify).unwrap();
+
+        // Built and paused: no guest instruction has run.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(out.0.lock().unwrap().is_empty());
+        assert!(rx.try_recv().is_err());
+
+        handle.send(Command::Resume);
+        assert_eq!(next_event(&rx), Event::State(0, State::Running));
+        let start = std::time::Instant::now();
+        while out.0.lock().unwrap().as_slice() != b"up" {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "guest never printed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The guest now sits in `hlt`: a pause must still get through.
+        handle.send(Command::Pause);
+        assert_eq!(next_event(&rx), Event::State(0, State::Paused));
+        handle.send(Command::Resume);
+        assert_eq!(next_event(&rx), Event::State(0, State::Running));
+        handle.stop_and_join();
+        assert_eq!(next_event(&rx), Event::Exited(0, ExitReason::Stopped));
+    }
+}

@@ -45,6 +45,9 @@ fn main() -> anyhow::Result<()> {
             }
             let report = scenario::run(&img, &sc)?;
             let failed: Vec<_> = report.checks.iter().filter(|(_, ok)| !ok).collect();
+            for (name, ok) in &report.checks {
+                println!("{} {name}", if *ok { "PASS" } else { "FAIL" });
+            }
             println!(
                 "{} passed, {} failed",
                 report.checks.len() - failed.len(),

@@ -1,0 +1,65 @@
+//! Helpers shared by the binary's integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn nestvm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nestvm"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Whether this machine can run KVM tests. Without /dev/kvm the test is
+/// skipped with a message on stderr, unless NESTVM_REQUIRE_KVM is set (CI),
+/// where a missing /dev/kvm is a failure.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("NESTVM_REQUIRE_KVM").is_some() {
+        panic!("{test}: /dev/kvm is missing but NESTVM_REQUIRE_KVM is set");
+    }
+    eprintln!("SKIPPED {test}: /dev/kvm is not available on this machine");
+    false
+}
+
+/// A scratch directory for this test process.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nestvm-it-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes a guest image and returns its path.
+pub fn guest(name: &str, image: Vec<u8>) -> PathBuf {
+    let p = scratch("guests").join(name);
+    std::fs::write(&p, image).unwrap();
+    p
+}
+
+/// Runs a command with a deadline, killing it if it overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nestvm");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "timed out after {timeout:?}; stdout: {}; stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what nestvm's build, tests and lab need on a fresh Debian machine
+# of this project's kind (which already has the Rust toolchain). Sourced by
+# scripts/test.sh, scripts/demo.sh and scripts/bench.sh; safe to run twice.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+{ [ -x /bin/busybox ] && ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; } || need+=(busybox-static)
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: run as root (or install ${need[*]} yourself)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
