@@ -32,6 +32,9 @@ pub enum HypervisorError {
     /// `KVM_CREATE_VM` failed.
     #[error("KVM_CREATE_VM failed")]
     CreateVm(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_MSR_INDEX_LIST` failed.
+    #[error("KVM_GET_MSR_INDEX_LIST failed")]
+    MsrList(#[source] kvm_ioctls::Error),
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
@@ -98,6 +101,15 @@ impl Hypervisor {
     /// (`KVM_CAP_NESTED_STATE` > 0).
     pub fn nested_state_size(&self) -> i32 {
         self.kvm.check_extension_int(Cap::NestedState)
+    }
+
+    /// The MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, HypervisorError> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(HypervisorError::MsrList)?;
+        Ok(list.as_slice().to_vec())
     }
 
     /// Whether the in-kernel TSC deadline timer is offered.

@@ -5,14 +5,17 @@
 //! slots, irqchip and PIT ([`vm`]), and running vCPUs ([`vcpu`]). A vCPU exit
 //! leaves this crate as plain port/MMIO calls on an [`ExitHandler`] (the device
 //! bus), so devices never see a KVM type. [`kick`] lets another thread pull a
-//! vCPU out of `KVM_RUN` without races.
+//! vCPU out of `KVM_RUN` without races. [`state`] reads and writes a vCPU's
+//! complete state, nested virtualization state included.
 
 pub mod hypervisor;
 pub mod kick;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use hypervisor::{Hypervisor, HypervisorError};
+pub use state::{NestedState, VcpuState};
 pub use vcpu::{ExitHandler, RunOutcome, Vcpu, VcpuError};
 pub use vm::{Vm, VmError};
 

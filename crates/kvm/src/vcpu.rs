@@ -101,7 +101,14 @@ impl Vcpu {
         self.id
     }
 
-    fn ioctl_err(&self, call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub(crate) fn ioctl_err(
+        &self,
+        call: &'static str,
+    ) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let id = self.id;
         move |source| VcpuError::Ioctl { id, call, source }
     }

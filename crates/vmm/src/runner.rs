@@ -2,8 +2,13 @@
 //! the event loop until the VM stops. Events: console input (stdin into the
 //! UART), the reset and power-off eventfds, vCPU thread reports, and
 //! SIGINT/SIGTERM/SIGHUP through a signalfd.
+//!
+//! SIGUSR1 asks for a *state round trip*: every vCPU is paused, its complete
+//! state (nested state included) is read and written back, and the VM
+//! resumes. It proves, on a live VM, that what snapshots and migration will
+//! carry is complete; the result is reported on stderr.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -21,6 +26,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::BuiltVm;
 use crate::vcpu::{Command, Event, ExitReason, VcpuHandle};
+
+/// How long a paused vCPU may take to answer a state request.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +102,7 @@ struct Control {
     vcpu_events: Receiver<Event>,
     signals: Option<SignalFd>,
     outcome: Outcome,
+    round_trip: Rc<Cell<bool>>,
 }
 
 const TOKEN_RESET: u32 = 1;
@@ -144,7 +153,11 @@ impl MutEventSubscriber for Control {
             }
             TOKEN_SIGNAL => {
                 if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
-                    settle(&self.outcome, VmOutcome::Signal(info.ssi_signo as i32));
+                    if info.ssi_signo == Signal::SIGUSR1 as u32 {
+                        self.round_trip.set(true);
+                    } else {
+                        settle(&self.outcome, VmOutcome::Signal(info.ssi_signo as i32));
+                    }
                 }
             }
             _ => {}
@@ -266,7 +279,12 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     kick::install().map_err(setup("vCPU kick signal"))?;
     let signals = if opts.handle_signals {
         let mut set = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ] {
             set.add(s);
         }
         // Blocked here before any vCPU thread exists, so every thread
@@ -287,6 +305,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         serial,
         reset,
         power_off,
+        state_ctx,
         ..
     } = vm;
     let notify = EventFd::new(libc_efd_nonblock()).map_err(setup("vCPU notify eventfd"))?;
@@ -294,12 +313,15 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let n = notify.try_clone().map_err(setup("vCPU notify eventfd"))?;
-        handles
-            .push(VcpuHandle::spawn(vcpu, buses.clone(), tx.clone(), n).map_err(RunError::Spawn)?);
+        handles.push(
+            VcpuHandle::spawn(vcpu, buses.clone(), state_ctx.clone(), tx.clone(), n)
+                .map_err(RunError::Spawn)?,
+        );
     }
     drop(tx);
 
     let outcome: Outcome = Rc::new(RefCell::new(None));
+    let round_trip = Rc::new(Cell::new(false));
     let mut em: EventManager<Rc<RefCell<dyn MutEventSubscriber>>> =
         EventManager::new().map_err(|e| setup("epoll")(std::io::Error::other(format!("{e:?}"))))?;
     em.add_subscriber(Rc::new(RefCell::new(Control {
@@ -309,6 +331,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         vcpu_events: rx,
         signals,
         outcome: outcome.clone(),
+        round_trip: round_trip.clone(),
     })));
     if let Some(fd) = console.input {
         em.add_subscriber(Rc::new(RefCell::new(ConsoleInput {
@@ -332,6 +355,12 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         if let Err(e) = em.run() {
             log::warn!("event loop: {e:?}");
         }
+        if round_trip.replace(false) && outcome.borrow().is_none() {
+            match state_round_trip(&handles) {
+                Ok(summary) => eprintln!("nestvm: vCPU state round trip: {summary}"),
+                Err(e) => eprintln!("nestvm: vCPU state round trip failed: {e}"),
+            }
+        }
     }
     for h in &handles {
         h.send(Command::Stop);
@@ -344,6 +373,56 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         .take()
         .expect("loop ends with an outcome");
     Ok(result)
+}
+
+/// Pauses every vCPU, reads its complete state, writes it back, resumes.
+/// Returns a summary of what was carried.
+pub fn state_round_trip(handles: &[VcpuHandle]) -> Result<String, String> {
+    for h in handles {
+        h.send(Command::Pause);
+    }
+    let mut states = Vec::with_capacity(handles.len());
+    let result = (|| {
+        for h in handles {
+            let (tx, rx) = channel();
+            h.send(Command::Save(tx));
+            let state = rx
+                .recv_timeout(STATE_TIMEOUT)
+                .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
+            states.push(state);
+        }
+        let mut parts = vec![];
+        for (h, state) in handles.iter().zip(states.drain(..)) {
+            parts.push(match &state.nested {
+                Some(n) => format!(
+                    "vCPU {}: {} MSRs, nested state {} bytes ({}{})",
+                    h.id(),
+                    state.msrs.len(),
+                    n.len(),
+                    if n.format() == 1 { "SVM" } else { "VMX" },
+                    if n.guest_mode() {
+                        ", in guest mode"
+                    } else {
+                        ""
+                    }
+                ),
+                None => format!(
+                    "vCPU {}: {} MSRs, no nested state",
+                    h.id(),
+                    state.msrs.len()
+                ),
+            });
+            let (tx, rx) = channel();
+            h.send(Command::Restore(Box::new(state), tx));
+            rx.recv_timeout(STATE_TIMEOUT)
+                .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
+        }
+        Ok(parts.join("; "))
+    })();
+    for h in handles {
+        h.send(Command::Resume);
+    }
+    result
 }
 
 fn libc_efd_nonblock() -> i32 {

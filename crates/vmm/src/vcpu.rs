@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nestvm_kvm::kick;
-use nestvm_kvm::{RunOutcome, Vcpu};
+use nestvm_kvm::{RunOutcome, Vcpu, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::Buses;
@@ -27,7 +27,7 @@ const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 
 /// What the VMM asks of a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// Start or continue running the guest.
     Resume,
@@ -35,6 +35,19 @@ pub enum Command {
     Pause,
     /// Leave the thread.
     Stop,
+    /// Read the vCPU's complete state (only while Paused).
+    Save(Sender<Result<VcpuState, String>>),
+    /// Write the vCPU's complete state (only while Paused).
+    Restore(Box<VcpuState>, Sender<Result<(), String>>),
+}
+
+/// What saving a vCPU's state needs to know about the host.
+#[derive(Debug, Clone)]
+pub struct StateContext {
+    /// KVM_GET_MSR_INDEX_LIST.
+    pub msr_indices: Arc<Vec<u32>>,
+    /// Whether KVM has KVM_CAP_NESTED_STATE.
+    pub nested_state: bool,
 }
 
 /// The vCPU thread's state.
@@ -79,6 +92,7 @@ pub enum Event {
 struct Machine {
     vcpu: Vcpu,
     buses: Arc<Buses>,
+    state_ctx: StateContext,
     state: State,
     commands: Receiver<Command>,
     events: Sender<Event>,
@@ -101,10 +115,32 @@ impl Machine {
 
     /// Applies one command; returns an exit reason if it ends the thread.
     fn apply(&mut self, cmd: Command) -> Option<ExitReason> {
+        let not_paused = || format!("vCPU {} is running: pause it first", self.vcpu.id());
         match cmd {
             Command::Resume => self.enter(State::Running),
             Command::Pause => self.enter(State::Paused),
             Command::Stop => return Some(ExitReason::Stopped),
+            Command::Save(reply) => {
+                let result = if self.state == State::Paused {
+                    VcpuState::save(
+                        &self.vcpu,
+                        &self.state_ctx.msr_indices,
+                        self.state_ctx.nested_state,
+                    )
+                    .map_err(|e| e.to_string())
+                } else {
+                    Err(not_paused())
+                };
+                let _ = reply.send(result);
+            }
+            Command::Restore(state, reply) => {
+                let result = if self.state == State::Paused {
+                    state.restore(&self.vcpu).map_err(|e| e.to_string())
+                } else {
+                    Err(not_paused())
+                };
+                let _ = reply.send(result);
+            }
         }
         None
     }
@@ -180,6 +216,7 @@ impl VcpuHandle {
     pub fn spawn(
         vcpu: Vcpu,
         buses: Arc<Buses>,
+        state_ctx: StateContext,
         events: Sender<Event>,
         notify: EventFd,
     ) -> std::io::Result<Self> {
@@ -188,6 +225,7 @@ impl VcpuHandle {
         let machine = Machine {
             vcpu,
             buses,
+            state_ctx,
             state: State::Paused,
             commands: rx,
             events,
@@ -297,13 +335,15 @@ mod tests {
             cmdline: String::new(),
             cpus: 1,
             memory: 16 << 20,
+            nested: crate::config::NestedMode::Off,
         };
         let out = Captured::default();
-        let mut vm = crate::builder::build(&config, &hv, Box::new(out.clone())).unwrap();
+        let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();
         let (tx, rx) = channel();
         let notify = EventFd::new(0).unwrap();
         let vcpu = vm.vcpus.remove(0);
-        let mut handle = VcpuHandle::spawn(vcpu, vm.buses.clone(), tx, notify).unwrap();
+        let mut handle =
+            VcpuHandle::spawn(vcpu, vm.buses.clone(), vm.state_ctx.clone(), tx, notify).unwrap();
 
         // Built and paused: no guest instruction has run.
         std::thread::sleep(Duration::from_millis(200));
@@ -323,6 +363,20 @@ mod tests {
         // The guest now sits in `hlt`: a pause must still get through.
         handle.send(Command::Pause);
         assert_eq!(next_event(&rx), Event::State(0, State::Paused));
+        // State can be read and written only while paused.
+        let (stx, srx) = channel();
+        handle.send(Command::Save(stx));
+        assert!(srx.recv().unwrap().unwrap_err().contains("pause it first"));
+        handle.send(Command::Pause);
+        assert_eq!(next_event(&rx), Event::State(0, State::Paused));
+        let (stx, srx) = channel();
+        handle.send(Command::Save(stx));
+        let state = srx.recv().unwrap().expect("save while paused");
+        assert_eq!(state.regs.rip, state.regs.rip);
+        assert!(!state.msrs.is_empty());
+        let (rtx, rrx) = channel();
+        handle.send(Command::Restore(Box::new(state), rtx));
+        rrx.recv().unwrap().expect("restore while paused");
         handle.send(Command::Resume);
         assert_eq!(next_event(&rx), Event::State(0, State::Running));
         handle.stop_and_join();
