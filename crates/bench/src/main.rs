@@ -26,7 +26,10 @@ use vm_memory::GuestMemoryMmap;
 const EXITS: u32 = 200_000;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 fn scratch() -> PathBuf {
@@ -133,7 +136,12 @@ fn rss_kib(pid: u32) -> Result<(u64, u64)> {
         }
     };
     for line in smaps.lines() {
-        let field = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let field = |l: &str| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         if line.starts_with("Size:") {
             flush(cur_size, cur_rss, &mut guest);
             cur_size = field(line);
@@ -158,7 +166,11 @@ fn memory_overhead(nestvm: &Path, dir: &Path) -> Result<f64> {
         .stderr(Stdio::null())
         .spawn()?;
     let mut first = [0u8; 2];
-    child.stdout.as_mut().context("stdout")?.read_exact(&mut first)?;
+    child
+        .stdout
+        .as_mut()
+        .context("stdout")?
+        .read_exact(&mut first)?;
     std::thread::sleep(Duration::from_millis(300));
     let (total, guest) = rss_kib(child.id())?;
     let _ = Command::new("kill").arg(child.id().to_string()).status();
@@ -179,7 +191,11 @@ fn first_instruction_ms(nestvm: &Path, dir: &Path) -> Result<f64> {
             .stdout(Stdio::piped())
             .spawn()?;
         let mut b = [0u8; 1];
-        child.stdout.as_mut().context("stdout")?.read_exact(&mut b)?;
+        child
+            .stdout
+            .as_mut()
+            .context("stdout")?
+            .read_exact(&mut b)?;
         samples.push(start.elapsed().as_secs_f64() * 1000.0);
         child.wait()?;
     }
@@ -206,7 +222,11 @@ struct Results {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     let kvm = ["kvm_intel", "kvm_amd", "kvm_pvm"]
         .into_iter()
@@ -214,13 +234,19 @@ fn machine() -> String {
         .unwrap_or("none");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, Linux {}, KVM module {kvm}", kernel.trim())
+    format!(
+        "{cpu}, {cores} cores, Linux {}, KVM module {kvm}",
+        kernel.trim()
+    )
 }
 
 fn main() -> Result<()> {
     let nestvm = root().join("target/release/nestvm");
     if !nestvm.exists() {
-        bail!("{} is missing: run cargo build --release first", nestvm.display());
+        bail!(
+            "{} is missing: run cargo build --release first",
+            nestvm.display()
+        );
     }
     let dir = scratch();
     eprintln!("[bench] exit path: {EXITS} port writes through nestvm run, and on a bare loop");
@@ -229,15 +255,31 @@ fn main() -> Result<()> {
     let empty_k = dir.join("empty.elf");
     std::fs::write(&empty_k, io_loop(0x80, 1, "", Ending::Reset))?;
     let runs = 5;
-    let with = median((0..runs).map(|_| time_nestvm(&nestvm, &loop_k)).collect::<Result<_>>()?);
-    let without = median((0..runs).map(|_| time_nestvm(&nestvm, &empty_k)).collect::<Result<_>>()?);
+    let with = median(
+        (0..runs)
+            .map(|_| time_nestvm(&nestvm, &loop_k))
+            .collect::<Result<_>>()?,
+    );
+    let without = median(
+        (0..runs)
+            .map(|_| time_nestvm(&nestvm, &empty_k))
+            .collect::<Result<_>>()?,
+    );
     let nestvm_rate = f64::from(EXITS) / (with - without).max(1e-9);
-    let bare = median((0..runs).map(|_| bare_loop(&loop_k)).collect::<Result<_>>()?);
+    let bare = median(
+        (0..runs)
+            .map(|_| bare_loop(&loop_k))
+            .collect::<Result<_>>()?,
+    );
     let bare_rate = f64::from(EXITS) / bare;
     let ratio = nestvm_rate / bare_rate;
 
     eprintln!("[bench] VMM memory overhead");
-    let overhead = median((0..5).map(|_| memory_overhead(&nestvm, &dir)).collect::<Result<_>>()?);
+    let overhead = median(
+        (0..5)
+            .map(|_| memory_overhead(&nestvm, &dir))
+            .collect::<Result<_>>()?,
+    );
     eprintln!("[bench] time to the guest's first instruction (30 runs)");
     let first = first_instruction_ms(&nestvm, &dir)?;
 
@@ -283,9 +325,14 @@ fn main() -> Result<()> {
             note: "spawn to the first COM1 byte; median of 30".into(),
         },
     ];
-    let date = String::from_utf8(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?.stdout)?
-        .trim()
-        .to_owned();
+    let date = String::from_utf8(
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .to_owned();
     let results = Results {
         date,
         machine: machine(),
@@ -300,11 +347,21 @@ fn main() -> Result<()> {
         md.push_str(&format!(
             "| {}{} | {} | {} | {} | {} |\n",
             f.name,
-            if f.note.is_empty() { String::new() } else { format!(" ({})", f.note) },
+            if f.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", f.note)
+            },
             f.value,
             f.unit,
             f.target,
-            if f.target == "—" { "" } else if f.met { "yes" } else { "no" }
+            if f.target == "—" {
+                ""
+            } else if f.met {
+                "yes"
+            } else {
+                "no"
+            }
         ));
     }
     md.push_str("\nOn this machine KVM is PVM: guest CPL0 code (all of these tiny guests) is instruction-emulated, so exit rates are far below what VT-x/AMD-V hosts reach; the ratio is what compares.\n");

@@ -83,6 +83,33 @@ pub fn io_loop(port: u8, count: u32, message: &str, ending: Ending) -> Vec<u8> {
     elf(&code)
 }
 
+/// Prints `ticks` dots on COM1, with a busy loop of `spin` iterations before
+/// each, then prints `message` and ends as told: a guest that visibly keeps
+/// running for a while (used to show a nested guest survives operations on
+/// the VM around it).
+pub fn ticker(ticks: u32, spin: u32, message: &str, ending: Ending) -> Vec<u8> {
+    // 0:  b9 <imm32>   mov ecx, ticks
+    // 5:  bb <imm32>   mov ebx, spin
+    // 10: ff cb        dec ebx
+    // 12: 75 fc        jnz 10
+    // 14: 66 ba f8 03  mov dx, 0x3f8
+    // 18: b0 2e        mov al, '.'
+    // 20: ee           out dx, al
+    // 21: ff c9        dec ecx
+    // 23: 75 ec        jnz 5
+    // 25: <hello>
+    let mut code = vec![0xb9];
+    code.extend_from_slice(&ticks.max(1).to_le_bytes());
+    code.push(0xbb);
+    code.extend_from_slice(&spin.max(1).to_le_bytes());
+    code.extend_from_slice(&[
+        0xff, 0xcb, 0x75, 0xfc, 0x66, 0xba, 0xf8, 0x03, 0xb0, b'.', 0xee, 0xff, 0xc9, 0x75, 0xec,
+    ]);
+    let tail = hello(message, ending);
+    code.extend_from_slice(&tail[ELF_CODE_OFFSET..]);
+    elf(&code)
+}
+
 /// File offset of the code in images made by [`elf`].
 pub const ELF_CODE_OFFSET: usize = 0x1000;
 
@@ -130,6 +157,17 @@ mod tests {
             u64::from_le_bytes(img[24..32].try_into().unwrap()),
             LOAD_ADDR
         );
+    }
+
+    #[test]
+    fn ticker_jumps_land_on_their_targets() {
+        let img = ticker(3, 7, "t", Ending::Reset);
+        let code = &img[ELF_CODE_OFFSET..];
+        // jnz at 12 (rel8 at 13) goes back to 10; jnz at 23 (rel8 at 24) to 5.
+        assert_eq!(14 + i32::from(code[13] as i8), 10);
+        assert_eq!(25 + i32::from(code[24] as i8), 5);
+        let disp = i32::from_le_bytes(code[25 + 7..25 + 11].try_into().unwrap());
+        assert_eq!(&code[(25 + 11 + disp) as usize..], b"t\0");
     }
 
     #[test]

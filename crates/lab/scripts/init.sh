@@ -19,7 +19,7 @@ export LEVEL
 . /lab/lib.sh
 say "init reached"
 NESTED=$(arg nested)
-if [ -n "$NESTED" ] && [ -f /lib/modules/kvm-amd.ko ]; then
+if [ -n "$NESTED" ] && [ -f "/lib/modules/$(uname -r)/kvm-amd.ko" ]; then
     load_kvm "$NESTED"
 fi
 SCRIPT=$(arg script)

@@ -17,13 +17,14 @@ check() {
 
 # load_kvm NESTED: loads KVM for AMD with nested=NESTED.
 load_kvm() {
+    mods=/lib/modules/$(uname -r)
     for m in irqbypass kvm ccp; do
-        insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+        insmod "$mods/$m.ko" || say "insmod $m failed"
     done
-    if insmod /lib/modules/kvm-amd.ko "nested=$1"; then
+    if insmod "$mods/kvm-amd.ko" "nested=$1" 2>/tmp/kvm-amd.err; then
         say "kvm-amd loaded nested=$(cat /sys/module/kvm_amd/parameters/nested)"
     else
-        say "kvm-amd refused to load"
+        say "kvm-amd refused to load: $(cat /tmp/kvm-amd.err)"
     fi
 }
 

@@ -12,11 +12,18 @@ use crate::{cache_dir, io_err, say, LabError};
 /// KVM on AMD and what it depends on, in load order.
 pub const KVM_MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
 
+/// modules.dep for [`KVM_MODULES`] (paths relative to /lib/modules/RELEASE),
+/// so busybox's modprobe can load and unload them by name.
+pub const MODULES_DEP: &str =
+    "irqbypass.ko:\nkvm.ko: irqbypass.ko\nccp.ko:\nkvm-amd.ko: kvm.ko irqbypass.ko ccp.ko\n";
+
 /// A cached Debian kernel.
 #[derive(Debug, Clone)]
 pub struct Kernel {
     /// Package name, e.g. linux-image-6.1.0-56-amd64.
     pub package: String,
+    /// Kernel release (`uname -r`), e.g. 6.1.0-56-amd64.
+    pub release: String,
     /// The bzImage.
     pub vmlinuz: PathBuf,
     /// `(module name, .ko file)` in load order.
@@ -67,10 +74,12 @@ pub fn kernel() -> Result<Kernel, LabError> {
         .iter()
         .map(|m| (m.to_string(), dir.join(format!("{m}.ko"))))
         .collect();
+    let release = package.trim_start_matches("linux-image-").to_owned();
     let ready = dir.join(".complete");
     if ready.exists() {
         return Ok(Kernel {
             package,
+            release,
             vmlinuz,
             modules,
         });
@@ -150,6 +159,7 @@ pub fn kernel() -> Result<Kernel, LabError> {
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(Kernel {
         package,
+        release,
         vmlinuz,
         modules,
     })

@@ -11,7 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use nestvm_guests::{hello, io_loop, Ending};
+use nestvm_guests::{hello, io_loop, ticker, Ending};
+
+/// The ticker guest's ticks ('.' on COM1) and the busy loop between them.
+pub const TICKS: u32 = 60;
+/// Iterations of the busy loop between ticks.
+pub const TICK_SPIN: u32 = 10_000_000;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
@@ -19,10 +24,14 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 3] = [
+pub const SCRIPTS: [(&str, &str); 7] = [
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
     ("shell", include_str!("../scripts/shell.sh")),
+    ("l2-tiny-l3", include_str!("../scripts/l2-tiny-l3.sh")),
+    ("l2-linux-l3", include_str!("../scripts/l2-linux-l3.sh")),
+    ("l2-ticker-l3", include_str!("../scripts/l2-ticker-l3.sh")),
+    ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
 ];
 const INIT: &str = include_str!("../scripts/init.sh");
 
@@ -44,6 +53,10 @@ pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
         (
             "io-loop.elf",
             io_loop(0x80, 100_000, "LAB-TINY: io loop done", Ending::Reset),
+        ),
+        (
+            "ticker.elf",
+            ticker(TICKS, TICK_SPIN, "LAB-TINY: ticker done", Ending::Reset),
         ),
     ]
 }
@@ -95,11 +108,18 @@ fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
     for (name, text) in SCRIPTS {
         a.file(&format!("lab/{name}.sh"), 0o644, text.as_bytes());
     }
+    dirs(&mut a, &mut seen, "etc/modprobe.d");
     if let Some(nestvm) = level.nestvm {
-        dirs(&mut a, &mut seen, "lib/modules");
+        let moddir = format!("lib/modules/{}", level.kernel.release);
+        dirs(&mut a, &mut seen, &moddir);
         for (name, ko) in &level.kernel.modules {
-            a.file(&format!("lib/modules/{name}.ko"), 0o644, &read(ko)?);
+            a.file(&format!("{moddir}/{name}.ko"), 0o644, &read(ko)?);
         }
+        a.file(
+            &format!("{moddir}/modules.dep"),
+            0o644,
+            crate::debian::MODULES_DEP.as_bytes(),
+        );
         dirs(&mut a, &mut seen, "nestvm");
         a.file("nestvm/nestvm", 0o755, &read(nestvm)?);
         for lib in shared_libraries(nestvm)? {

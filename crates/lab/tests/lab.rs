@@ -46,3 +46,82 @@ fn core_boots_debian_as_l2() {
         "shell-ended",
     ]);
 }
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn nested_guests_three_levels_deep() {
+    let img = l1_image();
+    let sc = scenario::Scenario::new(
+        "nested",
+        include_str!("../scenarios/nested.sh"),
+        Duration::from_secs(1500),
+    );
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "l1-host-check-yes",
+        "l1-host-check-json",
+        // L2 with nesting on, a tiny L3 inside it.
+        "l2-sees-svm",
+        "l2-kvm-amd-loaded",
+        "l2-host-check-yes",
+        "l2-runs-tiny-l3",
+        "l3-tiny-printed",
+        "l2on-exit-0",
+        "l2on-kvm-amd-loaded",
+        // L2 with nesting off.
+        "l2off-no-svm",
+        "l2off-no-kvm-device",
+        "l2off-nestvm-exit-1",
+        "l2off-nestvm-says-why",
+        "l2off-nestvm-names-cause",
+        "l2off-exit-0",
+        "l2off-kvm-amd-refused",
+        // vCPU state with nested state, read and written back while L3 runs.
+        "l2-ticker-l3-exit-0",
+        "l3-ticker-finished",
+        "rt-exit-0",
+        "rt-six-round-trips",
+        "rt-no-failure",
+        "rt-saved-svm-nested-state",
+        "rt-one-in-guest-mode",
+        "rt-l3-kept-running",
+        // Debian's kernel as L3.
+        "l2-runs-linux-l3",
+        "l3-linux-init-reached",
+        "l3linux-l2-exit-0",
+    ]);
+}
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn enable_nested_fixes_a_host_loaded_with_nested_0() {
+    let img = l1_image();
+    let mut sc = scenario::Scenario::new(
+        "enable",
+        include_str!("../scenarios/enable.sh"),
+        Duration::from_secs(900),
+    );
+    sc.l1_nested = false;
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "en-starts-nested-0",
+        "en-check-says-no",
+        "en-check-exit-1",
+        "en-check-names-cause",
+        "en-check-gives-fix",
+        "en-nested-on-refused",
+        "en-nested-on-says-why",
+        "en-dry-run-lists-line",
+        "en-dry-run-changes-nothing",
+        "en-busy-refused",
+        "en-busy-says-in-use",
+        "en-busy-kvm-still-loaded",
+        "en-applied",
+        "en-now-nested-1",
+        "en-file-written",
+        "en-check-now-yes",
+        "en-second-run-changes-nothing",
+        "en-vm-after-exit-0",
+        "en-vm-after-sees-svm",
+    ]);
+}

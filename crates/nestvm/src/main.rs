@@ -1,22 +1,18 @@
 //! The `nestvm` command line.
 //!
 //! Exit codes: 0 when the guest reset or powered off (or the user quit),
-//! 1 for runtime failures (no usable /dev/kvm, a crashed guest), 2 for usage
-//! and configuration errors, 128+N when stopped by signal N. Errors are one
-//! line on stderr naming the problem and the fix.
+//! 1 for runtime failures (no usable /dev/kvm, a host that cannot nest, a
+//! crashed guest), 2 for usage and configuration errors, 128+N when stopped
+//! by signal N. `host check` exits 0 when the host can nest, 1 when not.
+//! Errors are one line on stderr naming the problem and the fix.
 
-use std::io::IsTerminal;
-use std::os::fd::AsFd;
+mod host;
+mod run;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use nestvm_kvm::Hypervisor;
-use nestvm_vmm::config::Overrides;
-use nestvm_vmm::runner::{Console, RunOptions};
-use nestvm_vmm::terminal::RawModeGuard;
-use nestvm_vmm::{build, run, VmConfig, VmOutcome};
 
 #[derive(Parser)]
 #[command(
@@ -33,10 +29,30 @@ struct Cli {
 enum Cmd {
     /// Boot a VM in the foreground, its serial console on stdin/stdout.
     Run(RunArgs),
+    /// What this host can do for nested virtualization.
+    #[command(subcommand)]
+    Host(HostCmd),
 }
 
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Report whether VMs started here can run their own VMs, and why not.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn on the KVM module's nested parameter (dry run unless --yes).
+    EnableNested {
+        /// Apply the changes instead of only listing them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `nestvm run`'s settings.
 #[derive(Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// Kernel image: an x86-64 bzImage or ELF vmlinux.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -52,99 +68,35 @@ struct RunArgs {
     /// Guest memory, e.g. 512M or 4G (a bare number is MiB) [default: 512M].
     #[arg(long)]
     memory: Option<String>,
+    /// Show the host's VT-x/AMD-V to the guest: auto (when the host can),
+    /// on (refuse if it cannot), off [default: auto].
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    nested: Option<String>,
     /// A TOML file with the same settings; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
 }
 
 /// An error with the exit code it maps to.
-struct Failure {
+pub struct Failure {
     code: u8,
     error: anyhow::Error,
 }
 
-fn usage(error: impl Into<anyhow::Error>) -> Failure {
+/// A usage or configuration error (exit code 2).
+pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
     Failure {
         code: 2,
         error: error.into(),
     }
 }
 
-fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+/// A runtime error (exit code 1).
+pub fn runtime(error: impl Into<anyhow::Error>) -> Failure {
     Failure {
         code: 1,
         error: error.into(),
     }
-}
-
-fn run_vm(args: RunArgs) -> Result<u8, Failure> {
-    let config = VmConfig::resolve(
-        args.config.as_deref(),
-        Overrides {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            cpus: args.cpus,
-            memory: args.memory,
-        },
-    )
-    .map_err(usage)?;
-    let hv = Hypervisor::open().map_err(runtime)?;
-    let console_out = Box::new(nestvm_devices_stdout());
-    let vm = build(&config, &hv, console_out).map_err(|e| {
-        if e.is_usage() {
-            usage(e)
-        } else {
-            runtime(anyhow::Error::new(e).context("cannot build the VM"))
-        }
-    })?;
-
-    let stdin = std::io::stdin();
-    let interactive = stdin.is_terminal();
-    let input = stdin.as_fd().try_clone_to_owned().ok();
-    let guard = if interactive {
-        eprintln!("nestvm: console attached; type Ctrl-A x to quit");
-        RawModeGuard::enable(stdin.as_fd())
-    } else {
-        None
-    };
-    let outcome = run(
-        vm,
-        Console {
-            input,
-            escape: interactive,
-        },
-        RunOptions {
-            handle_signals: true,
-        },
-    )
-    .context("the VM's event loop failed")
-    .map_err(runtime);
-    drop(guard);
-    match outcome? {
-        VmOutcome::Reset => {
-            log::info!("guest reset; nestvm exits");
-            Ok(0)
-        }
-        VmOutcome::PowerOff => {
-            log::info!("guest powered off");
-            Ok(0)
-        }
-        VmOutcome::Quit => Ok(0),
-        VmOutcome::Signal(n) => {
-            eprintln!("nestvm: stopped the VM on signal {n}");
-            Ok(128u8.saturating_add(n as u8))
-        }
-        VmOutcome::Crashed { reason, registers } => {
-            eprint!("{registers}");
-            Err(runtime(anyhow::anyhow!("guest crashed: {reason}")))
-        }
-    }
-}
-
-/// The guest console's writer: our stdout, flushed after every write.
-fn nestvm_devices_stdout() -> impl std::io::Write + Send {
-    nestvm_vmm::console_stdout()
 }
 
 fn main() -> ExitCode {
@@ -171,7 +123,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Run(args) => run_vm(args),
+        Cmd::Run(args) => run::run_vm(args),
+        Cmd::Host(HostCmd::Check { json }) => host::check(json),
+        Cmd::Host(HostCmd::EnableNested { yes }) => host::enable_nested(yes),
     };
     match result {
         Ok(code) => ExitCode::from(code),

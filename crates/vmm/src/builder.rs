@@ -17,6 +17,7 @@ use nestvm_kvm::{ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuError, VmEr
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
+use crate::vcpu::StateContext;
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,7 @@ pub struct BuiltVm {
     pub(crate) serial: Arc<Mutex<SerialPort>>,
     pub(crate) reset: EventTrigger,
     pub(crate) power_off: EventTrigger,
+    pub(crate) state_ctx: StateContext,
     _vm: nestvm_kvm::Vm,
     _memory: GuestMemoryMmap,
 }
@@ -141,10 +143,13 @@ fn clone_event(t: &EventTrigger, what: &'static str) -> Result<EventTrigger, Bui
     t.try_clone().map_err(|e| BuildError::EventFd(what, e))
 }
 
-/// Builds the VM described by `config`; the guest's console output goes to `console`.
+/// Builds the VM described by `config`; the guest's console output goes to
+/// `console`. `nested` says whether the guest is shown VT-x/AMD-V (decided
+/// by the caller from `config.nested` and what the host can do).
 pub fn build(
     config: &VmConfig,
     hv: &Hypervisor,
+    nested: bool,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
     let max = hv.max_vcpus();
@@ -205,7 +210,7 @@ pub fn build(
                 },
                 tsc_khz,
                 tsc_deadline,
-                expose_virtualization: true,
+                expose_virtualization: nested,
             },
         );
         vcpu.set_cpuid(&table)?;
@@ -223,8 +228,13 @@ pub fn build(
         vcpus.push(vcpu);
     }
 
+    let state_ctx = StateContext {
+        msr_indices: Arc::new(hv.msr_index_list()?),
+        nested_state: hv.nested_state_size() > 0,
+    };
     Ok(BuiltVm {
         config: config.clone(),
+        state_ctx,
         vcpus,
         buses: Arc::new(buses),
         serial,

@@ -47,6 +47,9 @@ pub enum ConfigError {
         /// What was asked, MiB.
         got_mib: u64,
     },
+    /// A nested setting that is not auto, on or off.
+    #[error("invalid nested setting '{0}': use auto, on or off")]
+    BadNested(String),
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: give between 1 and {max}")]
     Cpus {
@@ -84,6 +87,32 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// Whether a VM is shown the host's virtualization extensions (VT-x/AMD-V).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NestedMode {
+    /// On when this host can nest, else off with a notice.
+    #[default]
+    Auto,
+    /// Always on; refused on a host that cannot nest.
+    On,
+    /// Never: the guest sees no VMX/SVM.
+    Off,
+}
+
+impl std::str::FromStr for NestedMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(ConfigError::BadNested(other.to_owned())),
+        }
+    }
+}
+
 /// A size in a TOML file: a string like "4G" or an integer number of MiB.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -101,6 +130,7 @@ struct FileConfig {
     cmdline: Option<String>,
     cpus: Option<u32>,
     memory: Option<SizeValue>,
+    nested: Option<NestedMode>,
 }
 
 /// Settings given on the command line; they override the file.
@@ -116,6 +146,8 @@ pub struct Overrides {
     pub cpus: Option<u32>,
     /// `--memory`, unparsed.
     pub memory: Option<String>,
+    /// `--nested`.
+    pub nested: Option<NestedMode>,
 }
 
 /// A VM's complete, validated settings.
@@ -131,6 +163,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest memory in bytes.
     pub memory: u64,
+    /// Whether the guest may run its own VMs.
+    pub nested: NestedMode,
 }
 
 impl VmConfig {
@@ -177,6 +211,7 @@ impl VmConfig {
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
             cpus: over.cpus.or(base.cpus).unwrap_or(1),
             memory,
+            nested: over.nested.or(base.nested).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)

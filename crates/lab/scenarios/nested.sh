@@ -1,0 +1,44 @@
+# Nested virtualization, in L1 (an emulated AMD-V host, kvm-amd nested=1):
+# per-VM nesting on and off, a hypervisor inside L2 running tiny and Linux
+# L3 guests, and vCPU state (nested state included) read and written back
+# while L3 runs.
+KERNEL="--kernel /next/vmlinuz --initrd /next/initrd"
+CMD="console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.nested=1"
+
+check l1-host-check-yes /nestvm/nestvm host check
+/nestvm/nestvm host check --json >/tmp/check.json
+check l1-host-check-json grep -q '"can_nest": true' /tmp/check.json
+
+# Nesting on: L2 sees svm, loads kvm-amd, and its nestvm runs a tiny L3.
+vm l2on 300 $KERNEL --memory 512M --nested on --cmdline "$CMD lab.script=l2-tiny-l3"
+check l2on-exit-0 rc_is l2on 0
+check l2on-kvm-amd-loaded logged l2on "LAB-L2: kvm-amd loaded nested=1"
+
+# Nesting off: no svm in L2, kvm-amd refuses, nestvm in L2 says why (no hang).
+vm l2off 300 $KERNEL --memory 512M --nested off --cmdline "$CMD lab.script=l2-no-nesting"
+check l2off-exit-0 rc_is l2off 0
+check l2off-kvm-amd-refused logged l2off "kvm-amd refused to load"
+
+# vCPU state round trips (SIGUSR1) on L2 while its L3 ticker runs.
+: >/tmp/tick.log
+vm tick 600 $KERNEL --memory 512M --nested on --cmdline "$CMD lab.script=l2-ticker-l3" &
+n=0
+until grep -q '\.\.\.' /tmp/tick.log || [ -f /tmp/tick.rc ] || [ $n -ge 300 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+for i in 1 2 3 4 5 6; do
+    kill -USR1 "$(pidof nestvm)" 2>/dev/null
+    sleep 0.3
+done
+wait
+check rt-exit-0 rc_is tick 0
+check rt-six-round-trips [ "$(grep -c 'vCPU state round trip: vCPU 0' /tmp/tick.log)" -ge 6 ]
+check rt-no-failure sh -c '! grep -q "round trip failed" /tmp/tick.log'
+check rt-saved-svm-nested-state logged tick "nested state [0-9]* bytes (SVM"
+check rt-one-in-guest-mode logged tick "in guest mode"
+check rt-l3-kept-running sh -c 'sed -n "/vCPU state round trip/,\$p" /tmp/tick.log | grep -q "\.\.\."'
+
+# Debian's kernel as L3, inside L2, inside L1.
+vm l3linux 900 $KERNEL --memory 1G --nested on --cmdline "$CMD lab.script=l2-linux-l3"
+check l3linux-l2-exit-0 rc_is l3linux 0

@@ -1,0 +1,121 @@
+//! `nestvm run`: build a VM, run it in the foreground, map its end to an exit code.
+
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+
+use anyhow::{anyhow, Context};
+use nestvm_kvm::Hypervisor;
+use nestvm_vmm::config::{NestedMode, Overrides};
+use nestvm_vmm::runner::{Console, RunOptions};
+use nestvm_vmm::terminal::RawModeGuard;
+use nestvm_vmm::{build, run, VmConfig, VmOutcome};
+
+use crate::{runtime, usage, Failure, RunArgs};
+
+/// Why this host cannot run VMs, in the words `host check` uses.
+fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure {
+    match nestvm_host::evaluate(&nestvm_host::gather()).blocker_line() {
+        Some(why) => runtime(anyhow!("this host cannot run VMs: {why}")),
+        None => runtime(anyhow!("this host cannot run VMs: {open_error}")),
+    }
+}
+
+/// Whether to show VT-x/AMD-V to the guest, from the VM's setting and the
+/// host; with `auto` on a host that cannot nest, also the notice to print
+/// once the VM is built.
+fn resolve_nested(mode: NestedMode) -> Result<(bool, Option<String>), Failure> {
+    if mode == NestedMode::Off {
+        return Ok((false, None));
+    }
+    let report = nestvm_host::evaluate(&nestvm_host::gather());
+    match (mode, report.can_nest) {
+        (_, true) => Ok((true, None)),
+        (NestedMode::On, false) => Err(runtime(anyhow!(
+            "--nested on, but this host cannot give VMs VT-x/AMD-V: {}",
+            report.blocker_line().unwrap_or_default()
+        ))),
+        (_, false) => Ok((
+            false,
+            Some(format!(
+                "nestvm: nesting is off for this VM: {} (--nested off silences this)",
+                report
+                    .blocker()
+                    .and_then(|c| c.reason.clone())
+                    .unwrap_or_else(|| "this host cannot nest".into())
+            )),
+        )),
+    }
+}
+
+pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
+    let nested = match args.nested.as_deref() {
+        Some(s) => Some(s.parse::<NestedMode>().map_err(usage)?),
+        None => None,
+    };
+    let config = VmConfig::resolve(
+        args.config.as_deref(),
+        Overrides {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            cpus: args.cpus,
+            memory: args.memory,
+            nested,
+        },
+    )
+    .map_err(usage)?;
+    let hv = Hypervisor::open().map_err(cannot_run_vms)?;
+    let (expose, notice) = resolve_nested(config.nested)?;
+    let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout())).map_err(|e| {
+        if e.is_usage() {
+            usage(e)
+        } else {
+            runtime(anyhow::Error::new(e).context("cannot build the VM"))
+        }
+    })?;
+    if let Some(notice) = notice {
+        eprintln!("{notice}");
+    }
+
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    let input = stdin.as_fd().try_clone_to_owned().ok();
+    let guard = if interactive {
+        eprintln!("nestvm: console attached; type Ctrl-A x to quit");
+        RawModeGuard::enable(stdin.as_fd())
+    } else {
+        None
+    };
+    let outcome = run(
+        vm,
+        Console {
+            input,
+            escape: interactive,
+        },
+        RunOptions {
+            handle_signals: true,
+        },
+    )
+    .context("the VM's event loop failed")
+    .map_err(runtime);
+    drop(guard);
+    match outcome? {
+        VmOutcome::Reset => {
+            log::info!("guest reset; nestvm exits");
+            Ok(0)
+        }
+        VmOutcome::PowerOff => {
+            log::info!("guest powered off");
+            Ok(0)
+        }
+        VmOutcome::Quit => Ok(0),
+        VmOutcome::Signal(n) => {
+            eprintln!("nestvm: stopped the VM on signal {n}");
+            Ok(128u8.saturating_add(n as u8))
+        }
+        VmOutcome::Crashed { reason, registers } => {
+            eprint!("{registers}");
+            Err(runtime(anyhow!("guest crashed: {reason}")))
+        }
+    }
+}

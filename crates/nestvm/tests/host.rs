@@ -1,0 +1,170 @@
+//! `nestvm host check` and `--nested` on this machine, whose KVM is PVM and
+//! so cannot nest: the check says NO and names PVM, `--nested on` is refused
+//! before the VM is built, `--nested auto` runs with a notice. The lab tests
+//! cover hosts that can nest.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{guest, kvm_or_skip, nestvm, run_with_timeout};
+use nestvm_guests::{hello, ticker, Ending};
+
+const T: Duration = Duration::from_secs(60);
+
+fn is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn host_check_on_a_pvm_host_says_no_and_why() {
+    if !kvm_or_skip("host_check_on_a_pvm_host_says_no_and_why") {
+        return;
+    }
+    if !is_pvm() {
+        eprintln!("SKIPPED host_check_on_a_pvm_host_says_no_and_why: this host's KVM is not PVM");
+        return;
+    }
+    let out = run_with_timeout(nestvm().args(["host", "check"]), T);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("Verdict: NO"), "{text}");
+    assert!(
+        text.contains("kvm_pvm") && text.contains("PVM-enabled"),
+        "{text}"
+    );
+    assert!(text.contains("fix:"), "{text}");
+    for row in [
+        "/dev/kvm",
+        "KVM module",
+        "KVM_CAP_NESTED_STATE",
+        "this host runs under",
+        "memory available",
+    ] {
+        assert!(text.contains(row), "missing row {row}: {text}");
+    }
+
+    let out = run_with_timeout(nestvm().args(["host", "check", "--json"]), T);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["can_nest"], false);
+    let module = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "kvm_module")
+        .expect("kvm_module check");
+    assert_eq!(module["value"], "kvm_pvm");
+    assert_eq!(module["status"], "fail");
+    assert!(module["fix"].as_str().unwrap().contains("VT-x/AMD-V"));
+}
+
+#[test]
+fn nested_on_is_refused_before_boot_and_auto_runs_with_a_notice() {
+    if !kvm_or_skip("nested_on_is_refused_before_boot_and_auto_runs_with_a_notice") || !is_pvm() {
+        return;
+    }
+    let k = guest("nested.elf", hello("booted", Ending::Reset));
+    let out = run_with_timeout(
+        nestvm()
+            .args(["run", "--nested", "on", "--memory", "16M", "--kernel"])
+            .arg(&k),
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "the guest must not have run");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--nested on") && err.contains("PVM") && err.contains("fix:"),
+        "{err}"
+    );
+
+    let out = run_with_timeout(
+        nestvm()
+            .args(["run", "--memory", "16M", "--kernel"])
+            .arg(&k),
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "booted");
+    assert!(err.contains("nesting is off for this VM"), "{err}");
+
+    let out = run_with_timeout(
+        nestvm()
+            .args(["run", "--nested", "off", "--memory", "16M", "--kernel"])
+            .arg(&k),
+        T,
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("nesting is off"),
+        "off is silent"
+    );
+
+    let out = run_with_timeout(
+        nestvm()
+            .args(["run", "--nested", "maybe", "--kernel"])
+            .arg(&k),
+        T,
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn enable_nested_refuses_on_pvm_and_changes_nothing() {
+    if !is_pvm() {
+        eprintln!(
+            "SKIPPED enable_nested_refuses_on_pvm_and_changes_nothing: this host's KVM is not PVM"
+        );
+        return;
+    }
+    let out = run_with_timeout(nestvm().args(["host", "enable-nested", "--yes"]), T);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("PVM"), "{err}");
+    assert!(!std::path::Path::new("/etc/modprobe.d/nestvm-nested.conf").exists());
+}
+
+/// SIGUSR1 reads every vCPU's complete state and writes it back; the guest
+/// carries on (the lab repeats this with nested state while L3 runs).
+#[test]
+fn sigusr1_state_round_trip_keeps_the_guest_running() {
+    if !kvm_or_skip("sigusr1_state_round_trip_keeps_the_guest_running") {
+        return;
+    }
+    let k = guest("ticker.elf", ticker(40, 200, "ticked", Ending::Reset));
+    let mut child = nestvm()
+        .args([
+            "run", "--nested", "off", "--cpus", "2", "--memory", "16M", "--kernel",
+        ])
+        .arg(&k)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    for _ in 0..3 {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < T, "nestvm did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(rest.ends_with("ticked"), "{rest}");
+    let trips = err.matches("vCPU state round trip: vCPU 0").count();
+    assert!(trips >= 1, "{err}");
+    assert!(err.contains("vCPU 1:"), "every vCPU is carried: {err}");
+    assert!(!err.contains("failed"), "{err}");
+}
