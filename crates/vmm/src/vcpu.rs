@@ -363,6 +363,8 @@ mod tests {
         // The guest now sits in `hlt`: a pause must still get through.
         handle.send(Command::Pause);
         assert_eq!(next_event(&rx), Event::State(0, State::Paused));
+        handle.send(Command::Resume);
+        assert_eq!(next_event(&rx), Event::State(0, State::Running));
         // State can be read and written only while paused.
         let (stx, srx) = channel();
         handle.send(Command::Save(stx));
@@ -372,7 +374,13 @@ mod tests {
         let (stx, srx) = channel();
         handle.send(Command::Save(stx));
         let state = srx.recv().unwrap().expect("save while paused");
-        assert_eq!(state.regs.rip, state.regs.rip);
+        // Halted inside the tiny guest's code, in long mode with our page tables.
+        assert!(
+            (0x10_0000..0x10_0100).contains(&state.regs.rip),
+            "{:#x}",
+            state.regs.rip
+        );
+        assert_eq!(state.sregs.cr3, nestvm_arch::layout::PML4_START);
         assert!(!state.msrs.is_empty());
         let (rtx, rrx) = channel();
         handle.send(Command::Restore(Box::new(state), rtx));
