@@ -8,6 +8,8 @@
 
 mod host;
 mod run;
+mod status;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +23,10 @@ use clap::{Args, Parser, Subcommand};
     about = "A VMM on Linux KVM built for nested virtualization"
 )]
 struct Cli {
+    /// Where VM definitions live [default: /var/lib/nestvm as root,
+    /// $XDG_DATA_HOME/nestvm otherwise; or $NESTVM_STATE_DIR].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -32,6 +38,15 @@ enum Cmd {
     /// What this host can do for nested virtualization.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Manage VM definitions.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Whether the host and each VM can host VMs now, and every reason not.
+    Status {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,9 +65,9 @@ enum HostCmd {
     },
 }
 
-/// `nestvm run`'s settings.
+/// A VM's settings, as flags (shared by `run`, `vm new` and `vm set`).
 #[derive(Args)]
-pub struct RunArgs {
+pub struct SettingsArgs {
     /// Kernel image: an x86-64 bzImage or ELF vmlinux.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -72,6 +87,31 @@ pub struct RunArgs {
     /// on (refuse if it cannot), off [default: auto].
     #[arg(long, value_parser = ["auto", "on", "off"])]
     nested: Option<String>,
+}
+
+impl SettingsArgs {
+    /// The flags as overrides of a VM's settings.
+    pub fn overrides(self) -> Result<nestvm_vmm::config::Overrides, Failure> {
+        let nested = match self.nested.as_deref() {
+            Some(s) => Some(s.parse().map_err(usage)?),
+            None => None,
+        };
+        Ok(nestvm_vmm::config::Overrides {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            cpus: self.cpus,
+            memory: self.memory,
+            nested,
+        })
+    }
+}
+
+/// `nestvm run`'s settings.
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
     /// A TOML file with the same settings; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -126,6 +166,8 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run_vm(args),
         Cmd::Host(HostCmd::Check { json }) => host::check(json),
         Cmd::Host(HostCmd::EnableNested { yes }) => host::enable_nested(yes),
+        Cmd::Vm(cmd) => vm::run(nestvm_manager::Store::locate(cli.state_dir), cmd),
+        Cmd::Status { json } => status::run(&nestvm_manager::Store::locate(cli.state_dir), json),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{anyhow, Context};
 use nestvm_kvm::Hypervisor;
-use nestvm_vmm::config::{NestedMode, Overrides};
+use nestvm_vmm::config::NestedMode;
 use nestvm_vmm::runner::{Console, RunOptions};
 use nestvm_vmm::terminal::RawModeGuard;
 use nestvm_vmm::{build, run, VmConfig, VmOutcome};
@@ -48,22 +48,8 @@ fn resolve_nested(mode: NestedMode) -> Result<(bool, Option<String>), Failure> {
 }
 
 pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
-    let nested = match args.nested.as_deref() {
-        Some(s) => Some(s.parse::<NestedMode>().map_err(usage)?),
-        None => None,
-    };
-    let config = VmConfig::resolve(
-        args.config.as_deref(),
-        Overrides {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            cpus: args.cpus,
-            memory: args.memory,
-            nested,
-        },
-    )
-    .map_err(usage)?;
+    let config =
+        VmConfig::resolve(args.config.as_deref(), args.settings.overrides()?).map_err(usage)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let (expose, notice) = resolve_nested(config.nested)?;
     let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout())).map_err(|e| {

@@ -114,7 +114,7 @@ impl std::str::FromStr for NestedMode {
 }
 
 /// A size in a TOML file: a string like "4G" or an integer number of MiB.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 enum SizeValue {
     Text(String),
@@ -122,7 +122,7 @@ enum SizeValue {
 }
 
 /// The file form of a VM's settings; every field optional so flags can fill in.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     kernel: Option<PathBuf>,
@@ -212,6 +212,36 @@ impl VmConfig {
             cpus: over.cpus.or(base.cpus).unwrap_or(1),
             memory,
             nested: over.nested.or(base.nested).unwrap_or_default(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The settings in the file format [`VmConfig::resolve`] reads back.
+    pub fn to_toml(&self) -> String {
+        let file = FileConfig {
+            kernel: Some(self.kernel.clone()),
+            initrd: self.initrd.clone(),
+            cmdline: Some(self.cmdline.clone()),
+            cpus: Some(self.cpus),
+            memory: Some(SizeValue::Text(format_size(self.memory))),
+            nested: Some(self.nested),
+        };
+        toml::to_string(&file).expect("plain settings always serialize")
+    }
+
+    /// Applies `over` to these settings and validates the result.
+    pub fn with(&self, over: Overrides) -> Result<Self, ConfigError> {
+        let cfg = VmConfig {
+            kernel: over.kernel.unwrap_or_else(|| self.kernel.clone()),
+            initrd: over.initrd.or_else(|| self.initrd.clone()),
+            cmdline: over.cmdline.unwrap_or_else(|| self.cmdline.clone()),
+            cpus: over.cpus.unwrap_or(self.cpus),
+            memory: match over.memory {
+                Some(s) => parse_size(&s)?,
+                None => self.memory,
+            },
+            nested: over.nested.unwrap_or(self.nested),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -341,6 +371,40 @@ mod tests {
                 .memory,
             256 << 20
         );
+    }
+
+    #[test]
+    fn files_round_trip_and_with_overrides() {
+        let c = VmConfig {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: Some("/boot/initrd".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+            cpus: 3,
+            memory: 1536 << 20,
+            nested: NestedMode::On,
+        };
+        let p = write("round.toml", &c.to_toml());
+        assert_eq!(
+            VmConfig::resolve(Some(&p), Overrides::default()).unwrap(),
+            c
+        );
+        let changed = c
+            .with(Overrides {
+                cpus: Some(4),
+                memory: Some("4G".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            (changed.cpus, changed.memory, changed.kernel.clone()),
+            (4, 4 << 30, c.kernel.clone())
+        );
+        assert!(c
+            .with(Overrides {
+                cpus: Some(0),
+                ..Default::default()
+            })
+            .is_err());
     }
 
     #[test]

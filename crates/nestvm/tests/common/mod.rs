@@ -1,4 +1,5 @@
 //! Helpers shared by the binary's integration tests.
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

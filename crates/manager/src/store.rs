@@ -1,0 +1,420 @@
+//! The state directory and the VMs in it.
+//!
+//! ```text
+//! STATE_DIR/                  mode 0700
+//!   vms/NAME/                 mode 0700, one per VM
+//!     vm.toml                 the definition (the `nestvm run --config` format)
+//!     lock                    command lock
+//!     run.lock                held by the VM's VMM process while it runs
+//!     saved/, checkpoints/    saved state and checkpoints, when there are any
+//! ```
+
+use std::fs::Permissions;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nestvm_vmm::config::{ConfigError, Overrides, VmConfig};
+use serde::Serialize;
+
+use crate::lock::{self, Held, LockError};
+use crate::name::{BadName, VmName};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A bad VM name.
+    #[error(transparent)]
+    Name(#[from] BadName),
+    /// `vm new` of a name that exists.
+    #[error("a VM named '{0}' already exists: pick another name or 'nestvm vm rm {0}' first")]
+    Exists(VmName),
+    /// A VM that does not exist.
+    #[error("no VM named '{0}': 'nestvm vm list' shows the VMs")]
+    NotFound(VmName),
+    /// The definition is invalid.
+    #[error("VM '{name}': invalid settings")]
+    Config {
+        /// The VM.
+        name: VmName,
+        /// The cause.
+        #[source]
+        source: ConfigError,
+    },
+    /// Refused while the VM runs.
+    #[error("VM '{name}' is running: {what} cannot change while it runs; stop it first ('nestvm vm stop {name}')")]
+    Running {
+        /// The VM.
+        name: VmName,
+        /// What was refused.
+        what: String,
+    },
+    /// `rm` of a VM with saved state or checkpoints, without --force.
+    #[error("VM '{0}' has a saved state or checkpoints that would be lost: add --force to remove them too")]
+    HasSavedState(VmName),
+    /// A lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// A file operation.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What a VM is doing, as far as can be known without asking its VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// No VMM process.
+    Off,
+    /// No VMM process, and a saved state to resume from.
+    Saved,
+    /// A VMM process holds the VM (it tells Starting/Running/Paused/Stopping).
+    Live,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+    }
+    std::fs::set_permissions(&tmp, Permissions::from_mode(0o600)).map_err(io("chmod", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename into", path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", dir))?;
+    }
+    Ok(())
+}
+
+fn private_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(path).map_err(io("create", path))?;
+    std::fs::set_permissions(path, Permissions::from_mode(0o700)).map_err(io("chmod", path))
+}
+
+impl Store {
+    /// The state directory: `explicit` (from `--state-dir`), else
+    /// `$NESTVM_STATE_DIR`, else `/var/lib/nestvm` for root, else
+    /// `$XDG_DATA_HOME/nestvm` (default `~/.local/share/nestvm`).
+    pub fn locate(explicit: Option<PathBuf>) -> Self {
+        let root = explicit
+            .or_else(|| std::env::var_os("NESTVM_STATE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                if nix::unistd::geteuid().is_root() {
+                    PathBuf::from("/var/lib/nestvm")
+                } else {
+                    std::env::var_os("XDG_DATA_HOME")
+                        .map(PathBuf::from)
+                        .or_else(|| {
+                            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share"))
+                        })
+                        .unwrap_or_else(|| PathBuf::from("."))
+                        .join("nestvm")
+                }
+            });
+        Self { root }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A VM's directory.
+    pub fn vm_dir(&self, name: &VmName) -> PathBuf {
+        self.root.join("vms").join(name.as_str())
+    }
+
+    fn definition(&self, name: &VmName) -> PathBuf {
+        self.vm_dir(name).join("vm.toml")
+    }
+
+    /// Whether a VM of that name exists.
+    pub fn exists(&self, name: &VmName) -> bool {
+        self.definition(name).exists()
+    }
+
+    fn must_exist(&self, name: &VmName) -> Result<(), StoreError> {
+        if self.exists(name) {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(name.clone()))
+        }
+    }
+
+    /// Takes the command lock of `name` (waiting for another command to finish).
+    pub fn lock(&self, name: &VmName) -> Result<Held, StoreError> {
+        self.must_exist(name)?;
+        Ok(lock::lock(&self.vm_dir(name).join("lock"), true)?)
+    }
+
+    /// Stores a new VM.
+    pub fn create(&self, name: &VmName, config: &VmConfig) -> Result<(), StoreError> {
+        private_dir(&self.root)?;
+        private_dir(&self.root.join("vms"))?;
+        let dir = self.vm_dir(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && self.exists(name) => {
+                return Err(StoreError::Exists(name.clone()))
+            }
+            // A directory left by an interrupted `vm new`: reuse it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("create", &dir)(e)),
+        }
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io("chmod", &dir))?;
+        let _held = lock::lock(&dir.join("lock"), true)?;
+        write_atomic(&self.definition(name), config.to_toml().as_bytes())
+    }
+
+    /// Reads a VM's definition.
+    pub fn load(&self, name: &VmName) -> Result<VmConfig, StoreError> {
+        self.must_exist(name)?;
+        VmConfig::resolve(Some(&self.definition(name)), Overrides::default()).map_err(|source| {
+            StoreError::Config {
+                name: name.clone(),
+                source,
+            }
+        })
+    }
+
+    /// The VM's state as the files show it.
+    pub fn state(&self, name: &VmName) -> VmState {
+        let dir = self.vm_dir(name);
+        if lock::is_held(&dir.join("run.lock")) {
+            VmState::Live
+        } else if self.has_saved_state(name) {
+            VmState::Saved
+        } else {
+            VmState::Off
+        }
+    }
+
+    fn has_saved_state(&self, name: &VmName) -> bool {
+        let dir = self.vm_dir(name);
+        let nonempty = |p: PathBuf| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some());
+        nonempty(dir.join("saved")) || nonempty(dir.join("checkpoints"))
+    }
+
+    /// Writes a VM's definition; the caller holds its command lock.
+    pub fn write_definition(&self, name: &VmName, config: &VmConfig) -> Result<(), StoreError> {
+        self.must_exist(name)?;
+        write_atomic(&self.definition(name), config.to_toml().as_bytes())
+    }
+
+    /// Changes settings; refused while the VM runs (none of them can change live).
+    pub fn set(&self, name: &VmName, over: Overrides) -> Result<VmConfig, StoreError> {
+        let _held = self.lock(name)?;
+        let current = self.load(name)?;
+        if self.state(name) == VmState::Live {
+            return Err(StoreError::Running {
+                name: name.clone(),
+                what: "kernel, initrd, cmdline, cpus, memory and nested".into(),
+            });
+        }
+        let next = current.with(over).map_err(|source| StoreError::Config {
+            name: name.clone(),
+            source,
+        })?;
+        write_atomic(&self.definition(name), next.to_toml().as_bytes())?;
+        Ok(next)
+    }
+
+    /// Removes a VM; refused while it runs, and (without `force`) when it
+    /// has a saved state or checkpoints.
+    pub fn remove(&self, name: &VmName, force: bool) -> Result<(), StoreError> {
+        let held = self.lock(name)?;
+        if self.state(name) == VmState::Live {
+            return Err(StoreError::Running {
+                name: name.clone(),
+                what: "a running VM".into(),
+            });
+        }
+        if self.has_saved_state(name) && !force {
+            return Err(StoreError::HasSavedState(name.clone()));
+        }
+        let dir = self.vm_dir(name);
+        // Remove the definition first: an interrupted rm leaves no half VM.
+        let def = self.definition(name);
+        std::fs::remove_file(&def).map_err(io("remove", &def))?;
+        drop(held);
+        std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Result<Vec<VmName>, StoreError> {
+        let dir = self.root.join("vms");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io("read", &dir)(e)),
+        };
+        let mut names: Vec<VmName> = entries
+            .flatten()
+            .filter_map(|e| VmName::new(&e.file_name().to_string_lossy()).ok())
+            .filter(|n| self.exists(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nestvm_vmm::config::NestedMode;
+
+    fn store(tag: &str) -> Store {
+        let root = std::env::temp_dir().join(format!("nestvm-store-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        Store::locate(Some(root))
+    }
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 2,
+            memory: 1 << 30,
+            nested: NestedMode::Auto,
+        }
+    }
+
+    fn name(s: &str) -> VmName {
+        VmName::new(s).unwrap()
+    }
+
+    #[test]
+    fn new_list_show_set_rm() {
+        let s = store("crud");
+        assert!(s.list().unwrap().is_empty());
+        s.create(&name("b"), &config()).unwrap();
+        s.create(&name("a"), &config()).unwrap();
+        assert_eq!(s.list().unwrap(), vec![name("a"), name("b")]);
+        assert!(matches!(
+            s.create(&name("a"), &config()),
+            Err(StoreError::Exists(_))
+        ));
+        assert_eq!(s.load(&name("a")).unwrap(), config());
+        assert_eq!(s.state(&name("a")), VmState::Off);
+        let changed = s
+            .set(
+                &name("a"),
+                Overrides {
+                    cpus: Some(4),
+                    nested: Some(NestedMode::On),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((changed.cpus, changed.nested), (4, NestedMode::On));
+        assert_eq!(s.load(&name("a")).unwrap(), changed);
+        let bad = s.set(
+            &name("a"),
+            Overrides {
+                memory: Some("1M".into()),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(bad, Err(StoreError::Config { .. })));
+        assert_eq!(
+            s.load(&name("a")).unwrap(),
+            changed,
+            "a refused change leaves the file as it was"
+        );
+        s.remove(&name("a"), false).unwrap();
+        assert_eq!(s.list().unwrap(), vec![name("b")]);
+        assert!(matches!(s.load(&name("a")), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.remove(&name("a"), false),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn directories_are_private() {
+        let s = store("perm");
+        s.create(&name("p"), &config()).unwrap();
+        for p in [
+            s.root().to_owned(),
+            s.root().join("vms"),
+            s.vm_dir(&name("p")),
+        ] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", p.display());
+        }
+        let def = std::fs::metadata(s.vm_dir(&name("p")).join("vm.toml")).unwrap();
+        assert_eq!(def.permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_running_vm_refuses_set_and_rm() {
+        let s = store("run");
+        s.create(&name("r"), &config()).unwrap();
+        let run = lock::lock(&s.vm_dir(&name("r")).join("run.lock"), false).unwrap();
+        assert_eq!(s.state(&name("r")), VmState::Live);
+        let e = s
+            .set(
+                &name("r"),
+                Overrides {
+                    cpus: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("is running"), "{e}");
+        assert!(matches!(
+            s.remove(&name("r"), true),
+            Err(StoreError::Running { .. })
+        ));
+        drop(run);
+        assert_eq!(s.state(&name("r")), VmState::Off);
+    }
+
+    #[test]
+    fn saved_state_needs_force() {
+        let s = store("saved");
+        s.create(&name("s"), &config()).unwrap();
+        let saved = s.vm_dir(&name("s")).join("saved");
+        std::fs::create_dir_all(&saved).unwrap();
+        std::fs::write(saved.join("state"), b"x").unwrap();
+        assert_eq!(s.state(&name("s")), VmState::Saved);
+        assert!(matches!(
+            s.remove(&name("s"), false),
+            Err(StoreError::HasSavedState(_))
+        ));
+        assert!(s.exists(&name("s")));
+        s.remove(&name("s"), true).unwrap();
+        assert!(!s.exists(&name("s")));
+    }
+
+    #[test]
+    fn locate_prefers_flag_then_environment() {
+        assert_eq!(Store::locate(Some("/x".into())).root(), Path::new("/x"));
+    }
+}

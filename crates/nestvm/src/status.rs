@@ -1,0 +1,110 @@
+//! `nestvm status`: the reference document's Get-NestedVirtStatus as a
+//! whole — the host verdict, then for each VM whether it can host VMs now
+//! and every reason it cannot.
+
+use nestvm_manager::Store;
+use nestvm_vmm::config::NestedMode;
+use serde::Serialize;
+
+use crate::vm::state_word;
+use crate::{runtime, Failure};
+
+#[derive(Serialize)]
+struct VmStatus {
+    name: String,
+    state: &'static str,
+    nested: NestedMode,
+    can_host_vms: bool,
+    reasons: Vec<String>,
+    notes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    host: nestvm_host::HostReport,
+    vms: Vec<VmStatus>,
+}
+
+pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
+    let host = nestvm_host::evaluate(&nestvm_host::gather());
+    let mut vms = vec![];
+    for name in store.list().map_err(runtime)? {
+        let (mut reasons, mut notes) = (vec![], vec![]);
+        let state = store.state(&name);
+        let nested = match store.load(&name) {
+            Ok(config) => {
+                if config.nested == NestedMode::Off {
+                    reasons.push(format!(
+                        "VT-x/AMD-V are not exposed to it (nested = off): run 'nestvm vm enable-nested {name}'"
+                    ));
+                } else if !host.can_nest {
+                    reasons.push(format!(
+                        "the host cannot nest: {}",
+                        host.blocker_line().unwrap_or_default()
+                    ));
+                }
+                if config.memory < 4 << 30 {
+                    notes.push("less than the 4 GiB guidance for a VM that hosts VMs".into());
+                }
+                config.nested
+            }
+            Err(e) => {
+                reasons.push(format!("its definition is unreadable: {e}"));
+                NestedMode::Off
+            }
+        };
+        vms.push(VmStatus {
+            name: name.to_string(),
+            state: state_word(state),
+            nested,
+            can_host_vms: reasons.is_empty(),
+            reasons,
+            notes,
+        });
+    }
+    let status = Status { host, vms };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).map_err(runtime)?
+        );
+        return Ok(0);
+    }
+    match status.host.blocker_line() {
+        None => println!(
+            "Host: YES, this host can nest (nestvm's guests run at level {})",
+            status.host.guest_level
+        ),
+        Some(why) => println!("Host: NO: {why}"),
+    }
+    if status.vms.is_empty() {
+        println!("No VMs ('nestvm vm new NAME --kernel FILE' makes one).");
+        return Ok(0);
+    }
+    println!(
+        "\n{:<20} {:<8} {:<6} {:<13} WHY NOT",
+        "VM", "STATE", "NESTED", "CAN HOST VMS"
+    );
+    for v in &status.vms {
+        let nested = match v.nested {
+            NestedMode::Auto => "auto",
+            NestedMode::On => "on",
+            NestedMode::Off => "off",
+        };
+        let first = v.reasons.first().map_or("-", String::as_str);
+        println!(
+            "{:<20} {:<8} {:<6} {:<13} {first}",
+            v.name,
+            v.state,
+            nested,
+            if v.can_host_vms { "yes" } else { "no" }
+        );
+        for r in v.reasons.iter().skip(1) {
+            println!("{:<50} {r}", "");
+        }
+        for n in &v.notes {
+            println!("{:<50} note: {n}", "");
+        }
+    }
+    Ok(0)
+}
