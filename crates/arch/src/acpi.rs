@@ -5,7 +5,10 @@
 //! Layout in the BIOS area at [`layout::ACPI_START`]: RSDP, XSDT, FADT, MADT,
 //! DSDT, each 16-byte aligned.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
+use acpi_tables::aml::{
+    Arg, Device, EISAName, Equal, If, Interrupt, Method, Name, Notify, Package, Path,
+    ResourceTemplate, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -64,6 +67,10 @@ fn io_register(port: u16) -> GAS {
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line (GSI).
 pub const COM1_GSI: u32 = 4;
+/// The interrupt of the Generic Event Device that reports the power button.
+pub const GED_GSI: u32 = 5;
+/// ACPI's "button pressed" notification for a power button device.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
 
 /// The DSDT: the `\_S5_` package Linux needs to power off, and COM1.
 ///
@@ -85,6 +92,29 @@ pub fn dsdt() -> Vec<u8> {
     let io = IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq, &io]));
     Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sdt);
+
+    // The power button: a hardware-reduced platform has no fixed button, so
+    // a PNP0C0C device is notified by the _EVT method of a Generic Event
+    // Device (ACPI0013) whose interrupt nestvm raises to ask for power-off.
+    let pwrb_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C0C"));
+    let pwrb_uid = Name::new(Path::new("_UID"), &0u8);
+    Device::new(Path::new("_SB_.PWRB"), vec![&pwrb_hid, &pwrb_uid]).to_aml_bytes(&mut sdt);
+    let ged_hid_str: &'static str = "ACPI0013";
+    let ged_hid = Name::new(Path::new("_HID"), &ged_hid_str);
+    let ged_uid = Name::new(Path::new("_UID"), &0u8);
+    let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ged_irq]));
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
+    let gsi = GED_GSI as u8;
+    let is_button = Equal::new(&Arg(0), &gsi);
+    let when = If::new(&is_button, vec![&notify]);
+    let evt = Method::new(Path::new("_EVT"), 1, true, vec![&when]);
+    Device::new(
+        Path::new("_SB_.GED0"),
+        vec![&ged_hid, &ged_uid, &ged_crs, &evt],
+    )
+    .to_aml_bytes(&mut sdt);
     // Sdt::append keeps the length field right; the checksum needs refreshing.
     sdt.update_checksum();
     sdt.as_slice().to_vec()
@@ -209,6 +239,8 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"), "GED present");
+        assert!(dsdt.windows(4).any(|w| w == b"_EVT") && dsdt.windows(4).any(|w| w == b"PWRB"));
         assert!(dsdt.windows(4).any(|w| w == b"_CRS"));
         // Four local APICs (type 0, length 8) with ids 0..3, then one IOAPIC.
         let mut off = 44;

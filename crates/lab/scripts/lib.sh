@@ -71,3 +71,26 @@ vm_typed() {
     ) | ( timeout "$secs" /nestvm/nestvm run "$@"; echo $? >"/tmp/$name.rc" ) 2>&1 | tee "/tmp/$name.log"
     say "$name exited with $(cat "/tmp/$name.rc")"
 }
+
+# wait_for FILE PATTERN SECS: waits until FILE shows PATTERN (or SECS pass).
+wait_for() {
+    n=0
+    until grep -q "$2" "$1" 2>/dev/null || [ $n -ge "$3" ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    grep -q "$2" "$1" 2>/dev/null
+}
+
+# vm_state NAME: a managed VM's state as nestvm reports it.
+vm_state() { /nestvm/nestvm vm show "$1" --json | sed -n 's/.*"state": *"\([A-Za-z]*\)".*/\1/p'; }
+
+# wait_state NAME STATE SECS: waits until the managed VM is in STATE.
+wait_state() {
+    n=0
+    until [ "$(vm_state "$1")" = "$2" ] || [ $n -ge "$3" ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    [ "$(vm_state "$1")" = "$2" ]
+}

@@ -9,8 +9,9 @@ use std::process::Command;
 use crate::host::{apt_update_once, run};
 use crate::{cache_dir, io_err, say, LabError};
 
-/// KVM on AMD and what it depends on, in load order.
-pub const KVM_MODULES: [&str; 4] = ["irqbypass", "kvm", "ccp", "kvm-amd"];
+/// KVM on AMD and what it depends on, in load order, then the ACPI power
+/// button and evdev (so a guest can see the power button nestvm presses).
+pub const KVM_MODULES: [&str; 6] = ["irqbypass", "kvm", "ccp", "kvm-amd", "button", "evdev"];
 
 /// modules.dep for [`KVM_MODULES`] (paths relative to /lib/modules/RELEASE),
 /// so busybox's modprobe can load and unload them by name.
@@ -75,8 +76,10 @@ pub fn kernel() -> Result<Kernel, LabError> {
         .map(|m| (m.to_string(), dir.join(format!("{m}.ko"))))
         .collect();
     let release = package.trim_start_matches("linux-image-").to_owned();
+    // The marker names the modules extracted, so a longer list re-extracts.
     let ready = dir.join(".complete");
-    if ready.exists() {
+    let wanted = KVM_MODULES.join(",");
+    if std::fs::read_to_string(&ready).is_ok_and(|m| m == wanted) {
         return Ok(Kernel {
             package,
             release,
@@ -155,7 +158,7 @@ pub fn kernel() -> Result<Kernel, LabError> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staged, &dir).map_err(io_err("cannot move into place", &dir))?;
-    std::fs::write(&ready, &package).map_err(io_err("cannot write", &ready))?;
+    std::fs::write(&ready, &wanted).map_err(io_err("cannot write", &ready))?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(Kernel {
         package,

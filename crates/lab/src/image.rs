@@ -24,7 +24,8 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 7] = [
+pub const SCRIPTS: [(&str, &str); 8] = [
+    ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
     ("shell", include_str!("../scripts/shell.sh")),

@@ -125,3 +125,43 @@ fn enable_nested_fixes_a_host_loaded_with_nested_0() {
         "en-vm-after-sees-svm",
     ]);
 }
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn managed_vms_with_a_linux_guest() {
+    let img = l1_image();
+    let sc = scenario::Scenario::new(
+        "manage",
+        include_str!("../scenarios/manage.sh"),
+        Duration::from_secs(1200),
+    );
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "mg-start",
+        "mg-list-running",
+        "mg-shell-ready",
+        "mg-console-input-reached-guest",
+        "mg-console-detached",
+        "mg-running-after-detach",
+        "mg-reattach-shows-earlier-output",
+        "mg-reattach-new-output",
+        "mg-paused",
+        "mg-resumed",
+        "mg-off-after-guest-poweroff",
+        "mg-log-says-poweroff",
+        "mg-acpid-ready",
+        "mg-stop-graceful",
+        "mg-guest-saw-power-button",
+        "mg-off-after-stop",
+        "mg-e-ran-and-powered-off",
+        "mg-e-ran-without-svm",
+        "mg-status-says-not-exposed",
+        "mg-e-ran-again",
+        "mg-e-sees-svm-after-enable",
+        "mg-status-e-can-host-vms",
+        "mg-b-acpid-ready-again",
+        "mg-enable-stopped-running-vm",
+        "mg-enable-applied",
+        "mg-all-removed",
+    ]);
+}

@@ -22,24 +22,41 @@ pub fn check(json: bool) -> Result<u8, Failure> {
 }
 
 /// Lists, then (with `yes`) applies the module-parameter fix.
-pub fn enable_nested(yes: bool) -> Result<u8, Failure> {
+pub fn enable_nested(yes: bool, json: bool) -> Result<u8, Failure> {
     let facts = gather();
     let plan = plan(&facts, Path::new(MODPROBE_FILE)).map_err(runtime)?;
+    let value =
+        |result: &str| serde_json::json!({"plan": plan, "steps": plan.steps(), "result": result});
     if plan.is_done() {
-        println!("nesting is already enabled: {} is loaded with nested on and {} has '{}'; nothing changed", plan.module, plan.file.display(), plan.line);
+        crate::report(
+            json,
+            &format!(
+                "nesting is already enabled: {} is loaded with nested on and {} has '{}'; nothing changed",
+                plan.module,
+                plan.file.display(),
+                plan.line
+            ),
+            value("already-enabled"),
+        );
         return Ok(0);
     }
-    println!("nestvm host enable-nested will:");
-    for step in plan.steps() {
-        println!("  - {step}");
+    if !json {
+        println!("nestvm host enable-nested will:");
+        for step in plan.steps() {
+            println!("  - {step}");
+        }
     }
     if !yes {
-        println!("dry run: nothing changed; run again with --yes to apply");
+        crate::report(
+            json,
+            "dry run: nothing changed; run again with --yes to apply",
+            value("dry-run"),
+        );
         return Ok(0);
     }
     match apply(&plan).map_err(runtime)? {
         Applied::Enabled => {
-            println!("done: {} is loaded with nested on", plan.module);
+            crate::report(json, &format!("done: {} is loaded with nested on", plan.module), value("enabled"));
             Ok(0)
         }
         Applied::PendingReload => Err(runtime(anyhow!(

@@ -6,7 +6,9 @@
 //! by signal N. `host check` exits 0 when the host can nest, 1 when not.
 //! Errors are one line on stderr naming the problem and the fix.
 
+mod attach;
 mod host;
+mod managed;
 mod run;
 mod status;
 mod vm;
@@ -27,6 +29,9 @@ struct Cli {
     /// $XDG_DATA_HOME/nestvm otherwise; or $NESTVM_STATE_DIR].
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
+    /// Print results as JSON (every command but run and vm console).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -42,21 +47,13 @@ enum Cmd {
     #[command(subcommand)]
     Vm(vm::VmCmd),
     /// Whether the host and each VM can host VMs now, and every reason not.
-    Status {
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
 }
 
 #[derive(Subcommand)]
 enum HostCmd {
     /// Report whether VMs started here can run their own VMs, and why not.
-    Check {
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check,
     /// Turn on the KVM module's nested parameter (dry run unless --yes).
     EnableNested {
         /// Apply the changes instead of only listing them.
@@ -123,6 +120,15 @@ pub struct Failure {
     error: anyhow::Error,
 }
 
+/// Prints a command's result: `text` for people, `value` with --json.
+pub fn report(json: bool, text: &str, value: serde_json::Value) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
 /// A usage or configuration error (exit code 2).
 pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
     Failure {
@@ -164,10 +170,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Run(args) => run::run_vm(args),
-        Cmd::Host(HostCmd::Check { json }) => host::check(json),
-        Cmd::Host(HostCmd::EnableNested { yes }) => host::enable_nested(yes),
-        Cmd::Vm(cmd) => vm::run(nestvm_manager::Store::locate(cli.state_dir), cmd),
-        Cmd::Status { json } => status::run(&nestvm_manager::Store::locate(cli.state_dir), json),
+        Cmd::Host(HostCmd::Check) => host::check(cli.json),
+        Cmd::Host(HostCmd::EnableNested { yes }) => host::enable_nested(yes, cli.json),
+        Cmd::Vm(cmd) => vm::run(nestvm_manager::Store::locate(cli.state_dir), cmd, cli.json),
+        Cmd::Status => status::run(&nestvm_manager::Store::locate(cli.state_dir), cli.json),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -13,7 +13,7 @@ use nestvm_vmm::{build, run, VmConfig, VmOutcome};
 use crate::{runtime, usage, Failure, RunArgs};
 
 /// Why this host cannot run VMs, in the words `host check` uses.
-fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure {
+pub(crate) fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure {
     match nestvm_host::evaluate(&nestvm_host::gather()).blocker_line() {
         Some(why) => runtime(anyhow!("this host cannot run VMs: {why}")),
         None => runtime(anyhow!("this host cannot run VMs: {open_error}")),
@@ -23,7 +23,7 @@ fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure {
 /// Whether to show VT-x/AMD-V to the guest, from the VM's setting and the
 /// host; with `auto` on a host that cannot nest, also the notice to print
 /// once the VM is built.
-fn resolve_nested(mode: NestedMode) -> Result<(bool, Option<String>), Failure> {
+pub(crate) fn resolve_nested(mode: NestedMode) -> Result<(bool, Option<String>), Failure> {
     if mode == NestedMode::Off {
         return Ok((false, None));
     }
@@ -80,6 +80,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
         },
         RunOptions {
             handle_signals: true,
+            ..Default::default()
         },
     )
     .context("the VM's event loop failed")
@@ -94,7 +95,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
             log::info!("guest powered off");
             Ok(0)
         }
-        VmOutcome::Quit => Ok(0),
+        VmOutcome::Quit | VmOutcome::Killed => Ok(0),
         VmOutcome::Signal(n) => {
             eprintln!("nestvm: stopped the VM on signal {n}");
             Ok(128u8.saturating_add(n as u8))

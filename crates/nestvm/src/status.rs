@@ -6,7 +6,6 @@ use nestvm_manager::Store;
 use nestvm_vmm::config::NestedMode;
 use serde::Serialize;
 
-use crate::vm::state_word;
 use crate::{runtime, Failure};
 
 #[derive(Serialize)]
@@ -30,7 +29,7 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
     let mut vms = vec![];
     for name in store.list().map_err(runtime)? {
         let (mut reasons, mut notes) = (vec![], vec![]);
-        let state = store.state(&name);
+        let state = crate::managed::live_state(store, &name);
         let nested = match store.load(&name) {
             Ok(config) => {
                 if config.nested == NestedMode::Off {
@@ -55,7 +54,7 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
         };
         vms.push(VmStatus {
             name: name.to_string(),
-            state: state_word(state),
+            state,
             nested,
             can_host_vms: reasons.is_empty(),
             reasons,

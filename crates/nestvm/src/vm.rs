@@ -25,18 +25,11 @@ pub enum VmCmd {
         settings: SettingsArgs,
     },
     /// List the VMs.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Show a VM's settings and state.
     Show {
         /// The VM's name.
         name: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Change a VM's settings (refused while it runs).
     Set {
@@ -53,6 +46,45 @@ pub enum VmCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Start a VM in the background (one nestvm process per VM).
+    Start {
+        /// The VM's name.
+        name: String,
+    },
+    /// Ask the guest to power off (ACPI power button); stop it hard after --timeout.
+    Stop {
+        /// The VM's name.
+        name: String,
+        /// Seconds to wait for the guest before a hard stop.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Stop a VM at once.
+    Kill {
+        /// The VM's name.
+        name: String,
+    },
+    /// Pause every vCPU of a running VM.
+    Pause {
+        /// The VM's name.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM's name.
+        name: String,
+    },
+    /// Attach to a running VM's serial console (Ctrl-] detaches).
+    Console {
+        /// The VM's name.
+        name: String,
+    },
+    /// Run a VM's VMM in this process (what `vm start` runs, detached).
+    #[command(hide = true)]
+    Serve {
+        /// The VM's name.
+        name: String,
+    },
     /// Set a VM up to host VMs: list the changes, ask once, apply.
     EnableNested {
         /// The VM's name.
@@ -63,10 +95,13 @@ pub enum VmCmd {
         /// Leave memory as it is even if below 4 GiB.
         #[arg(long)]
         keep_memory: bool,
+        /// Seconds a running guest gets to power off before a hard stop.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
 }
 
-fn store_err(e: StoreError) -> Failure {
+pub(crate) fn store_err(e: StoreError) -> Failure {
     match e {
         StoreError::Name(_)
         | StoreError::Exists(_)
@@ -102,15 +137,6 @@ fn checked(mut over: Overrides) -> Result<Overrides, Failure> {
     Ok(over)
 }
 
-/// The state word shown to users.
-pub fn state_word(s: VmState) -> &'static str {
-    match s {
-        VmState::Off => "Off",
-        VmState::Saved => "Saved",
-        VmState::Live => "Running",
-    }
-}
-
 fn nested_word(n: NestedMode) -> &'static str {
     match n {
         NestedMode::Auto => "auto",
@@ -123,6 +149,9 @@ fn nested_word(n: NestedMode) -> &'static str {
 struct VmView {
     name: String,
     state: &'static str,
+    /// The end of the VMM's log, when the VM is Off (why it ended).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    last_log: Vec<String>,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     cmdline: String,
@@ -131,10 +160,17 @@ struct VmView {
     nested: &'static str,
 }
 
-fn view(name: &VmName, state: VmState, c: &VmConfig) -> VmView {
+fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
+    let state = crate::managed::live_state(store, name);
+    let last_log = if state == "Off" {
+        crate::managed::tail(&crate::managed::paths(store, name).log, 5)
+    } else {
+        vec![]
+    };
     VmView {
         name: name.to_string(),
-        state: state_word(state),
+        state,
+        last_log,
         kernel: c.kernel.clone(),
         initrd: c.initrd.clone(),
         cmdline: c.cmdline.clone(),
@@ -149,20 +185,24 @@ fn print_json(v: &impl Serialize) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn run(store: Store, cmd: VmCmd) -> Result<u8, Failure> {
+pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
     match cmd {
         VmCmd::New { name, settings } => {
             let name = vm_name(&name)?;
             let over = checked(settings.overrides()?)?;
             let config = VmConfig::resolve(None, over).map_err(usage)?;
             store.create(&name, &config).map_err(store_err)?;
-            println!("created VM '{name}' in {}", store.vm_dir(&name).display());
+            crate::report(
+                json,
+                &format!("created VM '{name}' in {}", store.vm_dir(&name).display()),
+                serde_json::json!({"vm": name.as_str(), "result": "created", "dir": store.vm_dir(&name)}),
+            );
         }
-        VmCmd::List { json } => {
+        VmCmd::List => {
             let mut rows = vec![];
             for name in store.list().map_err(store_err)? {
                 let config = store.load(&name).map_err(store_err)?;
-                rows.push(view(&name, store.state(&name), &config));
+                rows.push(view(&store, &name, &config));
             }
             if json {
                 print_json(&rows)?;
@@ -189,10 +229,10 @@ pub fn run(store: Store, cmd: VmCmd) -> Result<u8, Failure> {
                 }
             }
         }
-        VmCmd::Show { name, json } => {
+        VmCmd::Show { name } => {
             let name = vm_name(&name)?;
             let config = store.load(&name).map_err(store_err)?;
-            let v = view(&name, store.state(&name), &config);
+            let v = view(&store, &name, &config);
             if json {
                 print_json(&v)?;
             } else {
@@ -213,24 +253,60 @@ pub fn run(store: Store, cmd: VmCmd) -> Result<u8, Failure> {
                     v.nested,
                     store.vm_dir(&name).display()
                 );
+                if !v.last_log.is_empty() {
+                    println!("last VMM log lines:");
+                    for l in &v.last_log {
+                        println!("  {l}");
+                    }
+                }
             }
         }
         VmCmd::Set { name, settings } => {
             let name = vm_name(&name)?;
             let over = checked(settings.overrides()?)?;
             store.set(&name, over).map_err(store_err)?;
-            println!("updated VM '{name}'");
+            crate::report(
+                json,
+                &format!("updated VM '{name}'"),
+                serde_json::json!({"vm": name.as_str(), "result": "updated"}),
+            );
         }
         VmCmd::Rm { name, force } => {
             let name = vm_name(&name)?;
             store.remove(&name, force).map_err(store_err)?;
-            println!("removed VM '{name}'");
+            crate::report(
+                json,
+                &format!("removed VM '{name}'"),
+                serde_json::json!({"vm": name.as_str(), "result": "removed"}),
+            );
         }
         VmCmd::EnableNested {
             name,
             yes,
             keep_memory,
-        } => return enable_nested(&store, &vm_name(&name)?, yes, keep_memory),
+            timeout,
+        } => {
+            let timeout = std::time::Duration::from_secs(timeout);
+            return enable_nested(&store, &vm_name(&name)?, yes, keep_memory, timeout, json);
+        }
+        VmCmd::Start { name } => return crate::managed::start(&store, &vm_name(&name)?, json),
+        VmCmd::Stop { name, timeout } => {
+            return crate::managed::stop(
+                &store,
+                &vm_name(&name)?,
+                std::time::Duration::from_secs(timeout),
+                json,
+            )
+        }
+        VmCmd::Kill { name } => return crate::managed::kill(&store, &vm_name(&name)?, json),
+        VmCmd::Pause { name } => {
+            return crate::managed::pause_resume(&store, &vm_name(&name)?, true, json)
+        }
+        VmCmd::Resume { name } => {
+            return crate::managed::pause_resume(&store, &vm_name(&name)?, false, json)
+        }
+        VmCmd::Console { name } => return crate::attach::attach(&store, &vm_name(&name)?),
+        VmCmd::Serve { name } => return crate::managed::serve(&store, &vm_name(&name)?),
     }
     Ok(0)
 }
@@ -240,18 +316,22 @@ fn enable_nested(
     name: &VmName,
     yes: bool,
     keep_memory: bool,
+    stop_timeout: std::time::Duration,
+    json: bool,
 ) -> Result<u8, Failure> {
     let _held = store.lock(name).map_err(store_err)?;
     let config = store.load(name).map_err(store_err)?;
     let state = store.state(name);
-    if state == VmState::Live {
-        return Err(runtime(anyhow!(
-            "VM '{name}' is running: stop it first, then run 'nestvm vm enable-nested {name}' again"
-        )));
-    }
+    let running = state == VmState::Live;
     let saved = store.vm_dir(name).join("saved");
     let mut steps = vec![];
     let mut over = Overrides::default();
+    if running {
+        steps.push(format!(
+            "stop it: the ACPI power button, then a hard stop after {}s (settings only change while it is off)",
+            stop_timeout.as_secs()
+        ));
+    }
     let discard_saved =
         state == VmState::Saved && saved.exists() && config.nested != NestedMode::On;
     if discard_saved {
@@ -275,21 +355,24 @@ fn enable_nested(
         over.memory = Some("4G".into());
     }
     let host = nestvm_host::evaluate(&nestvm_host::gather());
-    if steps.is_empty() {
-        println!("VM '{name}' is already set up to host VMs; nothing changed");
-        if let Some(why) = host.blocker_line() {
-            println!("note: this host cannot nest now: {why}");
+    let host_note = host.blocker_line();
+    if steps.is_empty() || (running && steps.len() == 1) {
+        let mut text = format!("VM '{name}' is already set up to host VMs; nothing changed");
+        if let Some(why) = &host_note {
+            text.push_str(&format!("\nnote: this host cannot nest now: {why}"));
         }
+        let value = serde_json::json!({"vm": name.as_str(), "steps": steps, "applied": false, "host_note": host_note});
+        crate::report(json, &text, value);
         return Ok(0);
     }
-    println!("nestvm vm enable-nested {name} will:");
-    for s in &steps {
-        println!("  - {s}");
-    }
-    if let Some(why) = host.blocker_line() {
-        println!(
-            "note: this host cannot nest now ({why}); the VM will be refused at start until it can"
-        );
+    if !json {
+        println!("nestvm vm enable-nested {name} will:");
+        for s in &steps {
+            println!("  - {s}");
+        }
+        if let Some(why) = &host_note {
+            println!("note: this host cannot nest now ({why}); the VM will be refused at start until it can");
+        }
     }
     if !yes {
         let stdin = std::io::stdin();
@@ -307,15 +390,25 @@ fn enable_nested(
             return Ok(1);
         }
     }
+    if running {
+        let how = crate::managed::stop_locked(store, name, stop_timeout)?;
+        if !json {
+            println!("stopped VM '{name}' ({how:?})");
+        }
+    }
     if discard_saved {
         std::fs::remove_dir_all(&saved)
             .map_err(|e| runtime(anyhow!("cannot remove {}: {e}", saved.display())))?;
     }
     let next = config.with(over).map_err(usage)?;
     store.write_definition(name, &next).map_err(store_err)?;
-    println!(
-        "done: VM '{name}' has nested = on and {} of memory",
-        format_size(next.memory)
+    crate::report(
+        json,
+        &format!(
+            "done: VM '{name}' has nested = on and {} of memory",
+            format_size(next.memory)
+        ),
+        serde_json::json!({"vm": name.as_str(), "steps": steps, "applied": true, "host_note": host_note}),
     );
     Ok(0)
 }

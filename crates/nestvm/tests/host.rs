@@ -44,7 +44,7 @@ fn host_check_on_a_pvm_host_says_no_and_why() {
         assert!(text.contains(row), "missing row {row}: {text}");
     }
 
-    let out = run_with_timeout(nestvm().args(["host", "check", "--json"]), T);
+    let out = run_with_timeout(nestvm().args(["--json", "host", "check"]), T);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(v["can_nest"], false);

@@ -130,7 +130,9 @@ pub struct BuiltVm {
     pub(crate) serial: Arc<Mutex<SerialPort>>,
     pub(crate) reset: EventTrigger,
     pub(crate) power_off: EventTrigger,
+    pub(crate) power_button: EventTrigger,
     pub(crate) state_ctx: StateContext,
+    pub(crate) nested: bool,
     _vm: nestvm_kvm::Vm,
     _memory: GuestMemoryMmap,
 }
@@ -171,6 +173,9 @@ pub fn build(
     let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
     let reset = event("reset")?;
     let power_off = event("power-off")?;
+    // The ACPI power button: a write raises the Generic Event Device's interrupt.
+    let power_button = event("the power button")?;
+    vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
     let mut buses = Buses::default();
     buses
         .pio
@@ -240,6 +245,8 @@ pub fn build(
         serial,
         reset,
         power_off,
+        power_button,
+        nested,
         _vm: vm,
         _memory: memory.0,
     })

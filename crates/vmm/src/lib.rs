@@ -9,9 +9,13 @@
 //! - [`runner`]: resumes the VM and runs the event loop (console, signals,
 //!   reset/power-off, vCPU exits) until the VM stops.
 //! - [`terminal`]: raw mode for an interactive console, always restored.
+//! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
+//! - [`console`]: the serial console of a detached VM, for attaching clients.
 
+pub mod api;
 pub mod builder;
 pub mod config;
+pub mod console;
 pub mod runner;
 pub mod terminal;
 pub mod vcpu;

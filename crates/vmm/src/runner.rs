@@ -9,8 +9,10 @@
 //! carry is complete; the result is reported on stderr.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::{Action, ApiError, ApiServer, Queue, RunState, VmInfo};
 use crate::builder::BuiltVm;
+use crate::console::ConsoleServer;
 use crate::vcpu::{Command, Event, ExitReason, VcpuHandle};
 
 /// How long a paused vCPU may take to answer a state request.
@@ -41,6 +45,8 @@ pub enum VmOutcome {
     Signal(i32),
     /// The user typed the console's quit sequence.
     Quit,
+    /// The control API asked for the VM to stop at once.
+    Killed,
     /// The guest crashed.
     Crashed {
         /// What happened.
@@ -80,9 +86,14 @@ pub struct Console {
 }
 
 /// Options for a run.
+#[derive(Default)]
 pub struct RunOptions {
     /// Stop cleanly on SIGINT/SIGTERM/SIGHUP (blocks them in this thread).
     pub handle_signals: bool,
+    /// Serve the control API on this socket.
+    pub api: Option<UnixListener>,
+    /// Serve the console to attaching clients (instead of `Console::input`).
+    pub console_server: Option<ConsoleServer>,
 }
 
 type Outcome = Rc<RefCell<Option<VmOutcome>>>;
@@ -165,13 +176,67 @@ impl MutEventSubscriber for Control {
     }
 }
 
-/// Feeds console input into the UART. When the UART's FIFO is full, input
-/// waits in `pending` and a timer retries, so pasted text is never dropped.
-struct ConsoleInput {
-    input: std::fs::File,
+/// Moves input into the guest's UART. When the UART's receive FIFO is full,
+/// input waits in `pending` and a timer retries, so pasted text is never
+/// dropped; while anything is pending the source is not read.
+pub(crate) struct SerialFeeder {
     serial: Arc<Mutex<SerialPort>>,
     pending: Vec<u8>,
     retry: TimerFd,
+}
+
+impl SerialFeeder {
+    fn new(serial: Arc<Mutex<SerialPort>>) -> Result<Self, RunError> {
+        Ok(Self {
+            serial,
+            pending: Vec::new(),
+            retry: TimerFd::new().map_err(|e| {
+                setup("console retry timer")(std::io::Error::from_raw_os_error(e.errno()))
+            })?,
+        })
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Moves what the UART can take from `pending` into it.
+    pub(crate) fn flush(&mut self) {
+        let mut uart = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let n = uart.queue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+
+    /// Nothing waits: the source may be read.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Starts (every 5 ms) or stops the retry timer.
+    pub(crate) fn arm_retry(&mut self, on: bool) {
+        let d = if on {
+            Duration::from_millis(5)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(e) = self.retry.reset(d, Some(d).filter(|d| !d.is_zero())) {
+            log::warn!("console: cannot arm the retry timer: {e}");
+        }
+    }
+
+    pub(crate) fn ack_retry(&mut self) {
+        let _ = self.retry.wait();
+    }
+
+    pub(crate) fn retry_fd(&self) -> RawFd {
+        self.retry.as_raw_fd()
+    }
+}
+
+/// Feeds nestvm's own stdin (or any fd) to the UART, with the Ctrl-A x escape.
+struct ConsoleInput {
+    input: std::fs::File,
+    feeder: SerialFeeder,
     watching_input: bool,
     escape: bool,
     saw_escape_key: bool,
@@ -184,13 +249,6 @@ const TOKEN_RETRY: u32 = 11;
 const ESCAPE_KEY: u8 = 0x01;
 
 impl ConsoleInput {
-    /// Moves what the UART can take from `pending` into it.
-    fn flush(&mut self) {
-        let mut uart = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let n = uart.queue_input(&self.pending);
-        self.pending.drain(..n);
-    }
-
     fn filter_escape(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if self.saw_escape_key {
@@ -200,19 +258,19 @@ impl ConsoleInput {
                         settle(&self.outcome, VmOutcome::Quit);
                         return;
                     }
-                    ESCAPE_KEY => self.pending.push(ESCAPE_KEY),
-                    other => self.pending.extend_from_slice(&[ESCAPE_KEY, other]),
+                    ESCAPE_KEY => self.feeder.push(&[ESCAPE_KEY]),
+                    other => self.feeder.push(&[ESCAPE_KEY, other]),
                 }
             } else if self.escape && b == ESCAPE_KEY {
                 self.saw_escape_key = true;
             } else {
-                self.pending.push(b);
+                self.feeder.push(&[b]);
             }
         }
     }
 
     fn watch(&mut self, ops: &mut EventOps) {
-        let want_input = self.pending.is_empty();
+        let want_input = self.feeder.is_idle();
         if want_input != self.watching_input {
             let ev = Events::with_data(&self.input, TOKEN_INPUT, EventSet::IN);
             let r = if want_input {
@@ -225,17 +283,7 @@ impl ConsoleInput {
             }
             self.watching_input = want_input;
         }
-        let retry = if want_input {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(5)
-        };
-        if let Err(e) = self
-            .retry
-            .reset(retry, Some(retry).filter(|d| !d.is_zero()))
-        {
-            log::warn!("console: cannot arm the retry timer: {e}");
-        }
+        self.feeder.arm_retry(!want_input);
     }
 }
 
@@ -246,7 +294,11 @@ impl MutEventSubscriber for ConsoleInput {
             return;
         }
         self.watching_input = true;
-        let _ = ops.add(Events::with_data(&self.retry, TOKEN_RETRY, EventSet::IN));
+        let _ = ops.add(Events::with_data_raw(
+            self.feeder.retry_fd(),
+            TOKEN_RETRY,
+            EventSet::IN,
+        ));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -264,12 +316,10 @@ impl MutEventSubscriber for ConsoleInput {
                     Ok(n) => self.filter_escape(&buf[..n]),
                 }
             }
-            TOKEN_RETRY => {
-                let _ = self.retry.wait();
-            }
+            TOKEN_RETRY => self.feeder.ack_retry(),
             _ => return,
         }
-        self.flush();
+        self.feeder.flush();
         self.watch(ops);
     }
 }
@@ -305,7 +355,9 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         serial,
         reset,
         power_off,
+        power_button,
         state_ctx,
+        nested,
         ..
     } = vm;
     let notify = EventFd::new(libc_efd_nonblock()).map_err(setup("vCPU notify eventfd"))?;
@@ -333,24 +385,33 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         outcome: outcome.clone(),
         round_trip: round_trip.clone(),
     })));
-    if let Some(fd) = console.input {
+    if let Some(mut server) = opts.console_server {
+        server.set_feeder(SerialFeeder::new(serial.clone())?);
+        em.add_subscriber(Rc::new(RefCell::new(server)));
+    } else if let Some(fd) = console.input {
         em.add_subscriber(Rc::new(RefCell::new(ConsoleInput {
             input: std::fs::File::from(fd),
-            serial,
-            pending: Vec::new(),
-            retry: TimerFd::new().map_err(|e| {
-                setup("console retry timer")(std::io::Error::from_raw_os_error(e.errno()))
-            })?,
+            feeder: SerialFeeder::new(serial.clone())?,
             watching_input: false,
             escape: console.escape,
             saw_escape_key: false,
             outcome: outcome.clone(),
         })));
     }
+    let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
+    if let Some(listener) = opts.api {
+        em.add_subscriber(Rc::new(RefCell::new(ApiServer::new(
+            listener,
+            queue.clone(),
+        ))));
+    }
+    let mut run_state = RunState::Starting;
+    log::debug!("VM built: {run_state:?}");
 
     for h in &handles {
         h.send(Command::Resume);
     }
+    run_state = RunState::Running;
     while outcome.borrow().is_none() {
         if let Err(e) = em.run() {
             log::warn!("event loop: {e:?}");
@@ -359,6 +420,53 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
             match state_round_trip(&handles) {
                 Ok(summary) => eprintln!("nestvm: vCPU state round trip: {summary}"),
                 Err(e) => eprintln!("nestvm: vCPU state round trip failed: {e}"),
+            }
+        }
+        let requests: Vec<_> = queue.borrow_mut().drain(..).collect();
+        for req in requests {
+            let info = |state| VmInfo {
+                state,
+                pid: std::process::id(),
+                vcpus: handles.len() as u32,
+                nested,
+            };
+            match req.action {
+                Action::Info => req.reply(200, &info(run_state)),
+                Action::Pause if run_state == RunState::Paused => req.reply(200, &info(run_state)),
+                Action::Pause => {
+                    pause_all(&handles);
+                    run_state = RunState::Paused;
+                    req.reply(200, &info(run_state));
+                }
+                Action::Resume if run_state != RunState::Paused => req.reply(
+                    409,
+                    &ApiError {
+                        error: format!("the VM is not paused ({run_state:?})"),
+                    },
+                ),
+                Action::Resume => {
+                    for h in &handles {
+                        h.send(Command::Resume);
+                    }
+                    run_state = RunState::Running;
+                    req.reply(200, &info(run_state));
+                }
+                Action::PowerButton => {
+                    if run_state == RunState::Paused {
+                        for h in &handles {
+                            h.send(Command::Resume);
+                        }
+                    }
+                    if let Err(e) = power_button.0.write(1) {
+                        log::error!("cannot press the power button: {e}");
+                    }
+                    run_state = RunState::Stopping;
+                    req.reply(202, &info(run_state));
+                }
+                Action::Kill => {
+                    settle(&outcome, VmOutcome::Killed);
+                    req.reply(200, &info(RunState::Stopping));
+                }
             }
         }
     }
@@ -373,6 +481,21 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         .take()
         .expect("loop ends with an outcome");
     Ok(result)
+}
+
+/// Pauses every vCPU and waits until each has.
+fn pause_all(handles: &[VcpuHandle]) {
+    for h in handles {
+        h.send(Command::Pause);
+    }
+    for h in handles {
+        // Commands are served in order: an answer to Save means the Pause before it was done.
+        let (tx, rx) = channel();
+        h.send(Command::Save(tx));
+        if rx.recv_timeout(STATE_TIMEOUT).is_err() {
+            log::warn!("vCPU {} did not confirm its pause", h.id());
+        }
+    }
 }
 
 /// Pauses every vCPU, reads its complete state, writes it back, resumes.

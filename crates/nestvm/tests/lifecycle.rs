@@ -1,0 +1,272 @@
+//! Managed VMs with tiny guests on this machine's /dev/kvm: start detached,
+//! the true state in list/show, the console, pause/resume, stop, kill, a
+//! VMM killed behind our back, and two commands at once.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{guest, kvm_or_skip, nestvm, run_with_timeout, scratch};
+use nestvm_guests::{hello, ticker, Ending};
+
+const T: Duration = Duration::from_secs(60);
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Self {
+        let dir = scratch(&format!("life-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self { dir }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(nestvm().arg("--state-dir").arg(&self.dir).args(args), T)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn state(&self, name: &str) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap();
+        v["state"].as_str().unwrap().to_owned()
+    }
+
+    fn new_vm(&self, name: &str, image: Vec<u8>) {
+        let k = guest(
+            &format!(
+                "life-{name}-{}.elf",
+                self.dir.file_name().unwrap().to_string_lossy()
+            ),
+            image,
+        );
+        self.ok(&[
+            "vm",
+            "new",
+            name,
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--nested",
+            "off",
+        ]);
+    }
+
+    fn wait_state(&self, name: &str, want: &str) {
+        let start = Instant::now();
+        while self.state(name) != want {
+            assert!(start.elapsed() < T, "VM {name} never became {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn console_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("vms").join(name).join("console.log"))
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn start_list_console_pause_resume_stop_rm() {
+    if !kvm_or_skip("start_list_console_pause_resume_stop_rm") {
+        return;
+    }
+    let e = Env::new("main");
+    // Ticks forever (well, for a very long time) at a visible pace.
+    e.new_vm("t", ticker(u32::MAX, 2000, "never", Ending::Reset));
+    assert_eq!(e.state("t"), "Off");
+    assert!(e.ok(&["vm", "start", "t"]).contains("started VM 't'"));
+    assert!(e.ok(&["vm", "list"]).contains("Running"));
+    // The console shows what the guest printed, then detaches at end of input.
+    let out = e.run(&["vm", "console", "t"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("..."),
+        "console replays output"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("detached"));
+    // Paused: no guest output for a while. Resumed: output again.
+    assert!(e.ok(&["vm", "pause", "t"]).contains("Paused"));
+    assert_eq!(e.state("t"), "Paused");
+    let frozen = e.console_log("t").len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        e.console_log("t").len(),
+        frozen,
+        "a paused guest prints nothing"
+    );
+    assert!(e.ok(&["vm", "resume", "t"]).contains("Running"));
+    let start = Instant::now();
+    while e.console_log("t").len() == frozen {
+        assert!(start.elapsed() < T, "the guest never ran again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Re-attaching shows output produced while detached.
+    let again = e.run(&["vm", "console", "t"]);
+    assert!(String::from_utf8_lossy(&again.stdout).len() >= 3);
+    // The tiny guest has no ACPI, so the power button is ignored: hard stop after the timeout.
+    let out = e.ok(&["vm", "stop", "t", "--timeout", "1"]);
+    assert!(out.contains("hard stop"), "{out}");
+    assert_eq!(e.state("t"), "Off");
+    assert!(
+        e.ok(&["vm", "show", "t"]).contains("ended: Killed"),
+        "last log lines are shown"
+    );
+    e.ok(&["vm", "rm", "t"]);
+}
+
+#[test]
+fn a_guest_that_powers_off_leaves_the_vm_off() {
+    if !kvm_or_skip("a_guest_that_powers_off_leaves_the_vm_off") {
+        return;
+    }
+    let e = Env::new("poweroff");
+    e.new_vm("p", hello("bye", Ending::PowerOff));
+    let out = e.run(&["vm", "start", "p"]);
+    // It may power off before `start` sees it up; either way it ends Off.
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() || text.contains("failed to start"),
+        "{text}"
+    );
+    e.wait_state("p", "Off");
+    assert!(e.console_log("p").contains("bye"));
+    assert!(e.ok(&["vm", "show", "p"]).contains("PowerOff"));
+}
+
+#[test]
+fn a_killed_vmm_shows_off_with_its_log_and_can_start_again() {
+    if !kvm_or_skip("a_killed_vmm_shows_off_with_its_log_and_can_start_again") {
+        return;
+    }
+    let e = Env::new("killed");
+    e.new_vm("k", hello("up", Ending::HaltForever));
+    e.ok(&["vm", "start", "k"]);
+    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    e.wait_state("k", "Off");
+    let show = e.ok(&["vm", "show", "k"]);
+    assert!(
+        show.contains("last VMM log lines") && show.contains("running (pid"),
+        "{show}"
+    );
+    // Stale sockets do not stop a new start.
+    e.ok(&["vm", "start", "k"]);
+    assert_eq!(e.state("k"), "Running");
+    e.ok(&["vm", "kill", "k"]);
+    assert_eq!(e.state("k"), "Off");
+    let out = e.run(&["vm", "kill", "k"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not running"));
+}
+
+#[test]
+fn two_starts_at_once_start_one_vmm() {
+    if !kvm_or_skip("two_starts_at_once_start_one_vmm") {
+        return;
+    }
+    let e = Env::new("race");
+    e.new_vm("r", hello("up", Ending::HaltForever));
+    let spawn = || {
+        nestvm()
+            .arg("--state-dir")
+            .arg(&e.dir)
+            .args(["vm", "start", "r"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let oks = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(oks, 1, "exactly one start wins");
+    let loser = if a.status.success() { &b } else { &a };
+    assert!(String::from_utf8_lossy(&loser.stderr).contains("already running"));
+    // Changes are refused while it runs.
+    let out = e.run(&["vm", "set", "r", "--cpus", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    e.ok(&["vm", "kill", "r"]);
+}
+
+#[test]
+fn a_broken_definition_fails_start_with_the_reason() {
+    if !kvm_or_skip("a_broken_definition_fails_start_with_the_reason") {
+        return;
+    }
+    let e = Env::new("broken");
+    let k = guest("life-broken.elf", hello("x", Ending::Reset));
+    e.ok(&[
+        "vm",
+        "new",
+        "b",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "16M",
+        "--nested",
+        "off",
+    ]);
+    std::fs::remove_file(&k).unwrap();
+    let out = e.run(&["vm", "start", "b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("failed to start") && err.contains("cannot read kernel"),
+        "{err}"
+    );
+    assert_eq!(e.state("b"), "Off");
+}
+
+#[test]
+fn enable_nested_stops_a_running_vm_first() {
+    if !kvm_or_skip("enable_nested_stops_a_running_vm_first") {
+        return;
+    }
+    let e = Env::new("enable-running");
+    e.new_vm("n", hello("up", Ending::HaltForever));
+    e.ok(&["vm", "start", "n"]);
+    let out = e.ok(&[
+        "vm",
+        "enable-nested",
+        "n",
+        "--yes",
+        "--keep-memory",
+        "--timeout",
+        "1",
+    ]);
+    assert!(
+        out.contains("stop it") && out.contains("stopped VM 'n' (Hard)"),
+        "{out}"
+    );
+    assert_eq!(e.state("n"), "Off");
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["vm", "show", "n", "--json"])).unwrap();
+    assert_eq!(v["nested"], "on");
+}

@@ -1,0 +1,335 @@
+//! The control API of a running VMM: HTTP/1.1 with JSON bodies on a Unix
+//! socket (described in `docs/openapi.yaml`). The server side queues each
+//! request for the run loop, which owns the vCPUs; [`call`] is the client.
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | /v1/vm | the VM's state |
+//! | PUT | /v1/vm/pause | pause every vCPU |
+//! | PUT | /v1/vm/resume | resume every vCPU |
+//! | PUT | /v1/vm/power-button | press the ACPI power button (the guest shuts down) |
+//! | PUT | /v1/vm/kill | stop the VM at once |
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+/// Longest request head we read.
+const MAX_REQUEST: usize = 8 << 10;
+
+/// What a VM is doing, as its VMM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    /// Built, vCPUs not yet resumed.
+    Starting,
+    /// Running guest code.
+    Running,
+    /// Every vCPU paused.
+    Paused,
+    /// Asked to power off; waiting for the guest.
+    Stopping,
+}
+
+/// The body of GET /v1/vm and of successful actions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The state.
+    pub state: RunState,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Whether VT-x/AMD-V are exposed to the guest.
+    pub nested: bool,
+}
+
+/// An error body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// An action the run loop carries out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// GET /v1/vm.
+    Info,
+    /// PUT /v1/vm/pause.
+    Pause,
+    /// PUT /v1/vm/resume.
+    Resume,
+    /// PUT /v1/vm/power-button.
+    PowerButton,
+    /// PUT /v1/vm/kill.
+    Kill,
+}
+
+/// A request waiting for the run loop.
+pub struct Pending {
+    /// What to do.
+    pub action: Action,
+    stream: UnixStream,
+}
+
+impl Pending {
+    /// Answers with `status` and a JSON body.
+    pub fn reply(mut self, status: u16, body: &impl Serialize) {
+        let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+        let _ = write_response(&mut self.stream, status, &body);
+    }
+}
+
+/// Requests queued for the run loop.
+pub type Queue = Rc<RefCell<VecDeque<Pending>>>;
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        _ => "Error",
+    }
+}
+
+fn write_response(w: &mut impl Write, status: u16, body: &[u8]) -> std::io::Result<()> {
+    write!(
+        w,
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(status),
+        body.len()
+    )?;
+    w.write_all(body)?;
+    w.flush()
+}
+
+/// Reads a request head; returns (method, path).
+fn read_request(stream: &mut UnixStream) -> Result<(String, String), String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > MAX_REQUEST {
+            return Err("request head too large".into());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("connection closed before the request ended".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("cannot read the request: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/1.") => Ok((m.to_owned(), p.to_owned())),
+        _ => Err(format!("not an HTTP request line: {line:?}")),
+    }
+}
+
+/// Maps a method and path to an action, or an error status.
+pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
+    let action = match path {
+        "/v1/vm" => Action::Info,
+        "/v1/vm/pause" => Action::Pause,
+        "/v1/vm/resume" => Action::Resume,
+        "/v1/vm/power-button" => Action::PowerButton,
+        "/v1/vm/kill" => Action::Kill,
+        _ => return Err((404, format!("no such endpoint {path}"))),
+    };
+    let want = if action == Action::Info { "GET" } else { "PUT" };
+    if method != want {
+        return Err((405, format!("{path} takes {want}, not {method}")));
+    }
+    Ok(action)
+}
+
+/// Accepts API connections and queues their requests.
+pub struct ApiServer {
+    listener: UnixListener,
+    queue: Queue,
+}
+
+const TOKEN_API: u32 = 30;
+
+impl ApiServer {
+    /// A server on `listener` feeding `queue`.
+    pub fn new(listener: UnixListener, queue: Queue) -> Self {
+        Self { listener, queue }
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = self.listener.set_nonblocking(true);
+        if let Err(e) = ops.add(Events::with_data(&self.listener, TOKEN_API, EventSet::IN)) {
+            log::error!("control API: cannot watch the socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok((mut stream, _)) = self.listener.accept() {
+            // Clients are local and short; a stuck one costs at most this.
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            let routed = read_request(&mut stream)
+                .map_err(|e| (400, e))
+                .and_then(|(m, p)| route(&m, &p));
+            match routed {
+                Ok(action) => self
+                    .queue
+                    .borrow_mut()
+                    .push_back(Pending { action, stream }),
+                Err((status, error)) => {
+                    let body = serde_json::to_vec(&ApiError { error }).unwrap_or_default();
+                    let _ = write_response(&mut stream, status, &body);
+                }
+            }
+        }
+    }
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No VMM answers on the socket.
+    #[error("no VMM answers on {0}")]
+    Unreachable(String, #[source] std::io::Error),
+    /// The answer was not HTTP/JSON.
+    #[error("bad answer from the VMM: {0}")]
+    Protocol(String),
+}
+
+/// Calls the API at `socket`; returns the status and the JSON body.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), CallError> {
+    let unreachable = |e| CallError::Unreachable(socket.display().to_string(), e);
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
+    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(unreachable)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(unreachable)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| CallError::Protocol("no header end".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| CallError::Protocol(format!("bad status line {:?}", head.lines().next())))?;
+    let json = serde_json::from_str(body).map_err(|e| CallError::Protocol(e.to_string()))?;
+    Ok((status, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::SubscriberOps;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET", "/v1/vm"), Ok(Action::Info));
+        assert_eq!(route("PUT", "/v1/vm/pause"), Ok(Action::Pause));
+        assert_eq!(route("PUT", "/v1/vm/kill"), Ok(Action::Kill));
+        assert_eq!(route("PUT", "/v1/vm").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/v1/vm/pause").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/etc/passwd").unwrap_err().0, 404);
+    }
+
+    #[test]
+    fn server_queues_good_requests_and_answers_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("nestvm-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
+        let mut em =
+            event_manager::EventManager::<Rc<RefCell<dyn MutEventSubscriber>>>::new().unwrap();
+        em.add_subscriber(Rc::new(RefCell::new(ApiServer::new(
+            UnixListener::bind(&sock).unwrap(),
+            queue.clone(),
+        ))));
+        let serve_until = |em: &mut event_manager::EventManager<_>, done: &dyn Fn() -> bool| {
+            let start = std::time::Instant::now();
+            while !done() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "server did not answer"
+                );
+                em.run_with_timeout(50).unwrap();
+            }
+        };
+
+        // A good request is queued for the run loop, which answers it.
+        let sock2 = sock.clone();
+        let client =
+            std::thread::spawn(move || call(&sock2, "GET", "/v1/vm", Duration::from_secs(5)));
+        serve_until(&mut em, &|| !queue.borrow().is_empty());
+        let pending = queue.borrow_mut().pop_front().unwrap();
+        assert_eq!(pending.action, Action::Info);
+        pending.reply(
+            200,
+            &VmInfo {
+                state: RunState::Paused,
+                pid: 7,
+                vcpus: 2,
+                nested: true,
+            },
+        );
+        let (status, body) = client.join().unwrap().unwrap();
+        assert_eq!(
+            (status, body["state"].as_str(), body["vcpus"].as_u64()),
+            (200, Some("Paused"), Some(2))
+        );
+
+        // Bad requests are answered by the server itself and never queued.
+        for (method, path, want) in [("PUT", "/v1/vm", 405), ("GET", "/nope", 404)] {
+            let sock2 = sock.clone();
+            let client =
+                std::thread::spawn(move || call(&sock2, method, path, Duration::from_secs(5)));
+            let start = std::time::Instant::now();
+            while !client.is_finished() {
+                assert!(start.elapsed() < Duration::from_secs(5));
+                em.run_with_timeout(50).unwrap();
+            }
+            let (status, body) = client.join().unwrap().unwrap();
+            assert_eq!(status, want, "{method} {path}");
+            assert!(body["error"].as_str().is_some());
+            assert!(queue.borrow().is_empty());
+        }
+
+        // Garbage gets 400 and the server carries on.
+        let mut raw = UnixStream::connect(&sock).unwrap();
+        raw.write_all(b"garbage\r\n\r\n").unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = raw.read_to_string(&mut text);
+            text
+        });
+        let start = std::time::Instant::now();
+        while !reader.is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            em.run_with_timeout(50).unwrap();
+        }
+        assert!(reader.join().unwrap().starts_with("HTTP/1.1 400"));
+    }
+}
