@@ -8,42 +8,36 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_or_skip, nestvm, run_with_timeout, scratch};
+use common::{guest, kvm_or_skip, nestvm, StateEnv};
 use nestvm_guests::{hello, ticker, Ending};
 
 const T: Duration = Duration::from_secs(60);
 
+/// A state directory for managed tiny guests.
 struct Env {
+    env: StateEnv,
     dir: PathBuf,
 }
 
 impl Env {
     fn new(tag: &str) -> Self {
-        let dir = scratch(&format!("life-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        Self { dir }
+        let env = StateEnv::new(&format!("life-{tag}"));
+        Self {
+            dir: env.dir.clone(),
+            env,
+        }
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(nestvm().arg("--state-dir").arg(&self.dir).args(args), T)
+        self.env.run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.env.ok(args)
     }
 
     fn state(&self, name: &str) -> String {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["vm", "show", name, "--json"])).unwrap();
-        v["state"].as_str().unwrap().to_owned()
+        self.env.state(name)
     }
 
     fn new_vm(&self, name: &str, image: Vec<u8>) {

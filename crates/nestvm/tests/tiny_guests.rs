@@ -12,24 +12,34 @@ use nestvm_guests::{hello, io_loop, Ending};
 
 const T: Duration = Duration::from_secs(60);
 
+/// Runs `nestvm run` on a tiny guest image with 16 MiB.
+fn run_tiny(file: &str, image: Vec<u8>) -> std::process::Output {
+    let k = guest(file, image);
+    run_with_timeout(
+        nestvm()
+            .args(["run", "--memory", "16M", "--kernel"])
+            .arg(&k),
+        T,
+    )
+}
+
+/// Asserts the exit code, showing stderr when it is not the one expected.
+fn assert_exit(out: &std::process::Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn serial_output_reaches_stdout_and_reset_exits_zero() {
     if !kvm_or_skip("serial_output_reaches_stdout_and_reset_exits_zero") {
         return;
     }
-    let k = guest("hello.elf", hello("Hello from a tiny guest", Ending::Reset));
-    let out = run_with_timeout(
-        nestvm()
-            .args(["run", "--memory", "16M", "--kernel"])
-            .arg(&k),
-        T,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_tiny("hello.elf", hello("Hello from a tiny guest", Ending::Reset));
+    assert_exit(&out, 0);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "Hello from a tiny guest"
@@ -41,19 +51,8 @@ fn acpi_power_off_exits_zero() {
     if !kvm_or_skip("acpi_power_off_exits_zero") {
         return;
     }
-    let k = guest("off.elf", hello("bye", Ending::PowerOff));
-    let out = run_with_timeout(
-        nestvm()
-            .args(["run", "--memory", "16M", "--kernel"])
-            .arg(&k),
-        T,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_tiny("off.elf", hello("bye", Ending::PowerOff));
+    assert_exit(&out, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "bye");
 }
 
@@ -62,13 +61,7 @@ fn triple_fault_exits_one_with_registers() {
     if !kvm_or_skip("triple_fault_exits_one_with_registers") {
         return;
     }
-    let k = guest("tf.elf", hello("about to fault", Ending::TripleFault));
-    let out = run_with_timeout(
-        nestvm()
-            .args(["run", "--memory", "16M", "--kernel"])
-            .arg(&k),
-        T,
-    );
+    let out = run_tiny("tf.elf", hello("about to fault", Ending::TripleFault));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "about to fault");
@@ -113,19 +106,8 @@ fn port_io_exits_go_through_the_bus() {
     if !kvm_or_skip("port_io_exits_go_through_the_bus") {
         return;
     }
-    let k = guest("loop.elf", io_loop(0x80, 2000, "looped", Ending::Reset));
-    let out = run_with_timeout(
-        nestvm()
-            .args(["run", "--memory", "16M", "--kernel"])
-            .arg(&k),
-        T,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_tiny("loop.elf", io_loop(0x80, 2000, "looped", Ending::Reset));
+    assert_exit(&out, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "looped");
 }
 

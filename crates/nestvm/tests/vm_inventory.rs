@@ -5,39 +5,38 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
 
-use common::{guest, nestvm, run_with_timeout, scratch};
+use common::{guest, nestvm, StateEnv};
 use nestvm_guests::{hello, Ending};
 
-const T: Duration = Duration::from_secs(30);
-
+/// A state directory with a tiny guest to point definitions at.
 struct Env {
+    env: StateEnv,
     dir: PathBuf,
     kernel: PathBuf,
 }
 
 impl Env {
     fn new(tag: &str) -> Self {
-        let dir = scratch(&format!("state-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        let env = StateEnv::new(tag);
         let kernel = guest(&format!("inv-{tag}.elf"), hello("x", Ending::Reset));
-        Self { dir, kernel }
+        Self {
+            dir: env.dir.clone(),
+            env,
+            kernel,
+        }
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(nestvm().arg("--state-dir").arg(&self.dir).args(args), T)
+        self.env.run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.env.ok(args)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.env.json(args)
     }
 
     fn fails(&self, args: &[&str], code: i32, needle: &str) {
@@ -53,10 +52,6 @@ impl Env {
 
     fn kernel(&self) -> &str {
         self.kernel.to_str().unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).expect("valid JSON")
     }
 }
 

@@ -64,3 +64,56 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A private state directory and the nestvm commands run against it.
+pub struct StateEnv {
+    /// The state directory.
+    pub dir: PathBuf,
+}
+
+impl StateEnv {
+    /// A fresh state directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let dir = scratch(&format!("state-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self { dir }
+    }
+
+    /// Runs `nestvm --state-dir DIR ARGS`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            nestvm().arg("--state-dir").arg(&self.dir).args(args),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Runs and expects exit 0; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs with --json and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        if !a.contains(&"--json") {
+            a.push("--json");
+        }
+        serde_json::from_str(&self.ok(&a)).expect("valid JSON")
+    }
+
+    /// A VM's state as `vm show` reports it.
+    pub fn state(&self, name: &str) -> String {
+        self.json(&["vm", "show", name])["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
