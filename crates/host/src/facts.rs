@@ -97,6 +97,11 @@ fn cpuid_hypervisor() -> Option<String> {
 
 /// Reads the facts of this host.
 pub fn gather() -> HostFacts {
+    gather_with(None)
+}
+
+/// Reads the facts of this host, reusing an open `/dev/kvm` when given.
+pub fn gather_with(open: Option<&Hypervisor>) -> HostFacts {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags: Vec<&str> = cpuinfo_field(&cpuinfo, "flags")
         .unwrap_or("")
@@ -112,14 +117,20 @@ pub fn gather() -> HostFacts {
             .as_ref()
             .and_then(|m| read_trim(format!("/sys/module/{m}/parameters/{p}")))
     };
-    let (kvm_device, hv) = match Hypervisor::open() {
-        Ok(hv) => (KvmDevice::Usable, Some(hv)),
-        Err(HypervisorError::NotFound(_)) => (KvmDevice::Missing, None),
-        Err(HypervisorError::PermissionDenied(_)) => (KvmDevice::NoPermission, None),
-        Err(e) => (KvmDevice::Broken(e.to_string()), None),
+    let opened;
+    let (kvm_device, hv) = match open {
+        Some(hv) => (KvmDevice::Usable, Some(hv)),
+        None => match Hypervisor::open() {
+            Ok(hv) => {
+                opened = hv;
+                (KvmDevice::Usable, Some(&opened))
+            }
+            Err(HypervisorError::NotFound(_)) => (KvmDevice::Missing, None),
+            Err(HypervisorError::PermissionDenied(_)) => (KvmDevice::NoPermission, None),
+            Err(e) => (KvmDevice::Broken(e.to_string()), None),
+        },
     };
     let kvm_offers_virtualization = hv
-        .as_ref()
         .and_then(|h| h.supported_cpuid().ok())
         .map(|c| nestvm_arch::cpuid::shows_virtualization(&c));
     let mem_available_kib = std::fs::read_to_string("/proc/meminfo")
@@ -151,7 +162,7 @@ pub fn gather() -> HostFacts {
             "ept"
         }),
         kvm_module,
-        nested_state_cap: hv.as_ref().map(Hypervisor::nested_state_size),
+        nested_state_cap: hv.map(Hypervisor::nested_state_size),
         kvm_offers_virtualization,
         hypervisor: cpuid_hypervisor(),
         mem_available_kib,

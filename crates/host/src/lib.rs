@@ -13,4 +13,4 @@ pub mod enable;
 pub mod facts;
 
 pub use check::{evaluate, HostReport, Status};
-pub use facts::{gather, HostFacts, KvmDevice};
+pub use facts::{gather, gather_with, HostFacts, KvmDevice};

@@ -43,6 +43,9 @@ pub enum HypervisorError {
 /// An open `/dev/kvm`.
 pub struct Hypervisor {
     kvm: Kvm,
+    /// `KVM_GET_SUPPORTED_CPUID`, asked once: it is slow on some hosts and
+    /// several layers need it.
+    supported: std::sync::OnceLock<Vec<kvm_cpuid_entry2>>,
 }
 
 /// The default KVM device node.
@@ -80,7 +83,10 @@ impl Hypervisor {
         if version != 12 {
             return Err(HypervisorError::ApiVersion(version));
         }
-        Ok(Self { kvm })
+        Ok(Self {
+            kvm,
+            supported: std::sync::OnceLock::new(),
+        })
     }
 
     /// The most vCPUs one VM may have.
@@ -90,11 +96,17 @@ impl Hypervisor {
 
     /// The CPUID entries KVM can virtualize on this host.
     pub fn supported_cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>, HypervisorError> {
+        if let Some(c) = self.supported.get() {
+            return Ok(c.clone());
+        }
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(HypervisorError::SupportedCpuid)?;
-        Ok(cpuid.as_slice().to_vec())
+        Ok(self
+            .supported
+            .get_or_init(|| cpuid.as_slice().to_vec())
+            .clone())
     }
 
     /// Whether KVM can save and restore nested virtualization state

@@ -154,7 +154,7 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
     let config = store.load(name).map_err(store_err)?;
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
-    let (expose, notice) = resolve_nested(config.nested)?;
+    let (expose, notice) = resolve_nested(config.nested, &hv)?;
     let console_log = std::fs::File::create(&p.console_log).map_err(runtime)?;
     let hub = ConsoleHub::new(Some(console_log));
     let vm = build(&config, &hv, expose, Box::new(hub.writer())).map_err(|e| {

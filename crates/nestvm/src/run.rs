@@ -22,14 +22,32 @@ pub(crate) fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure
 
 /// Whether to show VT-x/AMD-V to the guest, from the VM's setting and the
 /// host; with `auto` on a host that cannot nest, also the notice to print
-/// once the VM is built.
-pub(crate) fn resolve_nested(mode: NestedMode) -> Result<(bool, Option<String>), Failure> {
+/// once the VM is built. When KVM's supported CPUID already offers VMX/SVM
+/// the answer is yes without the full host probe (which only serves to
+/// explain a no).
+pub(crate) fn resolve_nested(
+    mode: NestedMode,
+    hv: &Hypervisor,
+) -> Result<(bool, Option<String>), Failure> {
     if mode == NestedMode::Off {
         return Ok((false, None));
     }
-    let report = nestvm_host::evaluate(&nestvm_host::gather());
+    let kvm_offers = hv
+        .supported_cpuid()
+        .is_ok_and(|c| nestvm_arch::cpuid::shows_virtualization(&c));
+    if kvm_offers {
+        return Ok((true, None));
+    }
+    let report = nestvm_host::evaluate(&nestvm_host::gather_with(Some(hv)));
     match (mode, report.can_nest) {
-        (_, true) => Ok((true, None)),
+        // KVM does not offer VMX/SVM, so whatever else holds, the guest cannot get them.
+        (NestedMode::On, true) => Err(runtime(anyhow!(
+            "--nested on, but this host's KVM does not offer VT-x/AMD-V to guests: see 'nestvm host check'"
+        ))),
+        (_, true) => Ok((
+            false,
+            Some("nestvm: nesting is off for this VM: KVM does not offer VT-x/AMD-V to guests (--nested off silences this)".into()),
+        )),
         (NestedMode::On, false) => Err(runtime(anyhow!(
             "--nested on, but this host cannot give VMs VT-x/AMD-V: {}",
             report.blocker_line().unwrap_or_default()
@@ -51,7 +69,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
     let config =
         VmConfig::resolve(args.config.as_deref(), args.settings.overrides()?).map_err(usage)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
-    let (expose, notice) = resolve_nested(config.nested)?;
+    let (expose, notice) = resolve_nested(config.nested, &hv)?;
     let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout())).map_err(|e| {
         if e.is_usage() {
             usage(e)
