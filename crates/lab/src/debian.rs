@@ -95,9 +95,17 @@ pub fn kernel() -> Result<Kernel, LabError> {
     let tmp = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
-    run(Command::new("apt-get")
-        .args(["download", &package])
-        .current_dir(&tmp))?;
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", &package])
+            .current_dir(&tmp))
+    };
+    if download().is_err() {
+        // Stale package lists name a version the mirror no longer has.
+        say("apt-get download failed: refreshing the package lists and trying again");
+        run(Command::new("apt-get").arg("update"))?;
+        download()?;
+    }
     let deb = std::fs::read_dir(&tmp)
         .map_err(io_err("cannot list", &tmp))?
         .flatten()
