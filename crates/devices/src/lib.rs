@@ -14,7 +14,7 @@ pub mod bus;
 pub mod i8042;
 pub mod serial;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// An eventfd that devices signal: an interrupt line or a VMM event.
 #[derive(Debug)]
@@ -23,18 +23,13 @@ pub struct EventTrigger(pub EventFd);
 impl EventTrigger {
     /// A new non-blocking trigger.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self(EventFd::new(libc_nonblock())?))
+        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
     }
 
     /// A second handle on the same eventfd.
     pub fn try_clone(&self) -> std::io::Result<Self> {
         Ok(Self(self.0.try_clone()?))
     }
-}
-
-fn libc_nonblock() -> i32 {
-    // EFD_NONBLOCK has the value of O_NONBLOCK.
-    0o4000
 }
 
 impl vm_superio::Trigger for EventTrigger {

@@ -138,8 +138,9 @@ pub fn modprobe_line(module: &str) -> String {
 /// Where nestvm writes that line.
 pub const MODPROBE_FILE: &str = "/etc/modprobe.d/nestvm-nested.conf";
 
-fn param_on(v: &str) -> bool {
-    matches!(v, "Y" | "y" | "1")
+/// Whether a sysfs boolean module parameter (Y/N or 1/0) is on.
+pub fn param_on(v: &str) -> bool {
+    matches!(v.trim(), "Y" | "y" | "1")
 }
 
 fn check(id: &'static str, label: &'static str, value: String, status: Status) -> Check {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::check::{modprobe_line, module_for_vendor};
+use crate::check::{modprobe_line, module_for_vendor, param_on};
 use crate::facts::HostFacts;
 
 /// Errors of enable-nested.
@@ -92,10 +92,6 @@ impl Plan {
         }
         steps
     }
-}
-
-fn param_on(v: &str) -> bool {
-    matches!(v.trim(), "Y" | "y" | "1")
 }
 
 fn sys_param(module: &str, name: &str) -> Option<String> {

@@ -85,17 +85,12 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
         "VM", "STATE", "NESTED", "CAN HOST VMS"
     );
     for v in &status.vms {
-        let nested = match v.nested {
-            NestedMode::Auto => "auto",
-            NestedMode::On => "on",
-            NestedMode::Off => "off",
-        };
         let first = v.reasons.first().map_or("-", String::as_str);
         println!(
             "{:<20} {:<8} {:<6} {:<13} {first}",
             v.name,
             v.state,
-            nested,
+            v.nested.as_str(),
             if v.can_host_vms { "yes" } else { "no" }
         );
         for r in v.reasons.iter().skip(1) {

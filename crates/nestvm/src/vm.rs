@@ -137,14 +137,6 @@ fn checked(mut over: Overrides) -> Result<Overrides, Failure> {
     Ok(over)
 }
 
-fn nested_word(n: NestedMode) -> &'static str {
-    match n {
-        NestedMode::Auto => "auto",
-        NestedMode::On => "on",
-        NestedMode::Off => "off",
-    }
-}
-
 #[derive(Serialize)]
 struct VmView {
     name: String,
@@ -176,7 +168,7 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         cmdline: c.cmdline.clone(),
         cpus: c.cpus,
         memory: format_size(c.memory),
-        nested: nested_word(c.nested),
+        nested: c.nested.as_str(),
     }
 }
 
@@ -343,7 +335,7 @@ fn enable_nested(
     if config.nested != NestedMode::On {
         steps.push(format!(
             "expose VT-x/AMD-V to it (nested: {} -> on)",
-            nested_word(config.nested)
+            config.nested.as_str()
         ));
         over.nested = Some(NestedMode::On);
     }

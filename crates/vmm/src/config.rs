@@ -100,6 +100,17 @@ pub enum NestedMode {
     Off,
 }
 
+impl NestedMode {
+    /// The setting as written in files and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for NestedMode {
     type Err = ConfigError;
 

@@ -6,7 +6,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
@@ -224,12 +223,5 @@ impl MutEventSubscriber for ConsoleServer {
             f.flush();
         }
         self.rewatch(ops);
-    }
-}
-
-impl ConsoleServer {
-    /// The listening socket's fd (for diagnostics).
-    pub fn fd(&self) -> i32 {
-        self.listener.as_raw_fd()
     }
 }

@@ -23,13 +23,13 @@ use nestvm_devices::serial::SerialPort;
 use nestvm_kvm::kick;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{Action, ApiError, ApiServer, Queue, RunState, VmInfo};
 use crate::builder::BuiltVm;
 use crate::console::ConsoleServer;
-use crate::vcpu::{Command, Event, ExitReason, VcpuHandle};
+use crate::vcpu::{Command, Event, ExitReason, State, VcpuHandle};
 
 /// How long a paused vCPU may take to answer a state request.
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -360,7 +360,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         nested,
         ..
     } = vm;
-    let notify = EventFd::new(libc_efd_nonblock()).map_err(setup("vCPU notify eventfd"))?;
+    let notify = EventFd::new(EFD_NONBLOCK).map_err(setup("vCPU notify eventfd"))?;
     let (tx, rx) = channel();
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -489,11 +489,12 @@ fn pause_all(handles: &[VcpuHandle]) {
         h.send(Command::Pause);
     }
     for h in handles {
-        // Commands are served in order: an answer to Save means the Pause before it was done.
+        // Commands are served in order: the state reported after the Pause is Paused.
         let (tx, rx) = channel();
-        h.send(Command::Save(tx));
-        if rx.recv_timeout(STATE_TIMEOUT).is_err() {
-            log::warn!("vCPU {} did not confirm its pause", h.id());
+        h.send(Command::Report(tx));
+        match rx.recv_timeout(STATE_TIMEOUT) {
+            Ok(State::Paused) => {}
+            other => log::warn!("vCPU {} did not confirm its pause ({other:?})", h.id()),
         }
     }
 }
@@ -546,9 +547,4 @@ pub fn state_round_trip(handles: &[VcpuHandle]) -> Result<String, String> {
         h.send(Command::Resume);
     }
     result
-}
-
-fn libc_efd_nonblock() -> i32 {
-    // EFD_NONBLOCK has the value of O_NONBLOCK.
-    0o4000
 }

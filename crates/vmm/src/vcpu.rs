@@ -35,6 +35,8 @@ pub enum Command {
     Pause,
     /// Leave the thread.
     Stop,
+    /// Answer with the vCPU's state once every earlier command is served.
+    Report(Sender<State>),
     /// Read the vCPU's complete state (only while Paused).
     Save(Sender<Result<VcpuState, String>>),
     /// Write the vCPU's complete state (only while Paused).
@@ -120,6 +122,9 @@ impl Machine {
             Command::Resume => self.enter(State::Running),
             Command::Pause => self.enter(State::Paused),
             Command::Stop => return Some(ExitReason::Stopped),
+            Command::Report(reply) => {
+                let _ = reply.send(self.state);
+            }
             Command::Save(reply) => {
                 let result = if self.state == State::Paused {
                     VcpuState::save(
