@@ -1,4 +1,5 @@
-//! A KVM VM: memory slots, the in-kernel interrupt controllers and timers, irqfds.
+//! A KVM VM: memory slots, the in-kernel interrupt controllers and timers,
+//! irqfds and ioeventfds.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
@@ -43,6 +44,15 @@ pub enum VmError {
     Irqfd {
         /// The interrupt line.
         gsi: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_IOEVENTFD` failed.
+    #[error("cannot attach an eventfd to guest writes at {addr:#x}")]
+    Ioeventfd {
+        /// The guest physical address.
+        addr: u64,
         /// The cause.
         #[source]
         source: kvm_ioctls::Error,
@@ -123,6 +133,14 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Makes a 4-byte guest MMIO write of `value` at `addr` signal `evt`
+    /// inside KVM, without a vCPU exit to userspace.
+    pub fn register_ioeventfd(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::Ioeventfd { addr, source })
     }
 
     /// Creates vCPU number `id`.
