@@ -1,0 +1,328 @@
+//! virtio-blk on a raw image file.
+//!
+//! Requests are a 16-byte header (type, reserved, sector), data buffers, and
+//! a one-byte status the device writes last. Reads and writes go to the
+//! image with positioned I/O; a flush is `fdatasync`, so data is in the file
+//! once the guest's fsync returns. A read-only disk offers VIRTIO_BLK_F_RO
+//! and fails writes with IOERR. Every request is checked against the image
+//! size and the chain's real lengths; a bad one gets an error status (or, if
+//! it has no room for one, is returned unused) and the next one is served.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::{drain_queue, features, Backend, Chain};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR: u64 = 512;
+/// Entries in the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+const CHUNK: usize = 128 << 10;
+
+/// Request types.
+pub mod request {
+    /// Read sectors.
+    pub const IN: u32 = 0;
+    /// Write sectors.
+    pub const OUT: u32 = 1;
+    /// Flush the write cache.
+    pub const FLUSH: u32 = 4;
+    /// Read the device ID string.
+    pub const GET_ID: u32 = 8;
+}
+
+/// Request status values.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The request failed.
+    pub const IOERR: u8 = 1;
+    /// The request type is not supported.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// Feature: the device is read-only.
+pub const F_RO: u64 = 1 << 5;
+/// Feature: `seg_max` in config is valid.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// Feature: the device has a write cache and honours FLUSH.
+pub const F_FLUSH: u64 = 1 << 9;
+
+/// Errors opening a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The file cannot be opened.
+    #[error("cannot open disk image {path}: check the path and its permissions (add readonly=on for a read-only file)")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the image.
+    #[error(
+        "disk image {0} is in use by another VM: stop it, or attach the image readonly=on in both"
+    )]
+    InUse(PathBuf),
+    /// Smaller than one sector.
+    #[error("disk image {0} is smaller than one 512-byte sector: give a raw image of at least 512 bytes")]
+    TooSmall(PathBuf),
+}
+
+/// Request counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    reads: u64,
+    writes: u64,
+    flushes: u64,
+    read_bytes: u64,
+    write_bytes: u64,
+    errors: u64,
+    malformed: u64,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    file: Flock<File>,
+    path: PathBuf,
+    read_only: bool,
+    sectors: u64,
+    id: [u8; 20],
+    counters: Counters,
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// Opens `path` (read-only if asked), locking it against other writers.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let arg = if read_only {
+            FlockArg::LockSharedNonblock
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        let file = Flock::lock(file, arg).map_err(|_| BlockError::InUse(path.to_owned()))?;
+        let len = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if len < SECTOR {
+            return Err(BlockError::TooSmall(path.to_owned()));
+        }
+        if len % SECTOR != 0 {
+            log::warn!(
+                "disk image {} is not a whole number of sectors; the last {} bytes are not visible",
+                path.display(),
+                len % SECTOR
+            );
+        }
+        let mut id = [0u8; 20];
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (d, s) in id.iter_mut().zip(name.bytes()) {
+            *d = s;
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            read_only,
+            sectors: len / SECTOR,
+            id,
+            counters: Counters::default(),
+            buf: vec![0; CHUNK],
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Serves one request; returns the bytes written into the chain.
+    pub fn handle(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
+        let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
+        else {
+            self.counters.malformed += 1;
+            return 0;
+        };
+        let writable = writer.available_bytes();
+        if writable == 0 {
+            // Nowhere to put a status: hand the chain back untouched.
+            self.counters.malformed += 1;
+            return 0;
+        }
+        let Ok(mut status_at) = writer.split_at(writable - 1) else {
+            self.counters.malformed += 1;
+            return 0;
+        };
+        let mut header = [0u8; 16];
+        let status = if reader.read_exact(&mut header).is_err() {
+            self.counters.malformed += 1;
+            status::IOERR
+        } else {
+            let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+            match self.execute(kind, sector, &mut reader, &mut writer) {
+                Ok(()) => status::OK,
+                Err(s) => {
+                    self.counters.errors += 1;
+                    s
+                }
+            }
+        };
+        let _ = status_at.write_all(&[status]);
+        (writer.bytes_written() + 1) as u32
+    }
+
+    /// Byte offset of `len` bytes at `sector`, if they lie inside the image.
+    fn range(&self, sector: u64, len: usize) -> Result<u64, u8> {
+        let len = len as u64;
+        if len % SECTOR != 0 {
+            return Err(status::IOERR);
+        }
+        let end = sector.checked_add(len / SECTOR).ok_or(status::IOERR)?;
+        if end > self.sectors {
+            return Err(status::IOERR);
+        }
+        Ok(sector * SECTOR)
+    }
+
+    fn execute(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        reader: &mut virtio_queue::Reader<'_>,
+        writer: &mut virtio_queue::Writer<'_>,
+    ) -> Result<(), u8> {
+        match kind {
+            request::IN => {
+                let total = writer.available_bytes();
+                let mut at = self.range(sector, total)?;
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    self.file
+                        .read_exact_at(&mut self.buf[..n], at)
+                        .map_err(|_| status::IOERR)?;
+                    writer
+                        .write_all(&self.buf[..n])
+                        .map_err(|_| status::IOERR)?;
+                    at += n as u64;
+                    left -= n;
+                }
+                self.counters.reads += 1;
+                self.counters.read_bytes += total as u64;
+                Ok(())
+            }
+            request::OUT => {
+                if self.read_only {
+                    return Err(status::IOERR);
+                }
+                let total = reader.available_bytes();
+                let mut at = self.range(sector, total)?;
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    reader
+                        .read_exact(&mut self.buf[..n])
+                        .map_err(|_| status::IOERR)?;
+                    self.file
+                        .write_all_at(&self.buf[..n], at)
+                        .map_err(|_| status::IOERR)?;
+                    at += n as u64;
+                    left -= n;
+                }
+                self.counters.writes += 1;
+                self.counters.write_bytes += total as u64;
+                Ok(())
+            }
+            request::FLUSH => {
+                self.counters.flushes += 1;
+                if self.read_only {
+                    return Ok(());
+                }
+                self.file.sync_data().map_err(|_| status::IOERR)
+            }
+            request::GET_ID => {
+                let n = writer.available_bytes().min(self.id.len());
+                writer.write_all(&self.id[..n]).map_err(|_| status::IOERR)
+            }
+            _ => Err(status::UNSUPP),
+        }
+    }
+}
+
+impl Backend for Block {
+    fn device_type(&self) -> u32 {
+        2
+    }
+    fn kind(&self) -> &'static str {
+        "block"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{}{}",
+            self.path.display(),
+            if self.read_only { " (read-only)" } else { "" }
+        )
+    }
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { F_RO } else { 0 };
+        features::VERSION_1 | features::RING_EVENT_IDX | F_FLUSH | F_SEG_MAX | ro
+    }
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn config(&self) -> Vec<u8> {
+        // capacity (u64), size_max (u32, unused), seg_max (u32).
+        let mut c = Vec::with_capacity(16);
+        c.extend_from_slice(&self.sectors.to_le_bytes());
+        c.extend_from_slice(&0u32.to_le_bytes());
+        c.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
+    }
+    fn activate(&mut self, _features: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.first_mut() else {
+            return false;
+        };
+        drain_queue(queue, mem, |chain| self.handle(chain, mem))
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("reads", c.reads),
+            ("writes", c.writes),
+            ("flushes", c.flushes),
+            ("read_bytes", c.read_bytes),
+            ("write_bytes", c.write_bytes),
+            ("errors", c.errors),
+            ("malformed", c.malformed),
+        ]
+    }
+}
+
+#[cfg(test)]
+#[path = "block_tests.rs"]
+mod tests;

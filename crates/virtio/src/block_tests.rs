@@ -1,0 +1,212 @@
+//! virtio-blk through the real MMIO transport, driven like a guest would.
+
+use super::*;
+use crate::driver::{self, Buf, QueueDriver};
+use crate::mmio::MmioDevice;
+use crate::testing::memory;
+use nestvm_devices::bus::BusDevice;
+use nestvm_devices::EventTrigger;
+use vm_memory::{Bytes, GuestAddress};
+
+struct Rig {
+    dev: MmioDevice<Block>,
+    mem: GuestMemoryMmap,
+    q: QueueDriver,
+    path: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+const HDR: u64 = 0x40000;
+const DATA: u64 = 0x50000;
+const STATUS: u64 = 0x80000;
+
+fn rig(tag: &str, sectors: u64, read_only: bool) -> Rig {
+    let path = std::env::temp_dir().join(format!("nestvm-blk-{}-{tag}.img", std::process::id()));
+    let mut content = vec![0u8; (sectors * SECTOR) as usize];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / SECTOR as usize) as u8;
+    }
+    std::fs::write(&path, &content).unwrap();
+    let mem = memory();
+    let block = Block::open(&path, read_only).unwrap();
+    let mut dev = MmioDevice::new(block, mem.clone(), EventTrigger::new().unwrap()).unwrap();
+    let offered = driver::offered_features(&mut dev);
+    let q = QueueDriver::new(0x10000, 16);
+    let st = driver::start(&mut dev, offered, std::slice::from_ref(&q));
+    assert!(dev.is_active(), "status {st:#x}");
+    Rig { dev, mem, q, path }
+}
+
+impl Rig {
+    fn header(&self, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Posts `bufs`, notifies, returns (used length, status byte).
+    fn submit(&mut self, bufs: &[Buf]) -> (u32, u8) {
+        self.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        self.q.add_chain(&self.mem, bufs);
+        self.dev.queue_notified(0);
+        let used = self.q.take_used(&self.mem);
+        assert_eq!(used.len(), 1, "one completion");
+        let st: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (used[0].1, st)
+    }
+
+    fn request(&mut self, kind: u32, sector: u64, data_len: u32, data_writable: bool) -> (u32, u8) {
+        self.header(kind, sector);
+        let mut bufs = vec![Buf {
+            addr: HDR,
+            len: 16,
+            writable: false,
+        }];
+        if data_len > 0 {
+            bufs.push(Buf {
+                addr: DATA,
+                len: data_len,
+                writable: data_writable,
+            });
+        }
+        bufs.push(Buf {
+            addr: STATUS,
+            len: 1,
+            writable: true,
+        });
+        self.submit(&bufs)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.dev
+            .backend()
+            .counters()
+            .into_iter()
+            .find(|c| c.0 == name)
+            .unwrap()
+            .1
+    }
+}
+
+#[test]
+fn reads_writes_flushes_and_ids() {
+    let mut r = rig("rw", 64, false);
+    let mut cfg = [0u8; 8];
+    r.dev.read(0x100, &mut cfg);
+    assert_eq!(u64::from_le_bytes(cfg), 64, "capacity in config space");
+
+    let (len, st) = r.request(request::IN, 3, 1024, true);
+    assert_eq!((len, st), (1025, status::OK));
+    let mut got = [0u8; 1024];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|&b| b == 3) && got[512..].iter().all(|&b| b == 4));
+
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(request::OUT, 10, 512, false), (1, status::OK));
+    assert_eq!(r.request(request::FLUSH, 0, 0, false), (1, status::OK));
+    let file = std::fs::read(&r.path).unwrap();
+    assert!(file[10 * 512..11 * 512].iter().all(|&b| b == 0xab));
+    assert_eq!(file[11 * 512], 11);
+
+    let (len, st) = r.request(request::GET_ID, 0, 20, true);
+    assert_eq!((len, st), (21, status::OK));
+    let mut id = [0u8; 20];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert!(id.starts_with(b"nestvm-blk-"));
+    assert_eq!(r.counter("writes"), 1);
+    assert_eq!(r.counter("flushes"), 1);
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let mut r = rig("ro", 8, true);
+    assert_ne!(driver::offered_features(&mut r.dev) & F_RO, 0);
+    assert_eq!(r.request(request::OUT, 0, 512, false).1, status::IOERR);
+    assert_eq!(std::fs::read(&r.path).unwrap()[0], 0, "image untouched");
+    assert_eq!(r.request(request::IN, 1, 512, true).1, status::OK);
+}
+
+#[test]
+fn malformed_requests_fail_alone() {
+    let mut r = rig("bad", 8, false);
+    // Past the end, straddling the end, absurd sector, unaligned length.
+    assert_eq!(r.request(request::IN, 8, 512, true).1, status::IOERR);
+    assert_eq!(r.request(request::OUT, 7, 1024, false).1, status::IOERR);
+    assert_eq!(r.request(request::IN, u64::MAX, 512, true).1, status::IOERR);
+    assert_eq!(r.request(request::IN, 0, 100, true).1, status::IOERR);
+    // Unknown type.
+    assert_eq!(r.request(99, 0, 0, false).1, status::UNSUPP);
+    // Header too short.
+    let (_, st) = r.submit(&[
+        Buf {
+            addr: HDR,
+            len: 8,
+            writable: false,
+        },
+        Buf {
+            addr: STATUS,
+            len: 1,
+            writable: true,
+        },
+    ]);
+    assert_eq!(st, status::IOERR);
+    // No status byte at all: handed back with nothing written.
+    r.header(request::IN, 0);
+    r.q.add_chain(
+        &r.mem,
+        &[Buf {
+            addr: HDR,
+            len: 16,
+            writable: false,
+        }],
+    );
+    r.dev.queue_notified(0);
+    let used = r.q.take_used(&r.mem);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].1, 0);
+    // A buffer outside guest memory.
+    r.header(request::IN, 0);
+    r.q.add_chain(
+        &r.mem,
+        &[
+            Buf {
+                addr: HDR,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: 0xffff_0000_0000,
+                len: 512,
+                writable: true,
+            },
+            Buf {
+                addr: STATUS,
+                len: 1,
+                writable: true,
+            },
+        ],
+    );
+    r.dev.queue_notified(0);
+    assert_eq!(r.q.take_used(&r.mem).len(), 1);
+    // And the device still works.
+    assert_eq!(r.request(request::IN, 2, 512, true), (513, status::OK));
+    assert!(r.counter("malformed") >= 2);
+    assert!(r.counter("errors") >= 5);
+}
+
+#[test]
+fn an_image_is_not_opened_twice_for_writing() {
+    let r = rig("lock", 8, false);
+    let e = Block::open(&r.path, false).err().unwrap();
+    assert!(e.to_string().contains("in use"), "{e}");
+    let e = Block::open(Path::new("/nonexistent/x.img"), false)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("cannot open disk image"), "{e}");
+}

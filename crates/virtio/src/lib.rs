@@ -1,0 +1,103 @@
+//! nestvm's virtio devices, which an unmodified Linux guest finds through
+//! ACPI (`LNRO0005` devices in the DSDT) and drives with its own virtio
+//! drivers.
+//!
+//! - [`mmio`]: the virtio-mmio (version 2) transport: registers, feature
+//!   negotiation, queue set-up, the interrupt status. Generic over a
+//!   [`Backend`], the device proper.
+//! - [`block`]: virtio-blk on a raw image file.
+//! - [`net`]: virtio-net on a TAP (through [`net::FrameIo`]), with the
+//!   MAC-spoofing policy.
+//! - [`worker`]: the event-loop side: queue notifications (ioeventfds) and
+//!   backend file descriptors, served off the vCPU threads.
+//!
+//! Everything read from guest memory or a register is untrusted: a malformed
+//! request fails that request (with the device's error status where the
+//! protocol has one), never the VMM.
+
+pub mod block;
+pub mod driver;
+pub mod mmio;
+pub mod net;
+pub mod worker;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+/// The device's feature bits common to all devices.
+pub mod features {
+    /// The device follows virtio 1.x (required by the mmio version 2 transport).
+    pub const VERSION_1: u64 = 1 << 32;
+    /// Used/available event indices, to cut notifications.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+}
+
+/// A descriptor chain borrowed from guest memory.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// A virtio device behind a transport.
+pub trait Backend: Send {
+    /// The virtio device ID (2 = block, 1 = network).
+    fn device_type(&self) -> u32;
+    /// A short label for reports ("block", "net").
+    fn kind(&self) -> &'static str;
+    /// What it is attached to (image path, TAP name), for reports.
+    fn describe(&self) -> String;
+    /// The feature bits offered, [`features::VERSION_1`] included.
+    fn features(&self) -> u64;
+    /// The maximum size of each of its queues.
+    fn queue_sizes(&self) -> &[u16];
+    /// Its configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// The driver finished set-up with `features` acknowledged.
+    fn activate(&mut self, features: u64) -> Result<(), String>;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// The guest notified `queue`; returns true when it should be interrupted.
+    fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// A descriptor the event loop should watch for this device (a TAP), if any.
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// That descriptor became ready; returns true when the guest should be interrupted.
+    fn process_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
+    /// Counters for reports: (name, value).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// Serves every available chain of `queue` with `handle`, which returns the
+/// number of bytes it wrote into the chain. Returns true when the guest asked
+/// to be told about the used buffers. With event indices, re-checks the ring
+/// after re-enabling notifications so no request is left behind.
+pub fn drain_queue<F>(queue: &mut Queue, mem: &GuestMemoryMmap, mut handle: F) -> bool
+where
+    F: FnMut(Chain<'_>) -> u32,
+{
+    let mut used = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                log::debug!("virtio: cannot add used descriptor {head}");
+                return used;
+            }
+            used = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    used && queue.needs_notification(mem).unwrap_or(true)
+}
+
+#[cfg(test)]
+pub(crate) mod testing;

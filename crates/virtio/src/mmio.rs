@@ -1,0 +1,474 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, "modern").
+//!
+//! One 4 KiB MMIO window per device: 32-bit registers up to 0xff, the
+//! device's configuration space from 0x100. The driver reads the device
+//! features, writes the ones it accepts, sets up each queue (size and the
+//! three ring addresses, then ready) and sets DRIVER_OK; only then does the
+//! backend start. A write of 0 to the status register resets everything.
+//! Queue notifications normally reach [`crate::worker`] through an ioeventfd
+//! that KVM signals without leaving the kernel; a write that does arrive here
+//! (no ioeventfd) signals the same eventfd.
+
+use nestvm_devices::bus::BusDevice;
+use nestvm_devices::EventTrigger;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::{features, Backend};
+
+/// Size of a device's MMIO window.
+pub const WINDOW_LEN: u64 = 0x1000;
+/// Offset of the queue-notify register, where the ioeventfds go.
+pub const QUEUE_NOTIFY: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4e56_4d00; // "NVM"
+const CONFIG_START: u64 = 0x100;
+
+/// Device status bits the driver sets.
+pub mod status {
+    /// The driver found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The driver knows how to drive it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready; the device may run.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error and needs a reset.
+    pub const NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bits.
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// Errors creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd for a virtio queue")]
+    EventFd(#[source] std::io::Error),
+    /// A backend asked for an impossible queue.
+    #[error("invalid virtio queue size {0}")]
+    QueueSize(u16),
+}
+
+/// A virtio device on the MMIO bus.
+pub struct MmioDevice<B> {
+    backend: B,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    notify: Vec<EventTrigger>,
+    irq: EventTrigger,
+    interrupt_status: u32,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl<B: Backend> MmioDevice<B> {
+    /// Wraps `backend`; `irq` is the device's interrupt line.
+    pub fn new(backend: B, mem: GuestMemoryMmap, irq: EventTrigger) -> Result<Self, MmioError> {
+        let mut queues = Vec::new();
+        let mut notify = Vec::new();
+        for &size in backend.queue_sizes() {
+            queues.push(Queue::new(size).map_err(|_| MmioError::QueueSize(size))?);
+            notify.push(EventTrigger::new().map_err(MmioError::EventFd)?);
+        }
+        Ok(Self {
+            backend,
+            mem,
+            queues,
+            notify,
+            irq,
+            interrupt_status: 0,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+        })
+    }
+
+    /// The per-queue notification eventfds, in queue order.
+    pub fn notify_events(&self) -> &[EventTrigger] {
+        &self.notify
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Whether the driver has started the device.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn raise(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        if let Err(e) = self.irq.0.write(1) {
+            log::warn!(
+                "virtio {}: cannot raise interrupt: {e}",
+                self.backend.kind()
+            );
+        }
+    }
+
+    /// The guest notified queue `index` (called from the event loop).
+    pub fn queue_notified(&mut self, index: usize) {
+        if !self.active || index >= self.queues.len() {
+            return;
+        }
+        if self
+            .backend
+            .process_queue(index, &mut self.queues, &self.mem)
+        {
+            self.raise(INT_USED_RING);
+        }
+    }
+
+    /// The backend's own descriptor is ready (called from the event loop).
+    pub fn backend_event(&mut self) {
+        if !self.active {
+            return;
+        }
+        if self.backend.process_event(&mut self.queues, &self.mem) {
+            self.raise(INT_USED_RING);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.backend.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt_status = 0;
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.active = false;
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.active {
+            return None; // no queue changes while running
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly = value & !self.status;
+        let mut value = value;
+        if newly & status::FEATURES_OK != 0 {
+            let offered = self.backend.features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & features::VERSION_1 != 0;
+            if !ok {
+                value &= !status::FEATURES_OK;
+            }
+        }
+        self.status = value;
+        if newly & status::DRIVER_OK != 0 && !self.active {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        if self.status & status::FEATURES_OK == 0 {
+            return self.fail("DRIVER_OK before FEATURES_OK".into());
+        }
+        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if q.ready() && !q.is_valid(&self.mem) {
+                return self.fail(format!("queue {i} lies outside guest memory"));
+            }
+            q.set_event_idx(event_idx);
+        }
+        if let Err(e) = self.backend.activate(self.driver_features) {
+            return self.fail(e);
+        }
+        self.active = true;
+        // Buffers the driver queued before DRIVER_OK (network receive
+        // buffers) are picked up now.
+        for i in 0..self.queues.len() {
+            self.queue_notified(i);
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        log::warn!(
+            "virtio {} ({}): {why}; the device needs a reset",
+            self.backend.kind(),
+            self.backend.describe()
+        );
+        self.status |= status::NEEDS_RESET;
+        self.raise(INT_CONFIG);
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.backend.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.backend.features() as u32,
+                1 => (self.backend.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => queue.map_or(0, |q| u32::from(q.max_size())),
+            0x44 => queue.map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt_status,
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return; // features are fixed once accepted
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    // An invalid size leaves the queue unusable, and
+                    // activation then fails cleanly.
+                    let _ = q.try_set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            QUEUE_NOTIFY => {
+                if let Some(n) = self.notify.get(v as usize) {
+                    let _ = n.0.write(1);
+                }
+            }
+            0x64 => self.interrupt_status &= !v,
+            0x70 => self.set_status(v),
+            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            _ => log::trace!("virtio-mmio: write {v:#x} to read-only or unknown {offset:#x}"),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+}
+
+/// What a device reports about itself (for `GET /v1/vm` and `status`).
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    /// "block" or "net".
+    pub kind: &'static str,
+    /// What it is attached to.
+    pub attached: String,
+    /// Whether the guest driver started it.
+    pub active: bool,
+    /// Its counters.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// A device that can report on itself, whatever its backend.
+pub trait Inspect: Send {
+    /// Its report.
+    fn report(&self) -> DeviceReport;
+}
+
+impl<B: Backend> Inspect for MmioDevice<B> {
+    fn report(&self) -> DeviceReport {
+        DeviceReport {
+            kind: self.backend.kind(),
+            attached: self.backend.describe(),
+            active: self.active,
+            counters: self.backend.counters(),
+        }
+    }
+}
+
+impl<B: Backend> BusDevice for MmioDevice<B> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_START {
+            let config = self.backend.config();
+            let start = (offset - CONFIG_START) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = start
+                    .checked_add(i)
+                    .and_then(|at| config.get(at))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_START {
+            // No device of ours has writable configuration.
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 != 0 {
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{driver_setup, TestBackend};
+
+    #[test]
+    fn identifies_itself() {
+        let (mut dev, _mem) = TestBackend::device();
+        let mut r = |off: u64| {
+            let mut b = [0u8; 4];
+            dev.read(off, &mut b);
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(r(0), MAGIC);
+        assert_eq!(r(4), 2);
+        assert_eq!(r(8), 42);
+        assert_eq!(r(0x34), 16, "queue 0 max size");
+    }
+
+    #[test]
+    fn negotiation_and_activation() {
+        let (mut dev, _mem) = TestBackend::device();
+        driver_setup(&mut dev, features::VERSION_1);
+        assert!(dev.is_active());
+        assert_eq!(dev.status() & status::NEEDS_RESET, 0);
+        // Reset returns to square one.
+        dev.write(0x70, &0u32.to_le_bytes());
+        assert!(!dev.is_active());
+        assert_eq!(dev.status(), 0);
+    }
+
+    #[test]
+    fn features_not_offered_are_refused() {
+        let (mut dev, _mem) = TestBackend::device();
+        let w =
+            |dev: &mut MmioDevice<TestBackend>, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
+        w(&mut dev, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut dev, 0x24, 0);
+        w(&mut dev, 0x20, 1 << 3); // never offered
+        w(&mut dev, 0x24, 1);
+        w(&mut dev, 0x20, 1);
+        w(
+            &mut dev,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(dev.status() & status::FEATURES_OK, 0);
+        // Without VERSION_1 too.
+        w(&mut dev, 0x70, 0);
+        w(
+            &mut dev,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(dev.status() & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_outside_memory_needs_reset_not_a_crash() {
+        let (mut dev, _mem) = TestBackend::device();
+        let w =
+            |dev: &mut MmioDevice<TestBackend>, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
+        w(&mut dev, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut dev, 0x24, 1);
+        w(&mut dev, 0x20, 1);
+        w(
+            &mut dev,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        w(&mut dev, 0x30, 0);
+        w(&mut dev, 0x38, 16);
+        w(&mut dev, 0x80, 0xffff_f000);
+        w(&mut dev, 0x84, 0xffff);
+        w(&mut dev, 0x44, 1);
+        w(&mut dev, 0x70, 0xf);
+        assert!(!dev.is_active());
+        assert_ne!(dev.status() & status::NEEDS_RESET, 0);
+        let mut b = [0u8; 4];
+        dev.read(0x60, &mut b);
+        assert_eq!(u32::from_le_bytes(b) & INT_CONFIG, INT_CONFIG);
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let (mut dev, _mem) = TestBackend::device();
+        for off in [0u64, 1, 2, 3, 0x50, 0x51, 0xff, 0x100, 0x1ff, 0xfff] {
+            for len in [1usize, 2, 4, 8] {
+                let mut b = vec![0u8; len];
+                dev.read(off, &mut b);
+                dev.write(off, &b);
+            }
+        }
+        // Out-of-range queue selections read as absent and write nowhere.
+        dev.write(0x30, &7u32.to_le_bytes());
+        dev.write(0x38, &8u32.to_le_bytes());
+        let mut b = [0u8; 4];
+        dev.read(0x34, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0);
+        dev.write(QUEUE_NOTIFY, &u32::MAX.to_le_bytes());
+    }
+}

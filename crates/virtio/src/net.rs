@@ -1,0 +1,312 @@
+//! virtio-net on a TAP device, with the MAC-spoofing policy.
+//!
+//! Queue 0 receives (host to guest), queue 1 transmits. Every frame carries
+//! the 12-byte virtio-net header both ways, and the TAP carries the same
+//! header, so checksum and TCP segmentation offloads pass through untouched.
+//!
+//! MAC spoofing, as the reference document defines it for a VM whose own
+//! guests are bridged behind its adapter: with the policy off (the default)
+//! a frame the guest sends with a source MAC other than its adapter's is
+//! dropped and counted; with it on, such frames pass, so the VM's own guests
+//! reach the network with their own addresses.
+//!
+//! The TAP is read edge-triggered: on each wake-up frames are read until the
+//! TAP is empty or the guest has no receive buffer left; a frame that does
+//! not fit waits for the guest's next receive-queue notification.
+
+use std::io::{self, Read};
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::{drain_queue, features, Backend, Chain};
+
+/// Entries in each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The virtio-net header (VIRTIO_F_VERSION_1 layout).
+pub const HDR_LEN: usize = 12;
+/// Largest frame accepted either way: a 64 KiB TSO super-frame plus headers.
+pub const MAX_FRAME: usize = HDR_LEN + 65_550;
+const ETH_HDR: usize = 14;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Feature bits.
+pub mod feature {
+    /// The device takes frames with a partial checksum.
+    pub const CSUM: u64 = 1 << 0;
+    /// The driver takes frames with a partial checksum.
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    /// `mac` in config is valid.
+    pub const MAC: u64 = 1 << 5;
+    /// The driver takes TSO4 super-frames.
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    /// The driver takes TSO6 super-frames.
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    /// The device takes TSO4 super-frames.
+    pub const HOST_TSO4: u64 = 1 << 11;
+    /// The device takes TSO6 super-frames.
+    pub const HOST_TSO6: u64 = 1 << 12;
+    /// `status` in config is valid.
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// The host side of the adapter: a TAP, or anything that moves whole frames
+/// with a [`HDR_LEN`]-byte virtio-net header in front.
+pub trait FrameIo: Send {
+    /// Reads one frame; `WouldBlock` when none is waiting.
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one frame.
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+    /// Which offloads the guest accepts in received frames.
+    fn set_offload(&mut self, csum: bool, tso4: bool, tso6: bool) -> io::Result<()>;
+    /// The descriptor to wait on for incoming frames.
+    fn raw_fd(&self) -> RawFd;
+    /// A name for reports (the TAP's).
+    fn name(&self) -> String;
+}
+
+/// A MAC address stable for `seed` (e.g. "VMNAME/0"): locally administered,
+/// unicast, from a 64-bit FNV-1a hash.
+pub fn derived_mac(seed: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x52, 0x56, b[0], b[1], b[2], b[3]]
+}
+
+/// Formats a MAC as `52:56:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    rx_frames: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+    tx_frames: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    tx_spoofed_dropped: u64,
+    tx_malformed: u64,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    io: Box<dyn FrameIo>,
+    mac: [u8; 6],
+    mac_spoofing: bool,
+    counters: Counters,
+    rx_buf: Vec<u8>,
+    rx_pending: usize,
+    tx_buf: Vec<u8>,
+}
+
+impl Net {
+    /// An adapter with address `mac` on `io`; `mac_spoofing` lets frames
+    /// with other source addresses out.
+    pub fn new(io: Box<dyn FrameIo>, mac: [u8; 6], mac_spoofing: bool) -> Self {
+        Self {
+            io,
+            mac,
+            mac_spoofing,
+            counters: Counters::default(),
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: 0,
+            tx_buf: vec![0; MAX_FRAME],
+        }
+    }
+
+    /// Sends one chain from the transmit queue to the TAP (or drops it).
+    pub fn transmit(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) {
+        let Ok(mut reader) = chain.reader(mem) else {
+            self.counters.tx_malformed += 1;
+            return;
+        };
+        let len = reader.available_bytes();
+        if !(HDR_LEN + ETH_HDR..=MAX_FRAME).contains(&len) {
+            self.counters.tx_malformed += 1;
+            return;
+        }
+        if reader.read_exact(&mut self.tx_buf[..len]).is_err() {
+            self.counters.tx_malformed += 1;
+            return;
+        }
+        let source = &self.tx_buf[HDR_LEN + 6..HDR_LEN + 12];
+        if !self.mac_spoofing && source != self.mac {
+            self.counters.tx_spoofed_dropped += 1;
+            return;
+        }
+        match self.io.write_frame(&self.tx_buf[..len]) {
+            Ok(_) => {
+                self.counters.tx_frames += 1;
+                self.counters.tx_bytes += (len - HDR_LEN) as u64;
+            }
+            Err(e) => {
+                log::debug!("net {}: frame dropped on write: {e}", self.io.name());
+                self.counters.tx_dropped += 1;
+            }
+        }
+    }
+
+    /// Moves frames from the TAP into receive buffers until one side runs
+    /// dry. Returns true when the guest should be interrupted.
+    fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(RX) else {
+            return false;
+        };
+        let mut used = false;
+        loop {
+            if self.rx_pending == 0 {
+                match self.io.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n >= HDR_LEN => {
+                        // One buffer per frame (no mergeable buffers).
+                        self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        self.rx_pending = n;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::debug!("net {}: read failed: {e}", self.io.name());
+                        break;
+                    }
+                }
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // No buffer: ask to be told when there is one, and check
+                // again in case one arrived meanwhile.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let written = self.deliver(chain, mem);
+            if queue.add_used(mem, head, written).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Copies the pending frame into `chain`; returns the bytes written.
+    fn deliver(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
+        let len = std::mem::take(&mut self.rx_pending);
+        let Ok(mut writer) = chain.writer(mem) else {
+            self.counters.rx_dropped += 1;
+            return 0;
+        };
+        if writer.available_bytes() < len {
+            self.counters.rx_dropped += 1;
+            return 0;
+        }
+        if io::Write::write_all(&mut writer, &self.rx_buf[..len]).is_err() {
+            self.counters.rx_dropped += 1;
+            return 0;
+        }
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += (len - HDR_LEN) as u64;
+        len as u32
+    }
+}
+
+impl Backend for Net {
+    fn device_type(&self) -> u32 {
+        1
+    }
+    fn kind(&self) -> &'static str {
+        "net"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} mac {} mac_spoofing {}",
+            self.io.name(),
+            format_mac(&self.mac),
+            if self.mac_spoofing { "on" } else { "off" }
+        )
+    }
+    fn features(&self) -> u64 {
+        use feature::*;
+        features::VERSION_1
+            | features::RING_EVENT_IDX
+            | MAC
+            | STATUS
+            | CSUM
+            | GUEST_CSUM
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | HOST_TSO4
+            | HOST_TSO6
+    }
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn config(&self) -> Vec<u8> {
+        let mut c = self.mac.to_vec();
+        c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
+        c
+    }
+    fn activate(&mut self, f: u64) -> Result<(), String> {
+        use feature::*;
+        let csum = f & GUEST_CSUM != 0;
+        self.io
+            .set_offload(
+                csum,
+                csum && f & GUEST_TSO4 != 0,
+                csum && f & GUEST_TSO6 != 0,
+            )
+            .map_err(|e| format!("cannot set TAP offloads: {e}"))
+    }
+    fn reset(&mut self) {
+        self.rx_pending = 0;
+    }
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        match q {
+            RX => self.receive(queues, mem),
+            TX => {
+                let Some(queue) = queues.get_mut(TX) else {
+                    return false;
+                };
+                drain_queue(queue, mem, |chain| {
+                    self.transmit(chain, mem);
+                    0
+                })
+            }
+            _ => false,
+        }
+    }
+    fn event_fd(&self) -> Option<RawFd> {
+        Some(self.io.raw_fd())
+    }
+    fn process_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.receive(queues, mem)
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("rx_frames", c.rx_frames),
+            ("rx_bytes", c.rx_bytes),
+            ("rx_dropped", c.rx_dropped),
+            ("tx_frames", c.tx_frames),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_dropped", c.tx_dropped),
+            ("tx_spoofed_dropped", c.tx_spoofed_dropped),
+            ("tx_malformed", c.tx_malformed),
+        ]
+    }
+}
+
+#[cfg(test)]
+#[path = "net_tests.rs"]
+mod tests;
