@@ -6,8 +6,8 @@
 //! DSDT, each 16-byte aligned.
 
 use acpi_tables::aml::{
-    Arg, Device, EISAName, Equal, If, Interrupt, Method, Name, Notify, Package, Path,
-    ResourceTemplate, IO,
+    Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
+    Path, ResourceTemplate, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -72,14 +72,27 @@ pub const GED_GSI: u32 = 5;
 /// ACPI's "button pressed" notification for a power button device.
 const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
 
-/// The DSDT: the `\_S5_` package Linux needs to power off, and COM1.
+/// A virtio-mmio device as the DSDT declares it.
+#[derive(Debug, Clone, Copy)]
+pub struct VirtioSlot {
+    /// Base of its MMIO window.
+    pub base: u64,
+    /// Length of the window.
+    pub len: u64,
+    /// Its interrupt line.
+    pub gsi: u32,
+}
+
+/// The DSDT: the `\_S5_` package Linux needs to power off, COM1, the power
+/// button, and one `LNRO0005` device per virtio-mmio window (the ACPI ID
+/// Linux's virtio_mmio driver binds to).
 ///
 /// COM1 must be declared: with a hardware-reduced FADT Linux has no legacy
 /// PIC and reserves no ISA interrupt numbers, so the 8250 driver's built-in
 /// "IRQ 4" cannot be requested and the console tty would not open. Declared
 /// as a PNP0501 device, its interrupt is mapped through the IOAPIC like any
 /// ACPI device's.
-pub fn dsdt() -> Vec<u8> {
+pub fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"NESTVMDS", 1);
     let s5 = Name::new(
         Path::new("_S5_"),
@@ -115,6 +128,20 @@ pub fn dsdt() -> Vec<u8> {
         vec![&ged_hid, &ged_uid, &ged_crs, &evt],
     )
     .to_aml_bytes(&mut sdt);
+    for (i, v) in virtio.iter().enumerate() {
+        let hid_str: &'static str = "LNRO0005";
+        let hid = Name::new(Path::new("_HID"), &hid_str);
+        let uid_value = i as u32;
+        let uid = Name::new(Path::new("_UID"), &uid_value);
+        let window = Memory32Fixed::new(true, v.base as u32, v.len as u32);
+        let irq = Interrupt::new(true, true, false, false, v.gsi);
+        let crs = Name::new(
+            Path::new("_CRS"),
+            &ResourceTemplate::new(vec![&window, &irq]),
+        );
+        let path = format!("_SB_.VR{i:02X}");
+        Device::new(Path::new(&path), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sdt);
+    }
     // Sdt::append keeps the length field right; the checksum needs refreshing.
     sdt.update_checksum();
     sdt.as_slice().to_vec()
@@ -157,7 +184,11 @@ pub fn madt(vcpus: u32) -> Vec<u8> {
 }
 
 /// Writes all tables and returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u32,
+    virtio: &[VirtioSlot],
+) -> Result<u64, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = layout::ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
@@ -166,7 +197,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError>
     let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let madt = madt(vcpus);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     if dsdt_addr + dsdt.len() as u64 > layout::BIOS_END {
         return Err(AcpiError::TooLarge(vcpus));
     }
@@ -208,7 +239,14 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp_addr = write_tables(&mem, 4).unwrap();
+        let slots: Vec<_> = (0..3)
+            .map(|i| VirtioSlot {
+                base: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                gsi: 16 + i as u32,
+            })
+            .collect();
+        let rsdp_addr = write_tables(&mem, 4, &slots).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -242,6 +280,8 @@ mod tests {
         assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"), "GED present");
         assert!(dsdt.windows(4).any(|w| w == b"_EVT") && dsdt.windows(4).any(|w| w == b"PWRB"));
         assert!(dsdt.windows(4).any(|w| w == b"_CRS"));
+        assert_eq!(dsdt.windows(8).filter(|w| w == b"LNRO0005").count(), 3);
+        assert!(dsdt.windows(4).any(|w| w == b"VR02"));
         // Four local APICs (type 0, length 8) with ids 0..3, then one IOAPIC.
         let mut off = 44;
         let mut apic_ids = vec![];
@@ -264,6 +304,13 @@ mod tests {
     #[test]
     fn many_vcpus_still_fit() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        write_tables(&mem, 255).unwrap();
+        let slots: Vec<_> = (0..16)
+            .map(|i| VirtioSlot {
+                base: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                gsi: 16,
+            })
+            .collect();
+        write_tables(&mem, 255, &slots).unwrap();
     }
 }

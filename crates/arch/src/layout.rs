@@ -39,6 +39,20 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// IOAPIC MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// First virtio-mmio window, in the 32-bit hole; device `i` is at
+/// `VIRTIO_MMIO_START + i * VIRTIO_MMIO_LEN`.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_LEN: u64 = 0x1000;
+/// Interrupt lines (IOAPIC pins) of virtio devices, in device order: the
+/// pins no legacy device of ours or of the PC platform uses.
+pub const VIRTIO_GSIS: [u32; 16] = [16, 17, 18, 19, 20, 21, 22, 23, 6, 7, 9, 10, 11, 13, 14, 15];
+
+/// Where virtio device `index` lives: (MMIO base, GSI), if it may exist.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_GSIS.get(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_LEN, gsi))
+}
 /// LAPIC MMIO base.
 pub const LAPIC_START: u64 = 0xfee0_0000;
 

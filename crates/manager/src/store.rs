@@ -302,6 +302,8 @@ mod tests {
             cpus: 2,
             memory: 1 << 30,
             nested: NestedMode::Auto,
+            disks: vec![],
+            nets: vec![],
         }
     }
 

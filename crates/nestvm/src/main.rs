@@ -84,6 +84,21 @@ pub struct SettingsArgs {
     /// on (refuse if it cannot), off [default: auto].
     #[arg(long, value_parser = ["auto", "on", "off"])]
     nested: Option<String>,
+    /// A virtio disk: path=FILE[,readonly=on] (raw image); repeat for more.
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    disk: Vec<String>,
+    /// A virtio network adapter on a TAP device:
+    /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; repeat for more. The TAP
+    /// is created if missing and nestvm may (root); mac_spoofing=on lets
+    /// guests bridged inside this VM use their own MACs.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off]")]
+    net: Vec<String>,
+    /// Remove every disk (with vm set).
+    #[arg(long, conflicts_with = "disk")]
+    no_disks: bool,
+    /// Remove every network adapter (with vm set).
+    #[arg(long, conflicts_with = "net")]
+    no_nets: bool,
 }
 
 impl SettingsArgs {
@@ -93,7 +108,22 @@ impl SettingsArgs {
             Some(s) => Some(s.parse().map_err(usage)?),
             None => None,
         };
+        use nestvm_vmm::adapters::{parse_disk, parse_net};
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(usage)?;
+        let nets = self
+            .net
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(usage)?;
         Ok(nestvm_vmm::config::Overrides {
+            disks: (self.no_disks || !disks.is_empty()).then_some(disks),
+            nets: (self.no_nets || !nets.is_empty()).then_some(nets),
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,

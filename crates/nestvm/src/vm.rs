@@ -116,8 +116,10 @@ fn vm_name(s: &str) -> Result<VmName, Failure> {
 }
 
 /// Makes file settings absolute and checks they can be read (the kernel
-/// must be a kernel), so a definition never points at nothing.
-fn checked(mut over: Overrides) -> Result<Overrides, Failure> {
+/// must be a kernel), so a definition never points at nothing; gives each
+/// network adapter without a MAC one derived from the VM's name, stored so
+/// it never changes.
+fn checked(mut over: Overrides, name: &VmName) -> Result<Overrides, Failure> {
     let check = |p: &Path, what: &str| -> Result<PathBuf, Failure> {
         let abs = std::fs::canonicalize(p)
             .map_err(|e| usage(anyhow!("cannot read {what} {}: {e}", p.display())))?;
@@ -133,6 +135,15 @@ fn checked(mut over: Overrides) -> Result<Overrides, Failure> {
     }
     if let Some(i) = over.initrd.take() {
         over.initrd = Some(check(&i, "initrd")?);
+    }
+    for d in over.disks.iter_mut().flatten() {
+        d.path = check(&d.path, "disk image")?;
+    }
+    for (i, n) in over.nets.iter_mut().flatten().enumerate() {
+        if n.mac.is_none() {
+            let mac = nestvm_virtio::net::derived_mac(&format!("{name}/{i}"));
+            n.mac = Some(nestvm_virtio::net::format_mac(&mac));
+        }
     }
     Ok(over)
 }
@@ -150,6 +161,8 @@ struct VmView {
     cpus: u32,
     memory: String,
     nested: &'static str,
+    disks: Vec<nestvm_vmm::adapters::DiskConfig>,
+    nets: Vec<nestvm_vmm::adapters::NetConfig>,
 }
 
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
@@ -169,6 +182,8 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         cpus: c.cpus,
         memory: format_size(c.memory),
         nested: c.nested.as_str(),
+        disks: c.disks.clone(),
+        nets: c.nets.clone(),
     }
 }
 
@@ -181,7 +196,7 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
     match cmd {
         VmCmd::New { name, settings } => {
             let name = vm_name(&name)?;
-            let over = checked(settings.overrides()?)?;
+            let over = checked(settings.overrides()?, &name)?;
             let config = VmConfig::resolve(None, over).map_err(usage)?;
             store.create(&name, &config).map_err(store_err)?;
             crate::report(
@@ -245,6 +260,18 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
                     v.nested,
                     store.vm_dir(&name).display()
                 );
+                for d in &v.disks {
+                    let ro = if d.readonly { " (read-only)" } else { "" };
+                    println!("disk:    {}{ro}", d.path.display());
+                }
+                for n in &v.nets {
+                    println!(
+                        "net:     tap {} mac {} mac_spoofing {}",
+                        n.tap,
+                        n.mac.as_deref().unwrap_or("(derived)"),
+                        if n.mac_spoofing { "on" } else { "off" }
+                    );
+                }
                 if !v.last_log.is_empty() {
                     println!("last VMM log lines:");
                     for l in &v.last_log {
@@ -255,7 +282,7 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
         }
         VmCmd::Set { name, settings } => {
             let name = vm_name(&name)?;
-            let over = checked(settings.overrides()?)?;
+            let over = checked(settings.overrides()?, &name)?;
             store.set(&name, over).map_err(store_err)?;
             crate::report(
                 json,

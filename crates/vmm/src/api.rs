@@ -48,6 +48,22 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// Whether VT-x/AMD-V are exposed to the guest.
     pub nested: bool,
+    /// Disks and network adapters, with their counters.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// A virtio device in [`VmInfo`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// "block" or "net".
+    pub kind: String,
+    /// The image or TAP (and MAC and policy) it is attached to.
+    pub attached: String,
+    /// Whether the guest's driver started it.
+    pub active: bool,
+    /// Request and frame counters.
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// An error body.
@@ -293,6 +309,7 @@ mod tests {
                 pid: 7,
                 vcpus: 2,
                 nested: true,
+                devices: vec![],
             },
         );
         let (status, body) = client.join().unwrap().unwrap();

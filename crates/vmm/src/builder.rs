@@ -1,6 +1,7 @@
 //! Builds a VM complete and paused: guest memory, kernel, initrd, command
 //! line, ACPI tables and boot_params; then the KVM VM with its irqchip and
-//! PIT, the devices on their buses, and every vCPU with CPUID, MSRs, LAPIC and
+//! PIT, the devices on their buses (virtio disks and adapters through
+//! [`crate::virtio`]), and every vCPU with CPUID, MSRs, LAPIC and
 //! (for the boot vCPU) the 64-bit entry registers. Nothing runs until
 //! [`crate::runner::run`] resumes it.
 
@@ -63,6 +64,18 @@ pub enum BuildError {
     /// Two devices claim the same addresses.
     #[error("device layout is inconsistent")]
     Bus(#[from] BusError),
+    /// A disk image.
+    #[error(transparent)]
+    Block(#[from] nestvm_virtio::block::BlockError),
+    /// A TAP device.
+    #[error(transparent)]
+    Tap(#[from] nestvm_kvm::tap::TapError),
+    /// A virtio transport.
+    #[error(transparent)]
+    Virtio(#[from] nestvm_virtio::mmio::MmioError),
+    /// A setting that slipped past validation.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl BuildError {
@@ -71,7 +84,8 @@ impl BuildError {
     pub fn is_usage(&self) -> bool {
         use boot::BootError as B;
         match self {
-            Self::TooManyCpus { .. } => true,
+            Self::TooManyCpus { .. } | Self::Block(_) | Self::Config(_) => true,
+            Self::Tap(t) => !matches!(t, nestvm_kvm::tap::TapError::Configure { .. }),
             Self::Boot(b) => matches!(
                 b,
                 B::Read { .. }
@@ -133,6 +147,7 @@ pub struct BuiltVm {
     pub(crate) power_button: EventTrigger,
     pub(crate) state_ctx: StateContext,
     pub(crate) nested: bool,
+    pub(crate) virtio: crate::virtio::VirtioDevices,
     _vm: nestvm_kvm::Vm,
     _memory: GuestMemoryMmap,
 }
@@ -177,6 +192,7 @@ pub fn build(
     let power_button = event("the power button")?;
     vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
     let mut buses = Buses::default();
+    let virtio = crate::virtio::attach(config, &vm, &memory.0, &mut buses.mmio)?;
     buses
         .pio
         .insert(serial.clone(), u64::from(acpi::COM1_PORT), SERIAL_PORT_LEN)?;
@@ -247,6 +263,7 @@ pub fn build(
         power_off,
         power_button,
         nested,
+        virtio,
         _vm: vm,
         _memory: memory.0,
     })
@@ -276,7 +293,7 @@ fn load_guest_memory(config: &VmConfig) -> Result<(GuestMemoryMmap, Entry), Buil
         None => None,
     };
     boot::write_cmdline(&memory, &kernel, &config.cmdline)?;
-    let rsdp = acpi::write_tables(&memory, config.cpus)?;
+    let rsdp = acpi::write_tables(&memory, config.cpus, &crate::virtio::slots(config))?;
     let e820 = layout::e820_map(config.memory);
     let params = boot::build_boot_params(&boot::BootInfo {
         kernel: &kernel,

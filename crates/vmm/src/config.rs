@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::{self, AdapterError, DiskConfig, NetConfig};
+
 /// Default guest memory: 512 MiB.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Smallest guest memory we build (tiny test guests need little).
@@ -50,6 +52,9 @@ pub enum ConfigError {
     /// A nested setting that is not auto, on or off.
     #[error("invalid nested setting '{0}': use auto, on or off")]
     BadNested(String),
+    /// A disk or network adapter setting.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: give between 1 and {max}")]
     Cpus {
@@ -142,6 +147,9 @@ struct FileConfig {
     cpus: Option<u32>,
     memory: Option<SizeValue>,
     nested: Option<NestedMode>,
+    // Arrays of tables come last: TOML puts them after plain values.
+    disk: Option<Vec<DiskConfig>>,
+    net: Option<Vec<NetConfig>>,
 }
 
 /// Settings given on the command line; they override the file.
@@ -159,6 +167,10 @@ pub struct Overrides {
     pub memory: Option<String>,
     /// `--nested`.
     pub nested: Option<NestedMode>,
+    /// `--disk`, all of them (replacing the file's).
+    pub disks: Option<Vec<DiskConfig>>,
+    /// `--net`, all of them (replacing the file's).
+    pub nets: Option<Vec<NetConfig>>,
 }
 
 /// A VM's complete, validated settings.
@@ -176,6 +188,10 @@ pub struct VmConfig {
     pub memory: u64,
     /// Whether the guest may run its own VMs.
     pub nested: NestedMode,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net adapters.
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -194,7 +210,12 @@ impl VmConfig {
                     })?;
                 // Relative paths in a file are relative to the file.
                 let dir = path.parent().unwrap_or(Path::new("."));
-                for p in [&mut cfg.kernel, &mut cfg.initrd].into_iter().flatten() {
+                let disks = cfg.disk.iter_mut().flatten().map(|d| &mut d.path);
+                for p in [&mut cfg.kernel, &mut cfg.initrd]
+                    .into_iter()
+                    .flatten()
+                    .chain(disks)
+                {
                     if p.is_relative() {
                         *p = dir.join(&*p);
                     }
@@ -223,6 +244,8 @@ impl VmConfig {
             cpus: over.cpus.or(base.cpus).unwrap_or(1),
             memory,
             nested: over.nested.or(base.nested).unwrap_or_default(),
+            disks: over.disks.or(base.disk).unwrap_or_default(),
+            nets: over.nets.or(base.net).unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -237,6 +260,8 @@ impl VmConfig {
             cpus: Some(self.cpus),
             memory: Some(SizeValue::Text(format_size(self.memory))),
             nested: Some(self.nested),
+            disk: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            net: (!self.nets.is_empty()).then(|| self.nets.clone()),
         };
         toml::to_string(&file).expect("plain settings always serialize")
     }
@@ -253,6 +278,8 @@ impl VmConfig {
                 None => self.memory,
             },
             nested: over.nested.unwrap_or(self.nested),
+            disks: over.disks.unwrap_or_else(|| self.disks.clone()),
+            nets: over.nets.unwrap_or_else(|| self.nets.clone()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -271,6 +298,7 @@ impl VmConfig {
                 max: MAX_CPUS,
             });
         }
+        adapters::validate(&self.disks, &self.nets)?;
         Ok(())
     }
 }
@@ -375,6 +403,13 @@ mod tests {
             (c.cpus, c.memory, c.cmdline.as_str()),
             (4, 1 << 30, "console=ttyS0")
         );
+        let p = write(
+            "disks.toml",
+            "kernel = \"/k\"\n[[disk]]\npath = \"d.img\"\n[[net]]\ntap = \"t0\"\nmac_spoofing = true\n",
+        );
+        let c = VmConfig::resolve(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(c.disks[0].path, p.parent().unwrap().join("d.img"));
+        assert!(c.nets[0].mac_spoofing && c.nets[0].mac.is_none());
         let p = write("mib.toml", "kernel = \"/k\"\nmemory = 256\n");
         assert_eq!(
             VmConfig::resolve(Some(&p), Overrides::default())
@@ -393,6 +428,15 @@ mod tests {
             cpus: 3,
             memory: 1536 << 20,
             nested: NestedMode::On,
+            disks: vec![DiskConfig {
+                path: "/img/root.img".into(),
+                readonly: true,
+            }],
+            nets: vec![NetConfig {
+                tap: "tap0".into(),
+                mac: Some("52:56:00:00:00:07".into()),
+                mac_spoofing: true,
+            }],
         };
         let p = write("round.toml", &c.to_toml());
         assert_eq!(

@@ -1,9 +1,11 @@
 //! nestvm's VMM: from a [`config::VmConfig`] to a running VM and back to an
 //! outcome.
 //!
-//! - [`config`]: the VM's settings (TOML file and flags), validated.
+//! - [`config`]: the VM's settings (TOML file and flags), validated;
+//!   [`adapters`] for its disks and network adapters.
 //! - [`builder`]: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
 //!   paused, so nothing runs until everything exists.
+//! - [`virtio`]: attaches disks and adapters as virtio-mmio devices.
 //! - [`vcpu`]: one thread per vCPU, an explicit Paused/Running/Exited state
 //!   machine driven by commands, reporting exits as events.
 //! - [`runner`]: resumes the VM and runs the event loop (console, signals,
@@ -12,6 +14,7 @@
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
 
+pub mod adapters;
 pub mod api;
 pub mod builder;
 pub mod config;
@@ -19,6 +22,7 @@ pub mod console;
 pub mod runner;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 
 pub use builder::{build, BuildError, BuiltVm};
 pub use config::{ConfigError, VmConfig};

@@ -26,7 +26,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{Action, ApiError, ApiServer, Queue, RunState, VmInfo};
+use crate::api::{Action, ApiError, ApiServer, DeviceInfo, Queue, RunState, VmInfo};
 use crate::builder::BuiltVm;
 use crate::console::ConsoleServer;
 use crate::vcpu::{Command, Event, ExitReason, State, VcpuHandle};
@@ -358,6 +358,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         power_button,
         state_ctx,
         nested,
+        virtio,
         ..
     } = vm;
     let notify = EventFd::new(EFD_NONBLOCK).map_err(setup("vCPU notify eventfd"))?;
@@ -398,6 +399,9 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
             outcome: outcome.clone(),
         })));
     }
+    for worker in virtio.workers {
+        em.add_subscriber(Rc::new(RefCell::new(Boxed(worker))));
+    }
     let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
     if let Some(listener) = opts.api {
         em.add_subscriber(Rc::new(RefCell::new(ApiServer::new(
@@ -429,6 +433,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                 pid: std::process::id(),
                 vcpus: handles.len() as u32,
                 nested,
+                devices: virtio.inspect.iter().map(device_info).collect(),
             };
             match req.action {
                 Action::Info => req.reply(200, &info(run_state)),
@@ -484,6 +489,32 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
 }
 
 /// Pauses every vCPU and waits until each has.
+/// A boxed subscriber, so devices of any backend share one event loop.
+struct Boxed(Box<dyn MutEventSubscriber + Send>);
+
+impl MutEventSubscriber for Boxed {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.0.init(ops)
+    }
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.0.process(events, ops)
+    }
+}
+
+fn device_info(dev: &Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>) -> DeviceInfo {
+    let r = dev.lock().unwrap_or_else(|p| p.into_inner()).report();
+    DeviceInfo {
+        kind: r.kind.to_owned(),
+        attached: r.attached,
+        active: r.active,
+        counters: r
+            .counters
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    }
+}
+
 fn pause_all(handles: &[VcpuHandle]) {
     for h in handles {
         h.send(Command::Pause);

@@ -341,6 +341,8 @@ mod tests {
             cpus: 1,
             memory: 16 << 20,
             nested: crate::config::NestedMode::Off,
+            disks: vec![],
+            nets: vec![],
         };
         let out = Captured::default();
         let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();

@@ -1,0 +1,241 @@
+//! Disks and network adapters in a VM's settings: the `--disk` and `--net`
+//! flag syntax, their TOML form (`[[disk]]`, `[[net]]`) and their checks.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Most virtio devices (disks plus adapters) a VM can have: one interrupt
+/// line each from [`nestvm_arch::layout::VIRTIO_GSIS`].
+pub const MAX_DEVICES: usize = nestvm_arch::layout::VIRTIO_GSIS.len();
+
+/// Errors in disk and adapter settings.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A `--disk` value that does not parse.
+    #[error("invalid --disk '{0}': use path=FILE[,readonly=on]")]
+    BadDisk(String),
+    /// A `--net` value that does not parse.
+    #[error("invalid --net '{0}': use tap=NAME[,mac=52:56:00:00:00:01][,mac_spoofing=on|off]")]
+    BadNet(String),
+    /// A TAP name Linux would refuse.
+    #[error("invalid TAP name '{0}': use 1 to 15 letters, digits, '-', '_' or '.'")]
+    BadTap(String),
+    /// A MAC that is not six hex octets, or is multicast.
+    #[error("invalid MAC address '{0}': give six hex octets like 52:56:00:00:00:01, with an even first octet (unicast)")]
+    BadMac(String),
+    /// Too many devices.
+    #[error("{0} disks and network adapters is too many: a VM can have at most {MAX_DEVICES}")]
+    TooMany(usize),
+    /// Two adapters on one TAP.
+    #[error("TAP '{0}' is given twice: give each adapter its own TAP")]
+    DuplicateTap(String),
+    /// One image attached twice.
+    #[error("disk image {0} is given twice")]
+    DuplicateDisk(PathBuf),
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Attach read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A virtio-net adapter on a TAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP device's name.
+    pub tap: String,
+    /// The adapter's MAC; derived from the VM's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Let frames with other source MACs out (for guests bridged inside).
+    #[serde(default)]
+    pub mac_spoofing: bool,
+}
+
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `path=FILE[,readonly=on]` (a bare `FILE` first works too).
+pub fn parse_disk(s: &str) -> Result<DiskConfig, AdapterError> {
+    let bad = || AdapterError::BadDisk(s.to_owned());
+    let mut path = None;
+    let mut readonly = false;
+    for (i, part) in s.split(',').enumerate() {
+        match part.split_once('=') {
+            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("readonly", v)) => readonly = on_off(v).ok_or_else(bad)?,
+            None if i == 0 && !part.is_empty() => path = Some(PathBuf::from(part)),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(DiskConfig {
+        path: path.ok_or_else(bad)?,
+        readonly,
+    })
+}
+
+/// Parses `tap=NAME[,mac=MAC][,mac_spoofing=on|off]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, AdapterError> {
+    let bad = || AdapterError::BadNet(s.to_owned());
+    let mut net = NetConfig {
+        tap: String::new(),
+        mac: None,
+        mac_spoofing: false,
+    };
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", v)) => net.tap = v.to_owned(),
+            Some(("mac", v)) => net.mac = Some(v.to_owned()),
+            Some(("mac_spoofing", v)) => net.mac_spoofing = on_off(v).ok_or_else(bad)?,
+            _ => return Err(bad()),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// Parses `52:56:00:00:00:01` (or with '-'); refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], AdapterError> {
+    let bad = || AdapterError::BadMac(s.to_owned());
+    let parts: Vec<_> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// Checks a VM's disks and adapters together.
+pub fn validate(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<(), AdapterError> {
+    let total = disks.len() + nets.len();
+    if total > MAX_DEVICES {
+        return Err(AdapterError::TooMany(total));
+    }
+    for (i, n) in nets.iter().enumerate() {
+        if !nestvm_kvm::tap::valid_name(&n.tap) {
+            return Err(AdapterError::BadTap(n.tap.clone()));
+        }
+        if let Some(mac) = &n.mac {
+            parse_mac(mac)?;
+        }
+        if nets[..i].iter().any(|o| o.tap == n.tap) {
+            return Err(AdapterError::DuplicateTap(n.tap.clone()));
+        }
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|o| o.path == d.path) {
+            return Err(AdapterError::DuplicateDisk(d.path.clone()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flags() {
+        assert_eq!(
+            parse_disk("path=/a.img,readonly=on").unwrap(),
+            DiskConfig {
+                path: "/a.img".into(),
+                readonly: true
+            }
+        );
+        assert_eq!(parse_disk("/b.img").unwrap().path, PathBuf::from("/b.img"));
+        assert!(!parse_disk("path=/b.img,readonly=off").unwrap().readonly);
+        for bad in [
+            "",
+            "readonly=on",
+            "path=",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none",
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.to_string().contains("path=FILE"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_flags_and_macs() {
+        let n = parse_net("tap=tap0,mac=52:56:00:00:00:01,mac_spoofing=on").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac_spoofing), ("tap0", true));
+        assert_eq!(
+            parse_mac(n.mac.as_deref().unwrap()).unwrap(),
+            [0x52, 0x56, 0, 0, 0, 1]
+        );
+        assert!(!parse_net("tap=t1").unwrap().mac_spoofing);
+        for bad in [
+            "",
+            "mac=52:56:00:00:00:01",
+            "tap=t,speed=10",
+            "tap=t,mac_spoofing=perhaps",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "52:56:00:00:00",
+            "zz:56:00:00:00:01",
+            "01:00:5e:00:00:01",
+            "525600000001",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn combined_checks() {
+        let n = |t: &str| NetConfig {
+            tap: t.into(),
+            mac: None,
+            mac_spoofing: false,
+        };
+        let d = |p: &str| DiskConfig {
+            path: p.into(),
+            readonly: false,
+        };
+        assert!(validate(&[d("/a"), d("/b")], &[n("t0"), n("t1")]).is_ok());
+        assert!(matches!(
+            validate(&[], &[n("t0"), n("t0")]),
+            Err(AdapterError::DuplicateTap(_))
+        ));
+        assert!(matches!(
+            validate(&[d("/a"), d("/a")], &[]),
+            Err(AdapterError::DuplicateDisk(_))
+        ));
+        assert!(matches!(
+            validate(&[], &[n("bad name")]),
+            Err(AdapterError::BadTap(_))
+        ));
+        let many: Vec<_> = (0..=MAX_DEVICES).map(|i| d(&format!("/d{i}"))).collect();
+        assert!(matches!(
+            validate(&many, &[]),
+            Err(AdapterError::TooMany(_))
+        ));
+    }
+}

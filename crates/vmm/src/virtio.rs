@@ -1,0 +1,126 @@
+//! Attaches a VM's disks and network adapters: each becomes a virtio-mmio
+//! device in its own window with its own interrupt line (both declared to the
+//! guest in the DSDT), its queue-notify register wired to ioeventfds and its
+//! interrupt to an irqfd, and an event-loop worker that does its I/O.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use nestvm_arch::acpi::VirtioSlot;
+use nestvm_arch::layout;
+use nestvm_devices::bus::Bus;
+use nestvm_kvm::tap::{offload, Tap};
+use nestvm_virtio::block::Block;
+use nestvm_virtio::mmio::{Inspect, MmioDevice, QUEUE_NOTIFY};
+use nestvm_virtio::net::{derived_mac, FrameIo, Net};
+use nestvm_virtio::worker::Worker;
+use nestvm_virtio::Backend;
+use vm_memory::GuestMemoryMmap;
+
+use crate::adapters::parse_mac;
+use crate::builder::BuildError;
+use crate::config::VmConfig;
+
+/// The VM's virtio devices, for the run loop.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// Event-loop workers, one per device.
+    pub(crate) workers: Vec<Box<dyn MutEventSubscriber + Send>>,
+    /// Handles for reports.
+    pub(crate) inspect: Vec<Arc<Mutex<dyn Inspect>>>,
+}
+
+/// The windows and interrupt lines of `config`'s devices: disks first, then
+/// adapters, in the order given.
+pub fn slots(config: &VmConfig) -> Vec<VirtioSlot> {
+    (0..config.disks.len() + config.nets.len())
+        .filter_map(layout::virtio_slot)
+        .map(|(base, gsi)| VirtioSlot {
+            base,
+            len: layout::VIRTIO_MMIO_LEN,
+            gsi,
+        })
+        .collect()
+}
+
+/// A TAP as the network device's frame mover.
+struct TapIo(Tap);
+
+impl FrameIo for TapIo {
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read_frame(buf)
+    }
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+        self.0.write_frame(frame)
+    }
+    fn set_offload(&mut self, csum: bool, tso4: bool, tso6: bool) -> std::io::Result<()> {
+        let mut f = 0;
+        for (on, bit) in [
+            (csum, offload::CSUM),
+            (tso4, offload::TSO4),
+            (tso6, offload::TSO6),
+        ] {
+            if on {
+                f |= bit;
+            }
+        }
+        self.0.set_offload(f).map_err(std::io::Error::other)
+    }
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+    fn name(&self) -> String {
+        self.0.name().to_owned()
+    }
+}
+
+/// Opens every disk image and TAP of `config` and puts the devices on `mmio`.
+pub fn attach(
+    config: &VmConfig,
+    vm: &nestvm_kvm::Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+) -> Result<VirtioDevices, BuildError> {
+    let mut out = VirtioDevices::default();
+    let slots = slots(config);
+    let mut next = slots.iter();
+    for disk in &config.disks {
+        let block = Block::open(&disk.path, disk.readonly)?;
+        let slot = next.next().expect("validated device count");
+        add(block, slot, vm, mem, mmio, &mut out)?;
+    }
+    for net in &config.nets {
+        let mac = match &net.mac {
+            Some(m) => parse_mac(m).map_err(crate::config::ConfigError::from)?,
+            None => derived_mac(&net.tap),
+        };
+        let tap = Tap::open(&net.tap)?;
+        let dev = Net::new(Box::new(TapIo(tap)), mac, net.mac_spoofing);
+        let slot = next.next().expect("validated device count");
+        add(dev, slot, vm, mem, mmio, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn add<B: Backend + 'static>(
+    backend: B,
+    slot: &VirtioSlot,
+    vm: &nestvm_kvm::Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    out: &mut VirtioDevices,
+) -> Result<(), BuildError> {
+    let irq = nestvm_devices::EventTrigger::new()
+        .map_err(|e| BuildError::EventFd("a virtio interrupt", e))?;
+    vm.register_irqfd(&irq.0, slot.gsi)?;
+    let dev = MmioDevice::new(backend, mem.clone(), irq)?;
+    for (i, n) in dev.notify_events().iter().enumerate() {
+        vm.register_ioeventfd(&n.0, slot.base + QUEUE_NOTIFY, i as u32)?;
+    }
+    let dev = Arc::new(Mutex::new(dev));
+    mmio.insert(dev.clone(), slot.base, slot.len)?;
+    let worker = Worker::new(dev.clone()).map_err(|e| BuildError::EventFd("a virtio queue", e))?;
+    out.workers.push(Box::new(worker));
+    out.inspect.push(dev);
+    Ok(())
+}
