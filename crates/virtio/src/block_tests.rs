@@ -210,3 +210,29 @@ fn an_image_is_not_opened_twice_for_writing() {
         .unwrap();
     assert!(e.to_string().contains("cannot open disk image"), "{e}");
 }
+
+#[test]
+fn a_broken_ring_does_not_hang_the_loop() {
+    let mut r = rig("ring", 8, false);
+    r.header(request::IN, 0);
+    r.q.add_chain(
+        &r.mem,
+        &[
+            Buf {
+                addr: HDR,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: STATUS,
+                len: 1,
+                writable: true,
+            },
+        ],
+    );
+    r.mem
+        .write_obj(0x8000u16, GuestAddress(r.q.avail + 2))
+        .unwrap();
+    r.dev.queue_notified(0);
+    assert!(r.q.take_used(&r.mem).is_empty());
+}

@@ -21,7 +21,8 @@ pub mod mmio;
 pub mod net;
 pub mod worker;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+pub use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// The device's feature bits common to all devices.
@@ -82,6 +83,7 @@ where
         if queue.disable_notification(mem).is_err() {
             break;
         }
+        let mut served = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = handle(chain);
@@ -90,9 +92,12 @@ where
                 return used;
             }
             used = true;
+            served += 1;
         }
+        // More available but nothing could be popped means a broken ring
+        // (an available index the queue refuses): stop rather than spin.
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if served > 0 => continue,
             _ => break,
         }
     }

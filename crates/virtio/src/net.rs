@@ -165,6 +165,9 @@ impl Net {
             return false;
         };
         let mut used = false;
+        // Whether the ring was re-checked since the last chain popped: a
+        // second "more available" with nothing to pop is a broken ring.
+        let mut rechecked = false;
         loop {
             if self.rx_pending == 0 {
                 match self.io.read_frame(&mut self.rx_buf) {
@@ -186,10 +189,14 @@ impl Net {
                 // No buffer: ask to be told when there is one, and check
                 // again in case one arrived meanwhile.
                 match queue.enable_notification(mem) {
-                    Ok(true) => continue,
+                    Ok(true) if !rechecked => {
+                        rechecked = true;
+                        continue;
+                    }
                     _ => break,
                 }
             };
+            rechecked = false;
             let head = chain.head_index();
             let written = self.deliver(chain, mem);
             if queue.add_used(mem, head, written).is_err() {

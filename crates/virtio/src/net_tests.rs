@@ -212,3 +212,38 @@ fn derived_macs_are_stable_local_unicast() {
     assert_eq!(a[0] & 0b11, 0b10, "locally administered, unicast");
     assert_eq!(format_mac(&MAC), "52:56:01:02:03:04");
 }
+
+#[test]
+fn a_broken_receive_ring_does_not_hang_the_loop() {
+    // Found by the net_frames fuzz target: an available index the queue
+    // refuses made receive() re-check the ring forever.
+    let mut r = rig(false);
+    r.rx.add_chain(
+        &r.mem,
+        &[Buf {
+            addr: RXBUF,
+            len: 4096,
+            writable: true,
+        }],
+    );
+    r.mem
+        .write_obj(0x8000u16, GuestAddress(r.rx.avail + 2))
+        .unwrap();
+    r.host.send(&[0u8; HDR_LEN + 60]).unwrap();
+    r.dev.backend_event();
+    r.dev.queue_notified(0);
+    assert_eq!(r.counter("rx_frames"), 0);
+    // And transmit with a broken ring returns too.
+    r.tx.add_chain(
+        &r.mem,
+        &[Buf {
+            addr: FRAME,
+            len: 60,
+            writable: false,
+        }],
+    );
+    r.mem
+        .write_obj(0x8000u16, GuestAddress(r.tx.avail + 2))
+        .unwrap();
+    r.dev.queue_notified(1);
+}
