@@ -8,6 +8,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 { [ -x /bin/busybox ] && ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; } || need+=(busybox-static)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+{ [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; } || need+=(e2fsprogs)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -19,4 +20,10 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The fuzz targets (fuzz/) build with cargo-fuzz.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+    cargo install -q cargo-fuzz --locked
 fi

@@ -24,5 +24,8 @@ step "unit tests and KVM tests with tiny guests"
 if [ -e /dev/kvm ]; then echo "/dev/kvm is present: KVM tests run for real"; else echo "/dev/kvm is absent: KVM tests will say SKIPPED"; fi
 cargo test --release --workspace
 
+step "fuzz targets (${NESTVM_FUZZ_SECONDS:-30} s each, plus the regression corpus)"
+scripts/fuzz.sh "${NESTVM_FUZZ_SECONDS:-30}"
+
 step "lab tests (QEMU TCG with AMD-V, Debian kernels; several minutes)"
 cargo test --release -p nestvm-lab --test lab -- --ignored --test-threads 1

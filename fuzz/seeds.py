@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs of the fuzz corpus (fuzz/corpus/TARGET/).
+
+Each input is guest memory from address 0 as fuzz_targets/common.rs lays it
+out: queue i's descriptor table at 0x4000 * (i + 1), its available ring
+right after (16 entries), buffers below 0x4000. block_request inputs start
+with a read-only flag byte, net_frames inputs with the incoming-frames byte.
+The broken-ring inputs are regressions: an available index the queue
+refuses once made the device loop forever.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def desc(addr, ln, flags, nxt):
+    return struct.pack('<QIHH', addr, ln, flags, nxt)
+
+
+def memory(queues, extra=(), avail_idx=None):
+    m = bytearray(0x10000)
+    for base, chains in queues:
+        avail = base + 16 * 16
+        di, heads = 0, []
+        for chain in chains:
+            heads.append(di)
+            for i, (a, ln, w) in enumerate(chain):
+                fl = (2 if w else 0) | (1 if i + 1 < len(chain) else 0)
+                m[base + 16 * di:base + 16 * di + 16] = desc(a, ln, fl, di + 1)
+                di += 1
+        idx = len(heads) if avail_idx is None else avail_idx
+        m[avail:avail + 4] = struct.pack('<HH', 0, idx)
+        for i, h in enumerate(heads):
+            m[avail + 4 + 2 * i:avail + 6 + 2 * i] = struct.pack('<H', h)
+    for addr, b in extra:
+        m[addr:addr + len(b)] = b
+    return bytes(m).rstrip(b'\0')
+
+
+def write(target, name, data):
+    with open(os.path.join(HERE, 'corpus', target, name), 'wb') as f:
+        f.write(data)
+
+
+write('virtqueue', 'two-chains', memory(
+    [(0x4000, [[(0x100, 64, False), (0x200, 64, True)], [(0x300, 32, True)]])],
+    [(0x100, b'x' * 64)]))
+write('virtqueue', 'broken-avail-idx', memory(
+    [(0x4000, [[(0x100, 64, False)]])], avail_idx=0x8000))
+
+
+def header(kind, sector):
+    return struct.pack('<IIQ', kind, 0, sector)
+
+
+for name, kind, ro, data in [('read', 0, 0, (512, True)), ('write', 1, 0, (512, False)),
+                             ('write-ro', 1, 1, (512, False)), ('flush', 4, 0, None),
+                             ('getid', 8, 0, (20, True))]:
+    chain = [(0x100, 16, False)]
+    if data:
+        chain.append((0x200, data[0], data[1]))
+    chain.append((0x400, 1, True))
+    write('block_request', name,
+          bytes([ro]) + memory([(0x4000, [chain])], [(0x100, header(kind, 3))]))
+write('block_request', 'broken-avail-idx', bytes([0]) + memory(
+    [(0x4000, [[(0x100, 16, False), (0x400, 1, True)]])], [(0x100, header(0, 0))],
+    avail_idx=0x8000))
+
+MAC = bytes([0x52, 0x56, 0, 0, 0, 1])
+own = bytes(12) + b'\xff' * 6 + MAC + b'\x08\x00' + b'p' * 46
+spoofed = bytes(12) + b'\xff' * 6 + bytes([0x52, 0x56, 9, 9, 9, 9]) + b'\x08\x00' + b'p' * 46
+write('net_frames', 'tx-own-and-spoofed', bytes([0x01]) + memory(
+    [(0x4000, [[(0x1000, 2048, True)]]),
+     (0x8000, [[(0x100, len(own), False)], [(0x200, len(spoofed), False)]])],
+    [(0x100, own), (0x200, spoofed)]))
+write('net_frames', 'rx-two-frames', bytes([0x42]) + memory(
+    [(0x4000, [[(0x1000, 4096, True)], [(0x2000, 100, True)]])]))
+write('net_frames', 'rx-broken-avail-idx', bytes([0x41]) + memory(
+    [(0x4000, [[(0x1000, 4096, True)]])], avail_idx=0x8000))
