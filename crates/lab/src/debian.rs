@@ -1,7 +1,7 @@
 //! The lab's kernel: Debian's `linux-image-amd64` (its current dependency,
 //! e.g. linux-image-6.1.0-56-amd64), downloaded once with `apt-get download`,
-//! unpacked with `dpkg-deb`, and cached: the bzImage plus the modules KVM on
-//! AMD needs, in load order.
+//! unpacked with `dpkg-deb`, and cached: the bzImage plus the modules the
+//! lab needs ([`MODULES`]), in load order.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,14 +9,51 @@ use std::process::Command;
 use crate::host::{apt_update_once, run};
 use crate::{cache_dir, io_err, say, LabError};
 
-/// KVM on AMD and what it depends on, in load order, then the ACPI power
-/// button and evdev (so a guest can see the power button nestvm presses).
-pub const KVM_MODULES: [&str; 6] = ["irqbypass", "kvm", "ccp", "kvm-amd", "button", "evdev"];
+/// The modules every lab level carries, in load order, with what each
+/// depends on: KVM on AMD; the ACPI power button and evdev (so a guest sees
+/// the power button nestvm presses); TAP and bridging (the host side of a
+/// guest's network); virtio-mmio, virtio-blk and virtio-net (the guest side
+/// of nestvm's devices); ext4 (and the crc32c it checksums with) for the disk
+/// images the tests make.
+pub const MODULES: [(&str, &str); 22] = [
+    ("irqbypass", ""),
+    ("kvm", "irqbypass"),
+    ("ccp", ""),
+    ("kvm-amd", "kvm irqbypass ccp"),
+    ("button", ""),
+    ("evdev", ""),
+    ("tun", ""),
+    ("llc", ""),
+    ("stp", "llc"),
+    ("bridge", "llc stp"),
+    ("virtio_ring", ""),
+    ("virtio", "virtio_ring"),
+    ("virtio_mmio", "virtio virtio_ring"),
+    ("virtio_blk", "virtio virtio_ring"),
+    ("failover", ""),
+    ("net_failover", "failover"),
+    ("virtio_net", "virtio_ring virtio net_failover failover"),
+    ("crc16", ""),
+    ("mbcache", ""),
+    ("jbd2", ""),
+    ("crc32c_generic", ""),
+    ("ext4", "jbd2 mbcache crc16"),
+];
 
-/// modules.dep for [`KVM_MODULES`] (paths relative to /lib/modules/RELEASE),
+/// modules.dep for [`MODULES`] (paths relative to /lib/modules/RELEASE),
 /// so busybox's modprobe can load and unload them by name.
-pub const MODULES_DEP: &str =
-    "irqbypass.ko:\nkvm.ko: irqbypass.ko\nccp.ko:\nkvm-amd.ko: kvm.ko irqbypass.ko ccp.ko\n";
+pub fn modules_dep() -> String {
+    MODULES
+        .iter()
+        .map(|(m, deps)| {
+            let deps: Vec<String> = deps
+                .split_whitespace()
+                .map(|d| format!(" {d}.ko"))
+                .collect();
+            format!("{m}.ko:{}\n", deps.concat())
+        })
+        .collect()
+}
 
 /// A cached Debian kernel.
 #[derive(Debug, Clone)]
@@ -71,14 +108,14 @@ pub fn kernel() -> Result<Kernel, LabError> {
     let package = package_name()?;
     let dir = cache_dir().join(&package);
     let vmlinuz = dir.join("vmlinuz");
-    let modules: Vec<(String, PathBuf)> = KVM_MODULES
+    let modules: Vec<(String, PathBuf)> = MODULES
         .iter()
-        .map(|m| (m.to_string(), dir.join(format!("{m}.ko"))))
+        .map(|(m, _)| (m.to_string(), dir.join(format!("{m}.ko"))))
         .collect();
     let release = package.trim_start_matches("linux-image-").to_owned();
     // The marker names the modules extracted, so a longer list re-extracts.
     let ready = dir.join(".complete");
-    let wanted = KVM_MODULES.join(",");
+    let wanted = MODULES.map(|(m, _)| m).join(",");
     if std::fs::read_to_string(&ready).is_ok_and(|m| m == wanted) {
         return Ok(Kernel {
             package,
@@ -127,7 +164,7 @@ pub fn kernel() -> Result<Kernel, LabError> {
     std::fs::create_dir_all(&staged).map_err(io_err("cannot create", &staged))?;
     std::fs::copy(&boot_image, staged.join("vmlinuz"))
         .map_err(io_err("cannot copy", &boot_image))?;
-    for m in KVM_MODULES {
+    for (m, _) in MODULES {
         let src = find_file(
             &unpacked.join("lib/modules"),
             m,

@@ -80,6 +80,12 @@ pub fn ensure_packages() -> Result<(), LabError> {
     if !Path::new(BUSYBOX).exists() || !is_static(Path::new(BUSYBOX)) {
         missing.push("busybox-static");
     }
+    if !have("mke2fs")
+        && !Path::new("/usr/sbin/mke2fs").exists()
+        && !Path::new("/sbin/mke2fs").exists()
+    {
+        missing.push("e2fsprogs");
+    }
     if missing.is_empty() {
         return Ok(());
     }

@@ -24,7 +24,7 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 8] = [
+pub const SCRIPTS: [(&str, &str); 9] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -33,6 +33,7 @@ pub const SCRIPTS: [(&str, &str); 8] = [
     ("l2-linux-l3", include_str!("../scripts/l2-linux-l3.sh")),
     ("l2-ticker-l3", include_str!("../scripts/l2-ticker-l3.sh")),
     ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
+    ("l2-devices", include_str!("../scripts/l2-devices.sh")),
 ];
 const INIT: &str = include_str!("../scripts/init.sh");
 
@@ -119,7 +120,7 @@ fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
         a.file(
             &format!("{moddir}/modules.dep"),
             0o644,
-            crate::debian::MODULES_DEP.as_bytes(),
+            crate::debian::modules_dep().as_bytes(),
         );
         dirs(&mut a, &mut seen, "nestvm");
         a.file("nestvm/nestvm", 0o755, &read(nestvm)?);
@@ -178,6 +179,34 @@ pub fn build(kernel: &Kernel, nestvm: &Path) -> Result<L1Image, LabError> {
     })
 }
 
+/// An ext2 image of `size_mib` MiB holding `files` (name, contents), made
+/// with e2fsprogs' `mke2fs -d` (no root, no loop device needed).
+pub fn ext2_image(name: &str, size_mib: u32, files: &[(&str, &[u8])]) -> Result<Vec<u8>, LabError> {
+    let dir = work_dir().join(format!("{name}.d"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    for (f, contents) in files {
+        let p = dir.join(f);
+        std::fs::write(&p, contents).map_err(io_err("cannot write", &p))?;
+    }
+    let img = work_dir().join(format!("{name}.img"));
+    let _ = std::fs::remove_file(&img);
+    let mke2fs = ["/usr/sbin/mke2fs", "/sbin/mke2fs"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mke2fs");
+    crate::host::run(
+        std::process::Command::new(mke2fs)
+            .args(["-q", "-F", "-t", "ext2", "-d"])
+            .arg(&dir)
+            .arg(&img)
+            .arg(format!("{size_mib}M")),
+    )?;
+    let bytes = read(&img)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(bytes)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
     let tmp = path.with_extension("tmp");
@@ -185,13 +214,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
     std::fs::rename(&tmp, path).map_err(io_err("cannot rename into", path))
 }
 
-/// The L1 initramfs for one scenario: the base image plus `/lab/scenario.sh`.
-pub fn with_scenario(image: &L1Image, name: &str, script: &str) -> Result<PathBuf, LabError> {
+/// The L1 initramfs for one scenario: the base image plus `/lab/scenario.sh`
+/// and the scenario's files.
+pub fn with_scenario(image: &L1Image, sc: &crate::scenario::Scenario) -> Result<PathBuf, LabError> {
     let mut bytes = read(&image.initrd)?;
     let mut a = Archive::new();
-    a.file("lab/scenario.sh", 0o644, script.as_bytes());
+    a.file("lab/scenario.sh", 0o644, sc.script.as_bytes());
+    for (name, contents) in &sc.files {
+        a.file(&format!("lab/{name}"), 0o644, contents);
+    }
     bytes.extend_from_slice(&a.finish());
-    let path = work_dir().join(format!("l1-{name}.cpio"));
+    let path = work_dir().join(format!("l1-{}.cpio", sc.name));
     write_atomic(&path, &bytes)?;
     Ok(path)
 }

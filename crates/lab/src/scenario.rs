@@ -30,6 +30,8 @@ pub struct Scenario {
     pub cpus: u32,
     /// L1's memory in MiB.
     pub memory_mib: u32,
+    /// Extra files for L1, under /lab: (name, contents).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Scenario {
@@ -47,6 +49,7 @@ impl Scenario {
             l1_nested: true,
             cpus: 1,
             memory_mib: 3072,
+            files: Vec::new(),
         }
     }
 }
@@ -127,7 +130,7 @@ impl Drop for Qemu {
 
 /// Runs `scenario` in a fresh L1 booted from `image`.
 pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
-    let initrd = with_scenario(image, &scenario.name, &scenario.script)?;
+    let initrd = with_scenario(image, scenario)?;
     let logs = work_dir().join("logs");
     std::fs::create_dir_all(&logs).map_err(io_err("cannot create", &logs))?;
     let log_path = logs.join(format!("{}.log", scenario.name));

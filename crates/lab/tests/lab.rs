@@ -170,3 +170,51 @@ fn managed_vms_with_a_linux_guest() {
         "mg-all-removed",
     ]);
 }
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn virtio_disk_and_network_with_mac_spoofing_policy() {
+    let img = l1_image();
+    let nonce = format!("{:x}", std::process::id() ^ 0x5eed);
+    let host_file = format!("written on the host {nonce}\n");
+    let disk = image::ext2_image(
+        "devices-disk",
+        16,
+        &[("from-host.txt", host_file.as_bytes())],
+    )
+    .expect("make the ext2 disk image (e2fsprogs)");
+    let mut sc = scenario::Scenario::new(
+        "devices",
+        include_str!("../scenarios/devices.sh"),
+        Duration::from_secs(1500),
+    );
+    sc.files = vec![
+        ("disk.img".into(), disk),
+        ("nonce".into(), nonce.into_bytes()),
+    ];
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "dev-tap-created",
+        "l2dev-first-has-disk",
+        "l2dev-first-has-nic",
+        "l2dev-reads-host-file",
+        "l2dev-umount",
+        "l2dev-first-ping",
+        "dev-down-10mib-intact",
+        "dev-down-10mib-size",
+        "dev-up-10mib-intact",
+        "dev-own-frames-arrive",
+        "dev-spoof-off-frames-never-arrive",
+        "dev-poweroff-exit-0",
+        "dev-spoofed-frames-counted",
+        "dev-image-has-l2-file",
+        "l2dev-second-has-disk",
+        "l2dev-ro-device",
+        "l2dev-file-persisted",
+        "l2dev-ro-write-refused",
+        "l2dev-second-ping",
+        "dev-spoof-on-frames-arrive",
+        "dev2-exit-0",
+        "dev2-nothing-dropped",
+    ]);
+}

@@ -481,6 +481,20 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     for mut h in handles {
         h.stop_and_join();
     }
+    // What each disk and adapter did, for the user and for scripts.
+    for info in virtio.inspect.iter().map(device_info) {
+        let counters: Vec<String> = info
+            .counters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        eprintln!(
+            "nestvm: {} {}: {}",
+            info.kind,
+            info.attached,
+            counters.join(" ")
+        );
+    }
     let result = outcome
         .borrow_mut()
         .take()

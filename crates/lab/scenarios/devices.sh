@@ -1,0 +1,62 @@
+# virtio devices between L1 and a Debian L2 (nesting off: these are the
+# devices a VM that hosts VMs uses, tested one level down). The disk image
+# and the nonce in it come from the test on the host.
+N=/nestvm/nestvm
+mods=/lib/modules/$(uname -r)
+for m in tun llc stp bridge; do
+    insmod "$mods/$m.ko" || say "insmod $m failed"
+done
+NONCE=$(cat /lab/nonce)
+cp /lab/disk.img /tmp/disk.img
+brctl addbr br0
+ip addr add 10.0.0.1/24 dev br0
+ip link set br0 up
+mkdir -p /srv
+dd if=/dev/urandom of=/srv/blob bs=1M count=10 2>/dev/null
+DOWN=$(md5sum /srv/blob | cut -d' ' -f1)
+httpd -p 8080 -h /srv
+FORGED=5256deadbeef
+# fdb_has MAC: the bridge learned MAC (hex, no colons) on one of its ports,
+# i.e. a frame from it reached L1.
+fdb_has() { [ ${#1} = 12 ] && od -An -tx1 -v /sys/class/net/br0/brforward | tr -d ' \n' | grep -q "$1"; }
+fdb_lacks() { [ ${#1} = 12 ] && ! fdb_has "$1"; }
+
+# nestvm creates tap0 (L1 runs it as root); bridge it once it exists.
+attach_tap() {
+    n=0
+    until [ -d /sys/class/net/tap0 ] || [ $n -ge 120 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    brctl addif br0 tap0
+    ip link set tap0 up
+}
+KERNEL="--kernel /next/vmlinuz --initrd /next/initrd"
+CMD="console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-devices lab.nonce=$NONCE"
+
+vm dev1 900 $KERNEL --memory 256M --nested off --disk path=/tmp/disk.img \
+    --net tap=tap0 --cmdline "$CMD lab.devmode=first" &
+attach_tap
+check dev-tap-created test -d /sys/class/net/tap0
+wait_for /tmp/dev1.log "l2 serving" 600
+wget -q -O /tmp/up http://10.0.0.2:8080/up
+touch /srv/fetched
+check dev-down-10mib-intact [ "$(value dev1 down-md5)" = "$DOWN" ]
+check dev-down-10mib-size [ "$(value dev1 down-size)" = 10485760 ]
+check dev-up-10mib-intact [ "$(md5sum /tmp/up | cut -d' ' -f1)" = "$(value dev1 up-md5)" ]
+wait_for /tmp/dev1.log "forged-sent" 300
+check dev-own-frames-arrive fdb_has "$(value dev1 own-mac)"
+check dev-spoof-off-frames-never-arrive fdb_lacks $FORGED
+wait
+check dev-poweroff-exit-0 rc_is dev1 0
+check dev-spoofed-frames-counted between 1 1000000 "$(value dev1 tx_spoofed_dropped)"
+check dev-image-has-l2-file grep -q "written by L2 $NONCE" /tmp/disk.img
+
+vm dev2 900 $KERNEL --memory 256M --nested off --disk path=/tmp/disk.img,readonly=on \
+    --net tap=tap0,mac_spoofing=on --cmdline "$CMD lab.devmode=second" &
+attach_tap
+wait_for /tmp/dev2.log "forged-sent" 600
+check dev-spoof-on-frames-arrive fdb_has $FORGED
+wait
+check dev2-exit-0 rc_is dev2 0
+check dev2-nothing-dropped [ "$(value dev2 tx_spoofed_dropped)" = 0 ]
