@@ -116,3 +116,45 @@ fn kernel_errors() {
         "command line is 5000 bytes",
     );
 }
+
+#[test]
+fn disk_and_network_errors() {
+    let k = guest("dev.elf", hello("x", Ending::Reset));
+    let k = k.to_str().unwrap();
+    expect_usage_error(
+        &["run", "--kernel", k, "--disk", "cache=none"],
+        "invalid --disk 'cache=none'",
+    );
+    expect_usage_error(
+        &["run", "--kernel", k, "--disk", "path=/nonexistent/d.img"],
+        "cannot open disk image /nonexistent/d.img",
+    );
+    let tiny = scratch("bad-disk").join("tiny.img");
+    std::fs::write(&tiny, [0u8; 100]).unwrap();
+    expect_usage_error(
+        &["run", "--kernel", k, "--disk", tiny.to_str().unwrap()],
+        "smaller than one 512-byte sector",
+    );
+    expect_usage_error(
+        &["run", "--kernel", k, "--net", "tap=has space"],
+        "invalid TAP name 'has space'",
+    );
+    expect_usage_error(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--net",
+            "tap=t0,mac=01:00:5e:00:00:01",
+        ],
+        "invalid MAC address",
+    );
+    expect_usage_error(
+        &["run", "--kernel", k, "--net", "tap=t0", "--net", "tap=t0"],
+        "TAP 't0' is given twice",
+    );
+    expect_usage_error(
+        &["run", "--kernel", k, "--net", "tap=t0,mac_spoofing=maybe"],
+        "invalid --net",
+    );
+}

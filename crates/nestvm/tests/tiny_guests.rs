@@ -225,3 +225,55 @@ fn terminal_is_restored_on_every_exit_path() {
         let _ = pty.master.as_raw_fd();
     }
 }
+
+#[test]
+fn disks_and_a_network_adapter_are_attached() {
+    if !kvm_or_skip("disks_and_a_network_adapter_are_attached") {
+        return;
+    }
+    let dir = common::scratch("virtio");
+    let rw = dir.join("rw.img");
+    let ro = dir.join("ro.img");
+    std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&ro, vec![0u8; 4096]).unwrap();
+    let k = guest("virtio.elf", hello("devices", Ending::Reset));
+    // A TAP can be created as root; otherwise the disks alone.
+    let tap = format!("nvit{}", std::process::id() % 100_000);
+    let as_root = nix_is_root();
+    let mut cmd = nestvm();
+    cmd.args(["run", "--memory", "16M", "--kernel"])
+        .arg(&k)
+        .arg("--disk")
+        .arg(format!("path={}", rw.display()))
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", ro.display()));
+    if as_root {
+        cmd.args(["--net", &format!("tap={tap},mac_spoofing=on")]);
+    }
+    let out = run_with_timeout(&mut cmd, T);
+    assert_exit(&out, 0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The guest never drives them, but each device was built, wired to KVM
+    // (irqfd, ioeventfds) and reports its counters at the end.
+    assert!(
+        err.contains(&format!("block {}: errors=0", rw.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("block {} (read-only)", ro.display())),
+        "{err}"
+    );
+    if as_root {
+        assert!(err.contains(&format!("net {tap} mac 52:56:")), "{err}");
+        assert!(err.contains("mac_spoofing on"), "{err}");
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

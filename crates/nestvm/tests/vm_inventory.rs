@@ -350,3 +350,61 @@ fn status_reports_host_and_every_vm_with_reasons() {
         "{text}"
     );
 }
+
+#[test]
+fn definitions_keep_disks_and_adapters_with_stable_macs() {
+    let e = Env::new("adapters");
+    let img = e.dir.with_extension("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let disk = format!("path={},readonly=on", img.display());
+    let new = |name: &str| {
+        e.ok(&[
+            "vm",
+            "new",
+            name,
+            "--kernel",
+            e.kernel(),
+            "--disk",
+            &disk,
+            "--net",
+            "tap=t0",
+            "--net",
+            "tap=t1,mac=52:56:00:00:00:09,mac_spoofing=on",
+        ]);
+        e.json(&["vm", "show", name, "--json"])
+    };
+    let a = new("alpha");
+    assert_eq!(a["disks"][0]["readonly"], true);
+    assert_eq!(a["nets"][1]["mac"], "52:56:00:00:00:09");
+    assert_eq!(a["nets"][1]["mac_spoofing"], true);
+    assert_eq!(a["nets"][0]["mac_spoofing"], false);
+    let derived = a["nets"][0]["mac"].as_str().unwrap().to_owned();
+    assert!(derived.starts_with("52:56:"), "{derived}");
+    // Stable: the same name gives the same MAC; another name another one.
+    e.ok(&["vm", "rm", "alpha"]);
+    assert_eq!(new("alpha")["nets"][0]["mac"], derived.as_str());
+    assert_ne!(new("beta")["nets"][0]["mac"], derived.as_str());
+    let text = e.ok(&["vm", "show", "alpha"]);
+    assert!(text.contains("net:     tap t0 mac 52:56:"), "{text}");
+    assert!(text.contains("(read-only)"), "{text}");
+    // The definition file holds them, and --no-nets removes them.
+    let def = std::fs::read_to_string(e.dir.join("vms/alpha/vm.toml")).unwrap();
+    assert!(def.contains("[[net]]") && def.contains("[[disk]]"), "{def}");
+    e.ok(&["vm", "set", "alpha", "--no-nets"]);
+    let a = e.json(&["vm", "show", "alpha", "--json"]);
+    assert_eq!(a["nets"].as_array().unwrap().len(), 0);
+    assert_eq!(a["disks"].as_array().unwrap().len(), 1);
+    e.fails(
+        &[
+            "vm",
+            "new",
+            "gamma",
+            "--kernel",
+            e.kernel(),
+            "--disk",
+            "/nonexistent.img",
+        ],
+        2,
+        "cannot read disk image",
+    );
+}
