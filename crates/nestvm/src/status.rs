@@ -45,6 +45,21 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
                 if config.memory < 4 << 30 {
                     notes.push("less than the 4 GiB guidance for a VM that hosts VMs".into());
                 }
+                // The reference document's networking rule: guests bridged
+                // inside this VM send from their own MACs, which the adapter
+                // drops unless MAC spoofing is on.
+                if config.nested != NestedMode::Off {
+                    if config.nets.is_empty() {
+                        notes
+                            .push("no network adapter: its own guests will have no network".into());
+                    }
+                    for n in config.nets.iter().filter(|n| !n.mac_spoofing) {
+                        notes.push(format!(
+                            "adapter on TAP {} has mac_spoofing off: its own guests get no network through it ('nestvm vm set {name} --net tap={},mac_spoofing=on')",
+                            n.tap, n.tap
+                        ));
+                    }
+                }
                 config.nested
             }
             Err(e) => {

@@ -349,6 +349,26 @@ fn status_reports_host_and_every_vm_with_reasons() {
         text.contains("Host: ") && text.contains("CAN HOST VMS"),
         "{text}"
     );
+    // The networking rule for guests inside a VM: MAC spoofing.
+    let notes = |s: &serde_json::Value| {
+        s["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "on")
+            .unwrap()["notes"]
+            .to_string()
+    };
+    assert!(notes(&s).contains("no network adapter"), "{s}");
+    e.ok(&["vm", "set", "on", "--net", "tap=t5"]);
+    let s = e.json(&["status", "--json"]);
+    assert!(notes(&s).contains("mac_spoofing off"), "{s}");
+    e.ok(&["vm", "set", "on", "--net", "tap=t5,mac_spoofing=on"]);
+    let s = e.json(&["status", "--json"]);
+    assert!(
+        !notes(&s).contains("mac_spoofing") && !notes(&s).contains("no network"),
+        "{s}"
+    );
 }
 
 #[test]
