@@ -7,6 +7,8 @@ use crate::{say, LabError};
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
+/// Where Debian installs it.
+pub const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
 /// busybox from Debian's busybox-static.
 pub const BUSYBOX: &str = "/bin/busybox";
 
@@ -127,4 +129,20 @@ pub fn shared_libraries(exe: &Path) -> Result<Vec<PathBuf>, LabError> {
         }
     }
     Ok(libs)
+}
+
+/// QEMU for side-by-side benchmarks inside L1: the emulator, the shared
+/// libraries it needs and the microvm firmware, as (path, contents).
+pub fn qemu_files() -> Result<Vec<(String, Vec<u8>)>, LabError> {
+    let exe = Path::new(QEMU_PATH);
+    let firmware = Path::new("/usr/share/qemu/bios-microvm.bin");
+    let mut out = Vec::new();
+    for p in std::iter::once(exe.to_path_buf())
+        .chain(shared_libraries(exe)?)
+        .chain(std::iter::once(firmware.to_path_buf()))
+    {
+        let bytes = std::fs::read(&p).map_err(crate::io_err("cannot read", &p))?;
+        out.push((p.to_string_lossy().into_owned(), bytes));
+    }
+    Ok(out)
 }

@@ -24,7 +24,7 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 9] = [
+pub const SCRIPTS: [(&str, &str); 10] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -34,6 +34,7 @@ pub const SCRIPTS: [(&str, &str); 9] = [
     ("l2-ticker-l3", include_str!("../scripts/l2-ticker-l3.sh")),
     ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
     ("l2-devices", include_str!("../scripts/l2-devices.sh")),
+    ("l2-bench", include_str!("../scripts/l2-bench.sh")),
 ];
 const INIT: &str = include_str!("../scripts/init.sh");
 
@@ -220,8 +221,13 @@ pub fn with_scenario(image: &L1Image, sc: &crate::scenario::Scenario) -> Result<
     let mut bytes = read(&image.initrd)?;
     let mut a = Archive::new();
     a.file("lab/scenario.sh", 0o644, sc.script.as_bytes());
-    for (name, contents) in &sc.files {
-        a.file(&format!("lab/{name}"), 0o644, contents);
+    let mut seen = vec![];
+    for (path, contents) in &sc.files {
+        let path = path.trim_start_matches('/');
+        if let Some(parent) = Path::new(path).parent() {
+            dirs(&mut a, &mut seen, &parent.to_string_lossy());
+        }
+        a.file(path, 0o755, contents);
     }
     bytes.extend_from_slice(&a.finish());
     let path = work_dir().join(format!("l1-{}.cpio", sc.name));

@@ -30,7 +30,8 @@ pub struct Scenario {
     pub cpus: u32,
     /// L1's memory in MiB.
     pub memory_mib: u32,
-    /// Extra files for L1, under /lab: (name, contents).
+    /// Extra files for L1: (path from the image's root, contents), each
+    /// executable (e.g. "lab/disk.img", or a host program and its libraries).
     pub files: Vec<(String, Vec<u8>)>,
 }
 

@@ -189,8 +189,8 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         Duration::from_secs(1500),
     );
     sc.files = vec![
-        ("disk.img".into(), disk),
-        ("nonce".into(), nonce.into_bytes()),
+        ("lab/disk.img".into(), disk),
+        ("lab/nonce".into(), nonce.into_bytes()),
     ];
     let report = scenario::run(&img, &sc).expect("run the scenario");
     report.assert_passed(&[
