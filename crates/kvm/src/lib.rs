@@ -20,7 +20,7 @@ pub mod vm;
 pub use hypervisor::{Hypervisor, HypervisorError};
 pub use state::{NestedState, VcpuState};
 pub use vcpu::{ExitHandler, RunOutcome, Vcpu, VcpuError};
-pub use vm::{Vm, VmError};
+pub use vm::{Vm, VmError, VmState};
 
 /// Re-exported so the layers above share one set of KVM data types.
 pub use kvm_bindings;

@@ -12,10 +12,12 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_STATE_NESTED_GUEST_MODE,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::vcpu::{Vcpu, VcpuError};
 
 /// Nested virtualization state of one vCPU (`KVM_GET_NESTED_STATE`).
+#[derive(Serialize, Deserialize)]
 pub struct NestedState {
     buffer: Box<KvmNestedStateBuffer>,
 }
@@ -52,14 +54,32 @@ impl NestedState {
     }
 }
 
+/// kvm-bindings gives kvm_fpu no serde support; this mirrors its fields.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "kvm_fpu")]
+struct FpuDef {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    pad1: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    pad2: u32,
+}
+
 /// Everything a vCPU is.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// General-purpose registers.
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
     pub sregs: kvm_sregs,
     /// x87/SSE state (kept beside XSAVE for hosts without it).
+    #[serde(with = "FpuDef")]
     pub fpu: kvm_fpu,
     /// XSAVE area.
     pub xsave: kvm_xsave,
@@ -109,7 +129,9 @@ impl VcpuState {
         })
     }
 
-    /// Writes this state into `vcpu`, which must not be running.
+    /// Writes this state into `vcpu`, which must not be running. Its CPUID
+    /// must already be set (for a fresh vCPU, with [`Vcpu::set_cpuid`] and
+    /// the table the saved vCPU had).
     pub fn restore(&self, vcpu: &Vcpu) -> Result<(), VcpuError> {
         let fd = vcpu.fd();
         let err = |call| vcpu.ioctl_err(call);

@@ -1,8 +1,12 @@
 //! A KVM VM: memory slots, the in-kernel interrupt controllers and timers,
 //! irqfds and ioeventfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,6 +61,9 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Reading or writing VM-wide state (irqchip, PIT, clock) failed.
+    #[error("cannot {0} the VM's interrupt controller, timer or clock state")]
+    State(&'static str, #[source] kvm_ioctls::Error),
     /// `KVM_CREATE_VCPU` failed.
     #[error("cannot create vCPU {id}")]
     CreateVcpu {
@@ -66,6 +73,21 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// The VM-wide state KVM keeps: the PICs, the IOAPIC, the PIT and kvmclock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// The master 8259.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC (redirection table and pin levels).
+    pub ioapic: kvm_irqchip,
+    /// The PIT's channels.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM handle.
@@ -141,6 +163,44 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
             .map_err(|source| VmError::Ioeventfd { addr, source })
+    }
+
+    /// Reads the VM-wide state. Call with every vCPU paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::State("read", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(|e| VmError::State("read", e))?,
+            clock: self.fd.get_clock().map_err(|e| VmError::State("read", e))?,
+        })
+    }
+
+    /// Writes VM-wide state saved by [`Vm::save_state`] into this (new) VM.
+    /// kvmclock continues from the saved value: the guest sees no time pass
+    /// while it was saved, as if paused.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let err = |e| VmError::State("restore", e);
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(chip).map_err(err)?;
+        }
+        self.fd.set_pit2(&state.pit).map_err(err)?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(err)?;
+        Ok(())
     }
 
     /// Creates vCPU number `id`.
