@@ -1,0 +1,13 @@
+//! Snapshot files: how nestvm keeps a VM's state on disk.
+//!
+//! - [`container`]: a state file is a header (magic, format version, payload
+//!   length, CRC-64 of the payload) and the payload. A file of another
+//!   format version, a truncated one or one whose checksum does not match is
+//!   refused before anything is loaded from it.
+//! - [`atomic`]: files and whole directories are written so that a crash
+//!   (kill -9, power loss) leaves either the old version or the new one,
+//!   never a mix: temporary name, fsync, rename, fsync of the directory.
+
+pub mod atomic;
+pub mod container;
+pub mod crc64;
