@@ -4,7 +4,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::bus::BusDevice;
@@ -18,12 +19,75 @@ pub struct SerialPort {
     uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
+/// A UART's registers and pending input, for snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high bytes.
+    pub divisor: [u8; 2],
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Interrupt identification.
+    pub iir: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Line status.
+    pub lsr: u8,
+    /// Modem control.
+    pub mcr: u8,
+    /// Modem status.
+    pub msr: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub input: Vec<u8>,
+}
+
 impl SerialPort {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
     pub fn new(irq: EventTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(irq, out),
         }
+    }
+
+    /// Its registers and pending input.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            ier: s.interrupt_enable,
+            iir: s.interrupt_identification,
+            lcr: s.line_control,
+            lsr: s.line_status,
+            mcr: s.modem_control,
+            msr: s.modem_status,
+            scratch: s.scratch,
+            input: s.in_buffer,
+        }
+    }
+
+    /// A UART in the state `snap` describes (a snapshot is untrusted input:
+    /// vm-superio refuses an oversized input buffer).
+    pub fn from_snapshot(
+        snap: &SerialSnapshot,
+        irq: EventTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: snap.divisor[0],
+            baud_divisor_high: snap.divisor[1],
+            interrupt_enable: snap.ier,
+            interrupt_identification: snap.iir,
+            line_control: snap.lcr,
+            line_status: snap.lsr,
+            modem_control: snap.mcr,
+            modem_status: snap.msr,
+            scratch: snap.scratch,
+            in_buffer: snap.input.clone(),
+        };
+        let uart = Serial::from_state(&state, irq, NoEvents, out)
+            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        Ok(Self { uart })
     }
 
     /// How many input bytes the receive FIFO can take now.

@@ -236,3 +236,30 @@ fn a_broken_ring_does_not_hang_the_loop() {
     r.dev.queue_notified(0);
     assert!(r.q.take_used(&r.mem).is_empty());
 }
+
+#[test]
+fn a_snapshot_carries_the_queue_to_a_new_device() {
+    let mut r = rig("snap", 8, false);
+    assert_eq!(r.request(request::IN, 1, 512, true).1, status::OK);
+    let snap = r.dev.snapshot();
+    assert!(snap.active && snap.queues[0].next_avail == 1);
+    // A new device on a copy of the image and the same memory, restored
+    // from the snapshot, serves the next request from where the old one
+    // stopped.
+    let copy = r.path.with_extension("copy");
+    std::fs::copy(&r.path, &copy).unwrap();
+    let block = Block::open(&copy, false).unwrap();
+    let mut dev = MmioDevice::new(block, r.mem.clone(), EventTrigger::new().unwrap()).unwrap();
+    dev.restore(&snap).unwrap();
+    assert!(dev.is_active());
+    drop(std::mem::replace(&mut r.dev, dev));
+    assert_eq!(r.request(request::IN, 2, 512, true), (513, status::OK));
+    // A snapshot that does not fit this device is refused.
+    let mut bad = snap.clone();
+    bad.queues.push(bad.queues[0].clone());
+    assert!(r.dev.restore(&bad).is_err());
+    let mut bad = snap.clone();
+    bad.queues[0].desc_table = 0xffff_ffff_0000;
+    assert!(r.dev.restore(&bad).is_err());
+    let _ = std::fs::remove_file(copy);
+}

@@ -11,7 +11,8 @@
 
 use nestvm_devices::bus::BusDevice;
 use nestvm_devices::EventTrigger;
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::{features, Backend};
@@ -57,6 +58,52 @@ pub enum MmioError {
     QueueSize(u16),
 }
 
+/// One queue's state in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Whether the driver enabled it.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available entry the device will take.
+    pub next_avail: u16,
+    /// Next used entry the device will fill.
+    pub next_used: u16,
+    /// Event indices negotiated.
+    pub event_idx: bool,
+}
+
+/// A transport's registers and queues, for snapshots. The backend's own
+/// state is not in it: disks have none beyond their image, and a network
+/// adapter loses at most the one frame it was holding, like a lost packet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MmioSnapshot {
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Feature word selectors.
+    pub features_sel: [u32; 2],
+    /// Selected queue.
+    pub queue_sel: u32,
+    /// Pending interrupt bits.
+    pub interrupt_status: u32,
+    /// Configuration generation.
+    pub config_generation: u32,
+    /// Whether the device was running.
+    pub active: bool,
+    /// Its queues.
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// A virtio device on the MMIO bus.
 pub struct MmioDevice<B> {
     backend: B,
@@ -98,6 +145,91 @@ impl<B: Backend> MmioDevice<B> {
             config_generation: 0,
             active: false,
         })
+    }
+
+    /// Its registers and queues (with the VM paused).
+    pub fn snapshot(&self) -> MmioSnapshot {
+        MmioSnapshot {
+            status: self.status,
+            driver_features: self.driver_features,
+            features_sel: [self.device_features_sel, self.driver_features_sel],
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            active: self.active,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts this (new) device in the state `snap` describes and, if it was
+    /// running, starts the backend again with the same features. The
+    /// snapshot is checked like guest input: queue counts and sizes must be
+    /// what this backend offers and active queues must lie in guest memory.
+    pub fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String> {
+        if snap.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues in the snapshot, the {} device has {}",
+                snap.queues.len(),
+                self.backend.kind(),
+                self.queues.len()
+            ));
+        }
+        if snap.driver_features & !self.backend.features() != 0 {
+            return Err(format!(
+                "the {} device no longer offers features the guest uses ({:#x})",
+                self.backend.kind(),
+                snap.driver_features & !self.backend.features()
+            ));
+        }
+        for (q, s) in self.queues.iter_mut().zip(&snap.queues) {
+            if s.max_size != q.max_size() {
+                return Err("queue sizes differ from the snapshot's".into());
+            }
+            let state = QueueState {
+                max_size: s.max_size,
+                next_avail: s.next_avail,
+                next_used: s.next_used,
+                event_idx_enabled: s.event_idx,
+                size: s.size,
+                ready: s.ready,
+                desc_table: s.desc_table,
+                avail_ring: s.avail_ring,
+                used_ring: s.used_ring,
+            };
+            *q = Queue::try_from(state).map_err(|e| format!("invalid queue state: {e}"))?;
+            if snap.active && q.ready() && !q.is_valid(&self.mem) {
+                return Err("a queue lies outside guest memory".into());
+            }
+        }
+        self.status = snap.status;
+        self.driver_features = snap.driver_features;
+        self.device_features_sel = snap.features_sel[0];
+        self.driver_features_sel = snap.features_sel[1];
+        self.queue_sel = snap.queue_sel;
+        self.interrupt_status = snap.interrupt_status;
+        self.config_generation = snap.config_generation;
+        if snap.active {
+            self.backend.activate(snap.driver_features)?;
+            self.active = true;
+        }
+        Ok(())
     }
 
     /// The per-queue notification eventfds, in queue order.
@@ -317,13 +449,24 @@ pub struct DeviceReport {
     pub counters: Vec<(&'static str, u64)>,
 }
 
-/// A device that can report on itself, whatever its backend.
+/// What the VMM does with a device, whatever its backend: report on it,
+/// snapshot it, restore it.
 pub trait Inspect: Send {
     /// Its report.
     fn report(&self) -> DeviceReport;
+    /// Its transport state.
+    fn snapshot(&self) -> MmioSnapshot;
+    /// Puts it in a saved state.
+    fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String>;
 }
 
 impl<B: Backend> Inspect for MmioDevice<B> {
+    fn snapshot(&self) -> MmioSnapshot {
+        MmioDevice::snapshot(self)
+    }
+    fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String> {
+        MmioDevice::restore(self, snap)
+    }
     fn report(&self) -> DeviceReport {
         DeviceReport {
             kind: self.backend.kind(),
