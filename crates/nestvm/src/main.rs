@@ -10,6 +10,7 @@ mod attach;
 mod host;
 mod managed;
 mod run;
+mod saved;
 mod status;
 mod vm;
 

@@ -90,13 +90,9 @@ pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
     store.load(name).map_err(store_err)?;
     match store.state(name) {
         VmState::Live => return Err(runtime(anyhow!("VM '{name}' is already running"))),
-        VmState::Saved => {
-            return Err(runtime(anyhow!(
-                "VM '{name}' has a saved state, which this nestvm cannot resume yet: 'nestvm vm rm {name} --force' or remove its saved/ directory"
-            )))
-        }
-        VmState::Off => {}
+        VmState::Saved | VmState::Off => {}
     }
+    let resuming = crate::saved::saved_dir(store, name).exists();
     let p = paths(store, name);
     let log = std::fs::File::create(&p.log)
         .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
@@ -126,11 +122,12 @@ pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
             crate::report(
                 json,
                 &format!(
-                    "started VM '{name}' (pid {}, {}); console: nestvm vm console {name}",
+                    "{} VM '{name}' (pid {}, {}); console: nestvm vm console {name}",
+                    if resuming { "resumed saved" } else { "started" },
                     v["pid"],
                     v["state"].as_str().unwrap_or("?")
                 ),
-                serde_json::json!({"vm": name.as_str(), "result": "started", "vmm": v}),
+                serde_json::json!({"vm": name.as_str(), "result": if resuming { "resumed" } else { "started" }, "vmm": v}),
             );
             return Ok(0);
         }
@@ -154,16 +151,33 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
     let config = store.load(name).map_err(store_err)?;
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
-    let (expose, notice) = resolve_nested(config.nested, &hv)?;
-    let console_log = std::fs::File::create(&p.console_log).map_err(runtime)?;
+    let saved = crate::saved::saved_dir(store, name);
+    let resuming = saved.exists();
+    // A resumed VM's console log goes on where it stopped.
+    let console_log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resuming)
+        .truncate(!resuming)
+        .open(&p.console_log)
+        .map_err(runtime)?;
     let hub = ConsoleHub::new(Some(console_log));
-    let vm = build(&config, &hv, expose, Box::new(hub.writer())).map_err(|e| {
-        if e.is_usage() {
-            usage(e)
-        } else {
-            runtime(anyhow::Error::new(e).context("cannot build the VM"))
-        }
-    })?;
+    let (vm, notice) = if resuming {
+        (
+            crate::saved::restore(&saved, &hv, Box::new(hub.writer()))?,
+            None,
+        )
+    } else {
+        let (expose, notice) = resolve_nested(config.nested, &hv)?;
+        let vm = build(&config, &hv, expose, Box::new(hub.writer())).map_err(|e| {
+            if e.is_usage() {
+                usage(e)
+            } else {
+                runtime(anyhow::Error::new(e).context("cannot build the VM"))
+            }
+        })?;
+        (vm, notice)
+    };
     if let Some(n) = notice {
         eprintln!("{n}");
     }
@@ -189,6 +203,7 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
             handle_signals: true,
             api: Some(api),
             console_server: Some(ConsoleServer::new(console, hub)),
+            save_dir: Some(saved),
         },
     )
     .map_err(runtime);

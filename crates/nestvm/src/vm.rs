@@ -74,6 +74,16 @@ pub enum VmCmd {
         /// The VM's name.
         name: String,
     },
+    /// Save a running or paused VM (state and memory) and stop it; `vm start` resumes it.
+    Save {
+        /// The VM's name.
+        name: String,
+    },
+    /// Drop a VM's saved state, so it starts fresh next time.
+    DiscardSaved {
+        /// The VM's name.
+        name: String,
+    },
     /// Attach to a running VM's serial console (Ctrl-] detaches).
     Console {
         /// The VM's name.
@@ -106,7 +116,8 @@ pub(crate) fn store_err(e: StoreError) -> Failure {
         StoreError::Name(_)
         | StoreError::Exists(_)
         | StoreError::NotFound(_)
-        | StoreError::Config { .. } => usage(e),
+        | StoreError::Config { .. }
+        | StoreError::HasSavedState(_) => usage(e),
         _ => runtime(e),
     }
 }
@@ -325,6 +336,10 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             return crate::managed::pause_resume(&store, &vm_name(&name)?, false, json)
         }
         VmCmd::Console { name } => return crate::attach::attach(&store, &vm_name(&name)?),
+        VmCmd::Save { name } => return crate::saved::save(&store, &vm_name(&name)?, json),
+        VmCmd::DiscardSaved { name } => {
+            return crate::saved::discard(&store, &vm_name(&name)?, json)
+        }
         VmCmd::Serve { name } => return crate::managed::serve(&store, &vm_name(&name)?),
     }
     Ok(0)

@@ -264,3 +264,76 @@ fn enable_nested_stops_a_running_vm_first() {
     let v: serde_json::Value = serde_json::from_str(&e.ok(&["vm", "show", "n", "--json"])).unwrap();
     assert_eq!(v["nested"], "on");
 }
+
+#[test]
+fn save_then_start_resumes_exactly_where_it_was() {
+    if !kvm_or_skip("save_then_start_resumes_exactly_where_it_was") {
+        return;
+    }
+    let e = Env::new("save");
+    // A guest that prints a known number of dots then a message: if any
+    // register, the stack or memory were lost in the save, the count or
+    // the message would be wrong.
+    const TICKS: usize = 400;
+    e.new_vm(
+        "s",
+        ticker(TICKS as u32, 3000, "TICKER-DONE", Ending::PowerOff),
+    );
+    e.ok(&["vm", "start", "s"]);
+    let start = Instant::now();
+    while e.console_log("s").len() < 20 {
+        assert!(start.elapsed() < T, "the ticker never ticked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = e.ok(&["vm", "save", "s"]);
+    assert!(out.contains("saved VM 's'"), "{out}");
+    assert_eq!(e.state("s"), "Saved");
+    let before = e.console_log("s");
+    assert!(!before.contains("TICKER-DONE"), "saved mid-run: {before}");
+    let saved = e.dir.join("vms/s/saved");
+    assert!(saved.join("state").exists() && saved.join("memory").exists());
+    // The saved state is refused by set, kept by rm without --force.
+    let rm = e.run(&["vm", "rm", "s"]);
+    assert_eq!(rm.status.code(), Some(2));
+    // Resume: the count goes on from where it was and the guest finishes.
+    assert!(e.ok(&["vm", "start", "s"]).contains("resumed saved VM 's'"));
+    assert!(!saved.exists(), "a resumed saved state is consumed");
+    e.wait_state("s", "Off");
+    let log = e.console_log("s");
+    assert!(log.starts_with(&before), "the console log goes on");
+    assert_eq!(log.matches('.').count(), TICKS, "{log}");
+    assert!(log.ends_with("TICKER-DONE"), "{log}");
+    let vmm_log = std::fs::read_to_string(e.dir.join("vms/s/vmm.log")).unwrap();
+    assert!(vmm_log.contains("PowerOff"), "{vmm_log}");
+}
+
+#[test]
+fn corrupted_or_discarded_saved_states() {
+    if !kvm_or_skip("corrupted_or_discarded_saved_states") {
+        return;
+    }
+    let e = Env::new("corrupt");
+    e.new_vm("c", ticker(u32::MAX, 3000, "never", Ending::Reset));
+    e.ok(&["vm", "start", "c"]);
+    std::thread::sleep(Duration::from_millis(200));
+    e.ok(&["vm", "save", "c"]);
+    // One flipped byte in the state: refused by its checksum, and kept.
+    let state = e.dir.join("vms/c/saved/state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x01;
+    std::fs::write(&state, &bytes).unwrap();
+    let out = e.run(&["vm", "start", "c"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("corrupted (checksum mismatch)"), "{err}");
+    assert_eq!(e.state("c"), "Saved", "the saved state is kept");
+    // Discarded: the VM starts fresh.
+    assert!(e.ok(&["vm", "discard-saved", "c"]).contains("discarded"));
+    assert_eq!(e.state("c"), "Off");
+    assert_eq!(e.run(&["vm", "discard-saved", "c"]).status.code(), Some(2));
+    e.ok(&["vm", "start", "c"]);
+    assert!(e.ok(&["vm", "kill", "c"]).contains("c"));
+    // Saving needs a running VM.
+    assert_eq!(e.run(&["vm", "save", "c"]).status.code(), Some(2));
+}

@@ -240,7 +240,7 @@ fn saved_state_needs_force_to_remove() {
     std::fs::create_dir_all(e.dir.join("vms/s/saved")).unwrap();
     std::fs::write(e.dir.join("vms/s/saved/state"), b"x").unwrap();
     assert_eq!(e.json(&["vm", "show", "s", "--json"])["state"], "Saved");
-    e.fails(&["vm", "rm", "s"], 1, "--force");
+    e.fails(&["vm", "rm", "s"], 2, "--force");
     e.ok(&["vm", "rm", "s", "--force"]);
 }
 

@@ -86,6 +86,8 @@ pub enum Action {
     PowerButton,
     /// PUT /v1/vm/kill.
     Kill,
+    /// PUT /v1/vm/save: pause, save state and memory, stop.
+    Save,
 }
 
 /// A request waiting for the run loop.
@@ -160,6 +162,7 @@ pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
         "/v1/vm/resume" => Action::Resume,
         "/v1/vm/power-button" => Action::PowerButton,
         "/v1/vm/kill" => Action::Kill,
+        "/v1/vm/save" => Action::Save,
         _ => return Err((404, format!("no such endpoint {path}"))),
     };
     let want = if action == Action::Info { "GET" } else { "PUT" };

@@ -73,6 +73,9 @@ pub enum BuildError {
     /// A virtio transport.
     #[error(transparent)]
     Virtio(#[from] nestvm_virtio::mmio::MmioError),
+    /// Restoring a saved VM.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A setting that slipped past validation.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -148,11 +151,13 @@ pub struct BuiltVm {
     pub(crate) state_ctx: StateContext,
     pub(crate) nested: bool,
     pub(crate) virtio: crate::virtio::VirtioDevices,
-    _vm: nestvm_kvm::Vm,
-    _memory: GuestMemoryMmap,
+    /// The CPUID table each vCPU was given (snapshots carry it).
+    pub(crate) cpuid: Vec<Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>>,
+    pub(crate) vm: nestvm_kvm::Vm,
+    pub(crate) memory: GuestMemoryMmap,
 }
 
-fn event(what: &'static str) -> Result<EventTrigger, BuildError> {
+pub(crate) fn event(what: &'static str) -> Result<EventTrigger, BuildError> {
     EventTrigger::new().map_err(|e| BuildError::EventFd(what, e))
 }
 
@@ -181,41 +186,15 @@ pub fn build(
     let vm = hv.create_vm()?;
     vm.setup_irqchip_and_pit()?;
     vm.map_memory(&memory.0)?;
-
-    // Devices.
-    let serial_irq = event("the serial interrupt")?;
-    vm.register_irqfd(&serial_irq.0, acpi::COM1_GSI)?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
-    let reset = event("reset")?;
-    let power_off = event("power-off")?;
-    // The ACPI power button: a write raises the Generic Event Device's interrupt.
-    let power_button = event("the power button")?;
-    vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
-    let mut buses = Buses::default();
-    let virtio = crate::virtio::attach(config, &vm, &memory.0, &mut buses.mmio)?;
-    buses
-        .pio
-        .insert(serial.clone(), u64::from(acpi::COM1_PORT), SERIAL_PORT_LEN)?;
-    buses.pio.insert(
-        Arc::new(Mutex::new(I8042::new(clone_event(&reset, "reset")?))),
-        I8042_PORT,
-        I8042_PORT_LEN,
-    )?;
-    buses.pio.insert(
-        Arc::new(Mutex::new(AcpiPm::new(
-            acpi::S5_SLEEP_TYPE,
-            acpi::RESET_VALUE,
-            clone_event(&power_off, "power-off")?,
-            clone_event(&reset, "reset")?,
-        ))),
-        u64::from(acpi::SLEEP_CONTROL_PORT),
-        2,
-    )?;
+    let devices = attach_devices(config, &vm, &memory.0, |irq| {
+        Ok(SerialPort::new(irq, console))
+    })?;
 
     // vCPUs.
     let supported = hv.supported_cpuid()?;
     let tsc_deadline = hv.has_tsc_deadline();
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    let mut tables = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
         let vcpu = vm.create_vcpu(u64::from(index))?;
         let tsc_khz = match vcpu.tsc_khz() {
@@ -235,6 +214,7 @@ pub fn build(
             },
         );
         vcpu.set_cpuid(&table)?;
+        tables.push(table);
         vcpu.set_msrs(&regs::boot_msrs())?;
         vcpu.set_fpu(&regs::boot_fpu())?;
         let mut lapic = vcpu.lapic()?;
@@ -257,15 +237,74 @@ pub fn build(
         config: config.clone(),
         state_ctx,
         vcpus,
-        buses: Arc::new(buses),
+        buses: Arc::new(devices.buses),
+        serial: devices.serial,
+        reset: devices.reset,
+        power_off: devices.power_off,
+        power_button: devices.power_button,
+        nested,
+        virtio: devices.virtio,
+        cpuid: tables,
+        vm,
+        memory: memory.0,
+    })
+}
+
+/// A VM's devices, wired to its KVM VM.
+pub(crate) struct Devices {
+    pub buses: Buses,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub reset: EventTrigger,
+    pub power_off: EventTrigger,
+    pub power_button: EventTrigger,
+    pub virtio: crate::virtio::VirtioDevices,
+}
+
+/// Puts every device on the buses and wires its interrupts: the UART
+/// (`make_serial` gets its interrupt line: a new UART, or one restored from
+/// a snapshot), the reset and ACPI registers, the power button, and the
+/// virtio disks and adapters.
+pub(crate) fn attach_devices(
+    config: &VmConfig,
+    vm: &nestvm_kvm::Vm,
+    memory: &GuestMemoryMmap,
+    make_serial: impl FnOnce(EventTrigger) -> Result<SerialPort, BuildError>,
+) -> Result<Devices, BuildError> {
+    let serial_irq = event("the serial interrupt")?;
+    vm.register_irqfd(&serial_irq.0, acpi::COM1_GSI)?;
+    let serial = Arc::new(Mutex::new(make_serial(serial_irq)?));
+    let reset = event("reset")?;
+    let power_off = event("power-off")?;
+    // The ACPI power button: a write raises the Generic Event Device's interrupt.
+    let power_button = event("the power button")?;
+    vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
+    let mut buses = Buses::default();
+    let virtio = crate::virtio::attach(config, vm, memory, &mut buses.mmio)?;
+    buses
+        .pio
+        .insert(serial.clone(), u64::from(acpi::COM1_PORT), SERIAL_PORT_LEN)?;
+    buses.pio.insert(
+        Arc::new(Mutex::new(I8042::new(clone_event(&reset, "reset")?))),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )?;
+    buses.pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(
+            acpi::S5_SLEEP_TYPE,
+            acpi::RESET_VALUE,
+            clone_event(&power_off, "power-off")?,
+            clone_event(&reset, "reset")?,
+        ))),
+        u64::from(acpi::SLEEP_CONTROL_PORT),
+        2,
+    )?;
+    Ok(Devices {
+        buses,
         serial,
         reset,
         power_off,
         power_button,
-        nested,
         virtio,
-        _vm: vm,
-        _memory: memory.0,
     })
 }
 

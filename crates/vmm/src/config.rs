@@ -174,7 +174,7 @@ pub struct Overrides {
 }
 
 /// A VM's complete, validated settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// Kernel image (bzImage or ELF vmlinux).
     pub kernel: PathBuf,

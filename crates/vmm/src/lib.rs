@@ -10,6 +10,8 @@
 //!   machine driven by commands, reporting exits as events.
 //! - [`runner`]: resumes the VM and runs the event loop (console, signals,
 //!   reset/power-off, vCPU exits) until the VM stops.
+//! - [`snapshot`]: saves a paused VM to a directory (state + memory) and
+//!   builds a VM back from one.
 //! - [`terminal`]: raw mode for an interactive console, always restored.
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
@@ -20,6 +22,7 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod runner;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

@@ -47,6 +47,8 @@ pub enum VmOutcome {
     Quit,
     /// The control API asked for the VM to stop at once.
     Killed,
+    /// The VM was saved (`PUT /v1/vm/save`) and stopped.
+    Saved,
     /// The guest crashed.
     Crashed {
         /// What happened.
@@ -94,6 +96,8 @@ pub struct RunOptions {
     pub api: Option<UnixListener>,
     /// Serve the console to attaching clients (instead of `Console::input`).
     pub console_server: Option<ConsoleServer>,
+    /// Where `PUT /v1/vm/save` writes the saved VM (managed VMs only).
+    pub save_dir: Option<std::path::PathBuf>,
 }
 
 type Outcome = Rc<RefCell<Option<VmOutcome>>>;
@@ -359,6 +363,10 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         state_ctx,
         nested,
         virtio,
+        vm: kvm_vm,
+        memory,
+        config,
+        cpuid,
         ..
     } = vm;
     let notify = EventFd::new(EFD_NONBLOCK).map_err(setup("vCPU notify eventfd"))?;
@@ -472,6 +480,55 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                     settle(&outcome, VmOutcome::Killed);
                     req.reply(200, &info(RunState::Stopping));
                 }
+                Action::Save => {
+                    let Some(dir) = &opts.save_dir else {
+                        req.reply(
+                            409,
+                            &ApiError {
+                                error: "only managed VMs can be saved (nestvm vm save NAME)".into(),
+                            },
+                        );
+                        continue;
+                    };
+                    if run_state != RunState::Paused {
+                        pause_all(&handles);
+                    }
+                    let parts = SaveParts {
+                        config: &config,
+                        cpuid: &cpuid,
+                        nested,
+                        vm: &kvm_vm,
+                        memory: &memory,
+                        serial: &serial,
+                        virtio: &virtio.inspect,
+                    };
+                    match save_vm(&handles, &parts, dir) {
+                        Ok(summary) => {
+                            settle(&outcome, VmOutcome::Saved);
+                            req.reply(
+                                200,
+                                &serde_json::json!({
+                                    "saved": dir,
+                                    "memory_bytes": summary.memory_bytes,
+                                    "written_bytes": summary.written_bytes,
+                                }),
+                            );
+                        }
+                        Err(e) => {
+                            if run_state != RunState::Paused {
+                                for h in &handles {
+                                    h.send(Command::Resume);
+                                }
+                            }
+                            req.reply(
+                                500,
+                                &ApiError {
+                                    error: format!("cannot save the VM: {e}"),
+                                },
+                            );
+                        }
+                    }
+                }
             }
         }
     }
@@ -503,6 +560,67 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
 }
 
 /// Pauses every vCPU and waits until each has.
+/// What a save needs besides the vCPUs.
+struct SaveParts<'a> {
+    config: &'a crate::config::VmConfig,
+    cpuid: &'a [Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>],
+    nested: bool,
+    vm: &'a nestvm_kvm::Vm,
+    memory: &'a vm_memory::GuestMemoryMmap,
+    serial: &'a Arc<Mutex<SerialPort>>,
+    virtio: &'a [Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>],
+}
+
+/// Asks every paused vCPU for its complete state.
+fn collect_states(handles: &[VcpuHandle]) -> Result<Vec<nestvm_kvm::VcpuState>, String> {
+    let mut states = Vec::with_capacity(handles.len());
+    for h in handles {
+        let (tx, rx) = channel();
+        h.send(Command::Save(tx));
+        let state = rx
+            .recv_timeout(STATE_TIMEOUT)
+            .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
+        states.push(state);
+    }
+    Ok(states)
+}
+
+/// Saves the paused VM into `dir` (see [`crate::snapshot`]).
+fn save_vm(
+    handles: &[VcpuHandle],
+    p: &SaveParts<'_>,
+    dir: &std::path::Path,
+) -> Result<crate::snapshot::SaveSummary, String> {
+    let vcpus = collect_states(handles)?;
+    let snap = crate::snapshot::VmSnapshot {
+        config: p.config.clone(),
+        nested: p.nested,
+        vm: p.vm.save_state().map_err(|e| e.to_string())?,
+        vcpus,
+        cpuid: p.cpuid.to_vec(),
+        serial: p
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot(),
+        virtio: p
+            .virtio
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
+            .collect(),
+        memory: Vec::new(),
+    };
+    crate::snapshot::save(snap, p.memory, dir).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
+    })
+}
+
 /// A boxed subscriber, so devices of any backend share one event loop.
 struct Boxed(Box<dyn MutEventSubscriber + Send>);
 

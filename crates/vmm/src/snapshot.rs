@@ -1,0 +1,375 @@
+//! Saving a paused VM to a directory and building a VM back from it.
+//!
+//! A saved VM is a directory of two files:
+//! - `state`: a [`nestvm_snapshot::container`] (magic, format version,
+//!   CRC-64) around the JSON of [`VmSnapshot`]: the VM definition, every
+//!   vCPU's state with its CPUID and nested state, KVM's irqchip, PIT and
+//!   clock, the UART, and each virtio transport with its queues;
+//! - `memory`: guest RAM, region after region, written sparsely (pages of
+//!   zeros become holes).
+//!
+//! Both are written into `DIR.tmp` and fsynced, then the directory is put in
+//! place in one rename ([`nestvm_snapshot::atomic::publish_dir`]), so a
+//! crash never leaves a half-written saved state where a whole one was.
+//! Restoring maps `memory` privately (MAP_PRIVATE): pages are read from the
+//! file when the guest first touches them, so a large VM resumes at once,
+//! and the file itself is never changed.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nestvm_arch::cpuid;
+use nestvm_devices::serial::{SerialPort, SerialSnapshot};
+use nestvm_kvm::kvm_bindings::kvm_cpuid_entry2;
+use nestvm_kvm::{Hypervisor, VcpuState, VmState};
+use nestvm_snapshot::atomic::{self, AtomicError};
+use nestvm_snapshot::container::{self, ContainerError};
+use nestvm_virtio::mmio::MmioSnapshot;
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::builder::{attach_devices, BuildError, BuiltVm};
+use crate::config::VmConfig;
+use crate::vcpu::StateContext;
+
+/// The state file in a saved-VM directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file in a saved-VM directory.
+pub const MEMORY_FILE: &str = "memory";
+const PAGE: usize = 4096;
+const CHUNK: usize = 1 << 20;
+
+/// Errors saving or loading a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Writing or publishing files.
+    #[error(transparent)]
+    Io(#[from] AtomicError),
+    /// The state file was refused (version, truncation, checksum).
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    /// The state does not encode or decode.
+    #[error("the saved state in {path} is not readable by this nestvm: {message}")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// What the decoder said.
+        message: String,
+    },
+    /// Guest memory could not be read or written.
+    #[error("cannot {0} guest memory")]
+    Memory(&'static str, #[source] std::io::Error),
+    /// This host cannot run the saved VM.
+    #[error("this host cannot resume the saved VM: {0}")]
+    Incompatible(String),
+}
+
+/// One guest RAM region in the memory file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionSnapshot {
+    /// Guest physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Where it starts in the memory file.
+    pub file_offset: u64,
+}
+
+/// Everything a paused VM is, but its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// The VM's settings.
+    pub config: VmConfig,
+    /// Whether VT-x/AMD-V were exposed.
+    pub nested: bool,
+    /// KVM's VM-wide state.
+    pub vm: VmState,
+    /// Every vCPU, in order.
+    pub vcpus: Vec<VcpuState>,
+    /// The CPUID each vCPU was given, in order (restored before its state).
+    pub cpuid: Vec<Vec<kvm_cpuid_entry2>>,
+    /// The UART.
+    pub serial: SerialSnapshot,
+    /// Each virtio transport, in device order.
+    pub virtio: Vec<MmioSnapshot>,
+    /// Guest RAM regions in the memory file.
+    pub memory: Vec<RegionSnapshot>,
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveSummary {
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of RAM actually written (pages that were not all zeros).
+    pub written_bytes: u64,
+}
+
+/// The directory a save stages into before it is published as `dir`.
+pub fn staging_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    dir.with_file_name(name)
+}
+
+fn write_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(Vec<RegionSnapshot>, SaveSummary), SnapshotError> {
+    let err = |what| move |e| SnapshotError::Memory(what, e);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err("create the file for"))?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for region in mem.iter() {
+        let start = region.start_addr();
+        let size = region.len();
+        regions.push(RegionSnapshot {
+            guest_addr: start.raw_value(),
+            size,
+            file_offset: offset,
+        });
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(CHUNK as u64) as usize;
+            mem.read_slice(&mut buf[..n], start.unchecked_add(at))
+                .map_err(|e| SnapshotError::Memory("read", std::io::Error::other(e)))?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let pos = offset + at + (i * PAGE) as u64;
+                    file.write_all_at(page, pos).map_err(err("write"))?;
+                    written += page.len() as u64;
+                }
+            }
+            at += n as u64;
+        }
+        offset += size;
+    }
+    file.set_len(offset).map_err(err("size the file of"))?;
+    file.sync_all().map_err(err("sync the file of"))?;
+    Ok((
+        regions,
+        SaveSummary {
+            memory_bytes: offset,
+            written_bytes: written,
+        },
+    ))
+}
+
+/// Writes `snap` (its `memory` field is filled in here) and `mem` as the
+/// saved-VM directory `dir`, replacing a previous one only once the new one
+/// is complete.
+pub fn save(
+    mut snap: VmSnapshot,
+    mem: &GuestMemoryMmap,
+    dir: &Path,
+) -> Result<SaveSummary, SnapshotError> {
+    let staged = staging_dir(dir);
+    atomic::recover_dir(&staged, dir);
+    std::fs::create_dir_all(&staged).map_err(|source| AtomicError {
+        what: "create",
+        path: staged.clone(),
+        source,
+    })?;
+    let (regions, summary) = write_memory(mem, &staged.join(MEMORY_FILE))?;
+    snap.memory = regions;
+    let json = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Decode {
+        path: staged.join(STATE_FILE),
+        message: e.to_string(),
+    })?;
+    atomic::write_synced(&staged.join(STATE_FILE), &container::encode(&json), 0o600)?;
+    atomic::sync_dir(&staged)?;
+    atomic::publish_dir(&staged, dir)?;
+    Ok(summary)
+}
+
+/// Reads and checks the state of the saved VM in `dir`.
+pub fn load(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let payload = container::read(&path)?;
+    serde_json::from_slice(&payload).map_err(|e| SnapshotError::Decode {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Feature registers compared between a saved CPUID and this host:
+/// (leaf, subleaf, register index 0..4 = eax..edx, mask of dynamic bits).
+const FEATURE_REGS: [(u32, u32, usize, u32); 7] = [
+    (1, 0, 2, 1 << 27), // ECX, without OSXSAVE (set by the guest's CR4)
+    (1, 0, 3, 0),       // EDX
+    (7, 0, 1, 0),       // EBX
+    (7, 0, 2, 1 << 22), // ECX, without OSPKE (set by the guest's CR4)
+    (7, 0, 3, 0),       // EDX
+    (0x8000_0001, 0, 2, 0),
+    (0x8000_0001, 0, 3, 0),
+];
+
+fn reg(entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32, r: usize) -> u32 {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && (e.index == sub || leaf != 7))
+        .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][r])
+}
+
+/// Refuses a snapshot whose guest uses CPU features this host's KVM would
+/// not give a new VM of the same shape.
+pub fn check_compatible(snap: &VmSnapshot, hv: &Hypervisor) -> Result<(), SnapshotError> {
+    let supported = hv
+        .supported_cpuid()
+        .map_err(|e| SnapshotError::Incompatible(e.to_string()))?;
+    let mut missing = Vec::new();
+    for (index, saved) in snap.cpuid.iter().enumerate() {
+        let here = cpuid::build(
+            &supported,
+            &cpuid::CpuidPolicy {
+                topology: cpuid::VcpuTopology {
+                    index: index as u32,
+                    count: snap.vcpus.len() as u32,
+                },
+                tsc_khz: None,
+                tsc_deadline: hv.has_tsc_deadline(),
+                expose_virtualization: snap.nested,
+            },
+        );
+        for (leaf, sub, r, dynamic) in FEATURE_REGS {
+            let lacking = reg(saved, leaf, sub, r) & !reg(&here, leaf, sub, r) & !dynamic;
+            if lacking != 0 {
+                missing.push(format!(
+                    "CPUID {leaf:#x}.{sub} {} bits {lacking:#x}",
+                    ["eax", "ebx", "ecx", "edx"][r]
+                ));
+            }
+        }
+        if index == 0 && !missing.is_empty() {
+            break;
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::Incompatible(format!(
+            "its CPU features are not all available here ({}); resume it on a host with the same CPU",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Maps the memory file privately, region by region, as guest memory.
+fn map_memory(dir: &Path, regions: &[RegionSnapshot]) -> Result<GuestMemoryMmap, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(|e| SnapshotError::Memory("open the file of", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| SnapshotError::Memory("inspect the file of", e))?
+        .len();
+    let file = Arc::new(file);
+    let mut mapped = Vec::new();
+    for r in regions {
+        let end = r.file_offset.checked_add(r.size);
+        if end.is_none_or(|e| e > len) || r.size == 0 {
+            return Err(SnapshotError::Incompatible(format!(
+                "{} is shorter than the state says",
+                path.display()
+            )));
+        }
+        let region = MmapRegionBuilder::new(r.size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .with_mmap_prot(libc_prot())
+            .with_mmap_flags(libc_private())
+            .build()
+            .map_err(|e| SnapshotError::Memory("map", std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+            SnapshotError::Incompatible("a memory region wraps the address space".into())
+        })?;
+        mapped.push(region);
+    }
+    GuestMemoryMmap::from_regions(mapped)
+        .map_err(|e| SnapshotError::Incompatible(format!("memory regions overlap: {e}")))
+}
+
+fn libc_prot() -> i32 {
+    libc::PROT_READ | libc::PROT_WRITE
+}
+
+/// Private: the guest's writes never reach the file; pages are read from it
+/// on first touch.
+fn libc_private() -> i32 {
+    libc::MAP_PRIVATE | libc::MAP_NORESERVE
+}
+
+/// Builds the VM saved in `dir`, complete and paused, exactly as it was:
+/// memory mapped from the file, KVM's VM state, devices and every vCPU
+/// restored. The console's output goes to `console`.
+pub fn restore(
+    snap: VmSnapshot,
+    dir: &Path,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    check_compatible(&snap, hv)?;
+    if snap.vcpus.len() != snap.config.cpus as usize
+        || snap.virtio.len() != snap.config.disks.len() + snap.config.nets.len()
+    {
+        return Err(SnapshotError::Incompatible(
+            "the state does not match its own definition".into(),
+        )
+        .into());
+    }
+    let memory = map_memory(dir, &snap.memory)?;
+    let vm = hv.create_vm()?;
+    vm.setup_irqchip_and_pit()?;
+    vm.map_memory(&memory)?;
+    let serial = &snap.serial;
+    let devices = attach_devices(&snap.config, &vm, &memory, |irq| {
+        SerialPort::from_snapshot(serial, irq, console)
+            .map_err(|e| BuildError::from(SnapshotError::Incompatible(e)))
+    })?;
+    for (dev, s) in devices.virtio.inspect.iter().zip(&snap.virtio) {
+        dev.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(s)
+            .map_err(|e| BuildError::from(SnapshotError::Incompatible(e)))?;
+    }
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for (index, table) in snap.cpuid.iter().enumerate() {
+        let vcpu = vm.create_vcpu(index as u64)?;
+        vcpu.set_cpuid(table)?;
+        vcpus.push(vcpu);
+    }
+    vm.restore_state(&snap.vm)?;
+    for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
+        state.restore(vcpu)?;
+    }
+    let state_ctx = StateContext {
+        msr_indices: Arc::new(hv.msr_index_list()?),
+        nested_state: hv.nested_state_size() > 0,
+    };
+    Ok(BuiltVm {
+        config: snap.config,
+        state_ctx,
+        vcpus,
+        buses: Arc::new(devices.buses),
+        serial: devices.serial,
+        reset: devices.reset,
+        power_off: devices.power_off,
+        power_button: devices.power_button,
+        nested: snap.nested,
+        virtio: devices.virtio,
+        cpuid: snap.cpuid,
+        vm,
+        memory,
+    })
+}
