@@ -3,9 +3,10 @@
 //!
 //! [`VcpuState::save`] reads it from a vCPU that is not running;
 //! [`VcpuState::restore`] writes it back in the order KVM needs: special
-//! registers first (EFER.SVME/VMXE must be set before nested state), then
-//! nested state, then the rest, with events and MP state late so nothing
-//! written afterwards clears them.
+//! registers first (EFER.SVME/VMXE must be set before nested state, and they
+//! carry the APIC base), then nested state, then the rest — the LAPIC before
+//! the MSRs so the TSC deadline is not dropped — with events and MP state
+//! late so nothing written afterwards clears them.
 
 use kvm_bindings::nested::KvmNestedStateBuffer;
 use kvm_bindings::{
@@ -146,8 +147,13 @@ impl VcpuState {
         // size matches what KVM_SET_XSAVE reads (the legacy 4 KiB area).
         unsafe { fd.set_xsave(&self.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
-        vcpu.set_msrs(&self.msrs)?;
+        // The LAPIC before the MSRs: KVM ignores a write to
+        // IA32_TSC_DEADLINE unless the LAPIC timer is already in
+        // TSC-deadline mode, and a lost deadline leaves the guest with no
+        // timer interrupt ever again. (The APIC base, which the LAPIC's
+        // register layout depends on, came with the special registers.)
         fd.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        vcpu.set_msrs(&self.msrs)?;
         fd.set_vcpu_events(&self.events)
             .map_err(err("KVM_SET_VCPU_EVENTS"))?;
         fd.set_mp_state(self.mp_state)
