@@ -17,6 +17,9 @@ use nestvm_guests::{hello, io_loop, ticker, Ending};
 pub const TICKS: u32 = 60;
 /// Iterations of the busy loop between ticks.
 pub const TICK_SPIN: u32 = 10_000_000;
+/// Ticks of the long ticker (about a minute as L3), which keeps running
+/// while the level above saves and resumes the VM around it.
+pub const LONG_TICKS: u32 = 600;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
@@ -24,7 +27,7 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 10] = [
+pub const SCRIPTS: [(&str, &str); 11] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -35,6 +38,10 @@ pub const SCRIPTS: [(&str, &str); 10] = [
     ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
     ("l2-devices", include_str!("../scripts/l2-devices.sh")),
     ("l2-bench", include_str!("../scripts/l2-bench.sh")),
+    (
+        "l2-long-ticker-l3",
+        include_str!("../scripts/l2-long-ticker-l3.sh"),
+    ),
 ];
 const INIT: &str = include_str!("../scripts/init.sh");
 
@@ -60,6 +67,15 @@ pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
         (
             "ticker.elf",
             ticker(TICKS, TICK_SPIN, "LAB-TINY: ticker done", Ending::Reset),
+        ),
+        (
+            "ticker-long.elf",
+            ticker(
+                LONG_TICKS,
+                TICK_SPIN,
+                "LAB-TINY: long ticker done",
+                Ending::Reset,
+            ),
         ),
     ]
 }

@@ -218,3 +218,42 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         "dev2-nothing-dropped",
     ]);
 }
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn save_and_resume_a_vm_that_runs_its_own_vm() {
+    let img = l1_image();
+    let mut sc = scenario::Scenario::new(
+        "snapshots",
+        include_str!("../scenarios/snapshots.sh"),
+        Duration::from_secs(1500),
+    );
+    // Two L1 CPUs, as for the nested scenario: with one, the save's pause
+    // tends to reach L2's vCPU only when it is outside guest mode.
+    sc.cpus = 2;
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    let mut expected: Vec<String> = vec!["sr-l3-started".into()];
+    for c in 1..=3 {
+        for name in [
+            "sr-save-{}-ok",
+            "sr-state-saved-{}",
+            "sr-saved-mid-run-{}",
+            "sr-nothing-runs-while-saved-{}",
+            "sr-resumed-{}",
+        ] {
+            expected.push(name.replace("{}", &c.to_string()));
+        }
+    }
+    for name in [
+        "sr-saved-in-guest-mode",
+        "sr-l3-continues",
+        "l2-long-ticker-exit-0",
+        "sr-l2-powered-off",
+        "sr-l3-all-ticks-in-one-run",
+        "sr-l2-ended-cleanly",
+    ] {
+        expected.push(name.into());
+    }
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    report.assert_passed(&expected);
+}

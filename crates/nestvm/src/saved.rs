@@ -55,12 +55,15 @@ pub fn save(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
     crate::report(
         json,
         &format!(
-            "saved VM '{name}' in {:.1} s: {mib} MiB of memory ({written} MiB not zero) in {}; 'nestvm vm start {name}' resumes it",
+            "saved VM '{name}' in {:.1} s: {mib} MiB of memory ({written} MiB not zero) in {}; {} of {} vCPUs were running their own guest (nested state saved); 'nestvm vm start {name}' resumes it",
             started.elapsed().as_secs_f64(),
-            saved_dir(store, name).display()
+            saved_dir(store, name).display(),
+            v["vcpus_in_guest_mode"],
+            v["vcpus"],
         ),
         serde_json::json!({"vm": name.as_str(), "result": "saved", "dir": saved_dir(store, name),
             "memory_bytes": v["memory_bytes"], "written_bytes": v["written_bytes"],
+            "vcpus": v["vcpus"], "vcpus_in_guest_mode": v["vcpus_in_guest_mode"],
             "seconds": started.elapsed().as_secs_f64()}),
     );
     Ok(0)

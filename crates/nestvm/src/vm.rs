@@ -293,6 +293,11 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
         }
         VmCmd::Set { name, settings } => {
             let name = vm_name(&name)?;
+            if store.state(&name) == nestvm_manager::VmState::Saved {
+                return Err(usage(anyhow!(
+                    "VM '{name}' has a saved state, which keeps the settings it was saved with: 'nestvm vm start {name}' and stop it, or 'nestvm vm discard-saved {name}', then change it"
+                )));
+            }
             let over = checked(settings.overrides()?, &name)?;
             store.set(&name, over).map_err(store_err)?;
             crate::report(

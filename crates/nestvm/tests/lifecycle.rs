@@ -292,9 +292,12 @@ fn save_then_start_resumes_exactly_where_it_was() {
     assert!(!before.contains("TICKER-DONE"), "saved mid-run: {before}");
     let saved = e.dir.join("vms/s/saved");
     assert!(saved.join("state").exists() && saved.join("memory").exists());
-    // The saved state is refused by set, kept by rm without --force.
+    // The saved state is kept by rm without --force, and set is refused.
     let rm = e.run(&["vm", "rm", "s"]);
     assert_eq!(rm.status.code(), Some(2));
+    let set = e.run(&["vm", "set", "s", "--cpus", "2"]);
+    assert_eq!(set.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&set.stderr).contains("saved state"));
     // Resume: the count goes on from where it was and the guest finishes.
     assert!(e.ok(&["vm", "start", "s"]).contains("resumed saved VM 's'"));
     assert!(!saved.exists(), "a resumed saved state is consumed");
@@ -336,4 +339,62 @@ fn corrupted_or_discarded_saved_states() {
     assert!(e.ok(&["vm", "kill", "c"]).contains("c"));
     // Saving needs a running VM.
     assert_eq!(e.run(&["vm", "save", "c"]).status.code(), Some(2));
+}
+
+#[test]
+fn a_vmm_killed_mid_save_leaves_no_half_saved_state() {
+    if !kvm_or_skip("a_vmm_killed_mid_save_leaves_no_half_saved_state") {
+        return;
+    }
+    let e = Env::new("killsave");
+    // 4 GiB: the save scans every page, which takes long enough to kill it.
+    let k = guest("killsave.elf", hello("up", Ending::HaltForever));
+    e.ok(&[
+        "vm",
+        "new",
+        "k",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "4G",
+        "--nested",
+        "off",
+    ]);
+    e.ok(&["vm", "start", "k"]);
+    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let save = nestvm()
+        .arg("--state-dir")
+        .arg(&e.dir)
+        .args(["vm", "save", "k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the VMM once the save has begun writing.
+    let staged = e.dir.join("vms/k/saved.tmp");
+    let start = Instant::now();
+    while !staged.join("memory").exists() {
+        assert!(start.elapsed() < T, "the save never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = save.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "the save cannot have succeeded");
+    // Nothing half-written is taken for a saved state: the VM is Off.
+    assert!(!e.dir.join("vms/k/saved").exists());
+    e.wait_state("k", "Off");
+    // It starts fresh, and the next save completes (clearing the leftovers).
+    assert!(e.ok(&["vm", "start", "k"]).contains("started VM 'k'"));
+    assert!(e.ok(&["vm", "save", "k"]).contains("saved VM 'k'"));
+    assert!(!staged.exists());
+    assert_eq!(e.state("k"), "Saved");
+    e.ok(&["vm", "discard-saved", "k"]);
 }

@@ -503,7 +503,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                         virtio: &virtio.inspect,
                     };
                     match save_vm(&handles, &parts, dir) {
-                        Ok(summary) => {
+                        Ok((summary, in_guest_mode)) => {
                             settle(&outcome, VmOutcome::Saved);
                             req.reply(
                                 200,
@@ -511,6 +511,8 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                                     "saved": dir,
                                     "memory_bytes": summary.memory_bytes,
                                     "written_bytes": summary.written_bytes,
+                                    "vcpus": handles.len(),
+                                    "vcpus_in_guest_mode": in_guest_mode,
                                 }),
                             );
                         }
@@ -585,13 +587,19 @@ fn collect_states(handles: &[VcpuHandle]) -> Result<Vec<nestvm_kvm::VcpuState>, 
     Ok(states)
 }
 
-/// Saves the paused VM into `dir` (see [`crate::snapshot`]).
+/// Saves the paused VM into `dir` (see [`crate::snapshot`]); also says how
+/// many vCPUs were running a guest of their own (their nested state is in
+/// the snapshot).
 fn save_vm(
     handles: &[VcpuHandle],
     p: &SaveParts<'_>,
     dir: &std::path::Path,
-) -> Result<crate::snapshot::SaveSummary, String> {
+) -> Result<(crate::snapshot::SaveSummary, usize), String> {
     let vcpus = collect_states(handles)?;
+    let in_guest_mode = vcpus
+        .iter()
+        .filter(|v| v.nested.as_ref().is_some_and(|n| n.guest_mode()))
+        .count();
     let snap = crate::snapshot::VmSnapshot {
         config: p.config.clone(),
         nested: p.nested,
@@ -610,15 +618,17 @@ fn save_vm(
             .collect(),
         memory: Vec::new(),
     };
-    crate::snapshot::save(snap, p.memory, dir).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        msg
-    })
+    crate::snapshot::save(snap, p.memory, dir)
+        .map(|s| (s, in_guest_mode))
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })
 }
 
 /// A boxed subscriber, so devices of any backend share one event loop.

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -124,9 +124,11 @@ fn write_memory(
     path: &Path,
 ) -> Result<(Vec<RegionSnapshot>, SaveSummary), SnapshotError> {
     let err = |what| move |e| SnapshotError::Memory(what, e);
+    // Guest memory may hold the guest's secrets: private like the state.
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(err("create the file for"))?;
     let mut regions = Vec::new();

@@ -1,0 +1,45 @@
+# Save and resume a VM that is running its own VM: L2 (nesting on, Debian)
+# runs a ticking L3; L1 saves L2 mid-run, checks it is Saved and frozen,
+# resumes it, three times, and L3 finishes its count as if nothing happened.
+N=/nestvm/nestvm
+export NESTVM_STATE_DIR=/tmp/state
+LOG=/tmp/state/vms/l2/console.log
+ticks() { tr -cd . <"$LOG" | wc -c; }
+$N vm new l2 --kernel /next/vmlinuz --initrd /next/initrd --memory 512M --nested on \
+    --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.nested=1 lab.script=l2-long-ticker-l3"
+$N vm start l2
+check sr-l3-started wait_for "$LOG" "long ticker starting" 600
+# Let L3 tick a while, then save L2 around it.
+n=0
+until [ "$(ticks)" -ge 40 ] || [ $n -ge 120 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+# Three save/resume cycles while L3 ticks; at least one must catch L2's
+# vCPU running L3 (in guest mode), so the nested state is what carried it.
+: >/tmp/saves.txt
+for cycle in 1 2 3; do
+    $N vm save l2 >/tmp/save.txt 2>&1
+    cat /tmp/save.txt | tee -a /tmp/saves.txt
+    check "sr-save-$cycle-ok" grep -q "saved VM 'l2'" /tmp/save.txt
+    check "sr-state-saved-$cycle" [ "$(vm_state l2)" = Saved ]
+    BEFORE=$(ticks)
+    say "cycle $cycle: ticks before resume: $BEFORE"
+    check "sr-saved-mid-run-$cycle" sh -c "! grep -q 'long ticker done' $LOG"
+    sleep 2
+    check "sr-nothing-runs-while-saved-$cycle" [ "$(ticks)" = "$BEFORE" ]
+    $N vm start l2 >/tmp/start.txt 2>&1
+    cat /tmp/start.txt
+    check "sr-resumed-$cycle" grep -q "resumed saved VM 'l2'" /tmp/start.txt
+    n=0
+    until [ "$(ticks)" -gt "$((BEFORE + 20))" ] || [ $n -ge 60 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+done
+check sr-saved-in-guest-mode grep -q "1 of 1 vCPUs were running their own guest" /tmp/saves.txt
+check sr-l3-continues wait_for "$LOG" "long ticker done" 600
+check sr-l2-powered-off wait_state l2 Off 300
+tail -n 5 "$LOG"
+check sr-l3-all-ticks-in-one-run [ "$(sed -n 's/.*l3-ticks=\([0-9]*\).*/\1/p' "$LOG" | tail -n 1)" = 600 ]
+check sr-l2-ended-cleanly sh -c "grep -q PowerOff /tmp/state/vms/l2/vmm.log"

@@ -1,0 +1,7 @@
+# In L2 (nesting on): an L3 guest that ticks 600 times (about a minute) and
+# then says it is done; the level above saves and resumes L2 meanwhile.
+# Reports how many ticks L3 printed in one unbroken run.
+say "long ticker starting"
+vm l3long 900 --kernel /guests/ticker-long.elf --memory 16M
+check l2-long-ticker-exit-0 rc_is l3long 0
+say "l3-ticks=$(sed -n 's/^\(\.*\)LAB-TINY: long ticker done.*/\1/p' /tmp/l3long.log | tr -d '\n' | wc -c)"
