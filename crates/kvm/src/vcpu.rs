@@ -264,6 +264,26 @@ impl Vcpu {
         Ok(outcome)
     }
 
+    /// Lets KVM finish a port or MMIO access whose data userspace already
+    /// handled (KVM completes it — advancing RIP, loading the value read —
+    /// only on the next KVM_RUN), without running the guest: a KVM_RUN with
+    /// `immediate_exit` set. Call before saving a paused vCPU's state, or the
+    /// saved registers would still point at the access, and a restored guest
+    /// would do it twice.
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Run {
+                id: self.id,
+                source,
+            }),
+        }
+    }
+
     /// A human-readable dump of the registers, for fatal errors.
     pub fn dump(&self) -> String {
         let mut out = String::new();

@@ -127,12 +127,17 @@ impl Machine {
             }
             Command::Save(reply) => {
                 let result = if self.state == State::Paused {
-                    VcpuState::save(
-                        &self.vcpu,
-                        &self.state_ctx.msr_indices,
-                        self.state_ctx.nested_state,
-                    )
-                    .map_err(|e| e.to_string())
+                    self.vcpu
+                        .complete_pending_io()
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| {
+                            VcpuState::save(
+                                &self.vcpu,
+                                &self.state_ctx.msr_indices,
+                                self.state_ctx.nested_state,
+                            )
+                            .map_err(|e| e.to_string())
+                        })
                 } else {
                     Err(not_paused())
                 };
