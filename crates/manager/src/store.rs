@@ -207,7 +207,7 @@ impl Store {
         let dir = self.vm_dir(name);
         if lock::is_held(&dir.join("run.lock")) {
             VmState::Live
-        } else if self.has_saved_state(name) {
+        } else if nonempty(self.vm_dir(name).join("saved")) {
             VmState::Saved
         } else {
             VmState::Off
@@ -216,7 +216,6 @@ impl Store {
 
     fn has_saved_state(&self, name: &VmName) -> bool {
         let dir = self.vm_dir(name);
-        let nonempty = |p: PathBuf| std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some());
         nonempty(dir.join("saved")) || nonempty(dir.join("checkpoints"))
     }
 
@@ -281,6 +280,11 @@ impl Store {
         names.sort();
         Ok(names)
     }
+}
+
+/// Whether `p` is a directory with something in it.
+fn nonempty(p: PathBuf) -> bool {
+    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some())
 }
 
 #[cfg(test)]

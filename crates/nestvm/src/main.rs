@@ -7,6 +7,7 @@
 //! Errors are one line on stderr naming the problem and the fix.
 
 mod attach;
+mod checkpoints;
 mod host;
 mod managed;
 mod run;

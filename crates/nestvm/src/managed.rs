@@ -86,13 +86,28 @@ fn not_running(name: &VmName) -> Failure {
 
 /// `vm start`.
 pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
+    start_from(store, name, None, json)
+}
+
+/// Starts the VM detached: from `checkpoint` if given, else from its saved
+/// state if it has one, else fresh.
+pub fn start_from(
+    store: &Store,
+    name: &VmName,
+    checkpoint: Option<&str>,
+    json: bool,
+) -> Result<u8, Failure> {
     let _cmd = store.lock(name).map_err(store_err)?;
     store.load(name).map_err(store_err)?;
     match store.state(name) {
         VmState::Live => return Err(runtime(anyhow!("VM '{name}' is already running"))),
         VmState::Saved | VmState::Off => {}
     }
-    let resuming = crate::saved::saved_dir(store, name).exists();
+    let resuming = crate::saved::saved_dir(store, name).exists() && checkpoint.is_none();
+    if !resuming && checkpoint.is_none() {
+        // A fresh start descends from no checkpoint.
+        crate::checkpoints::set_current(store, name, None)?;
+    }
     let p = paths(store, name);
     let log = std::fs::File::create(&p.log)
         .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
@@ -101,6 +116,7 @@ pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
     cmd.arg("--state-dir")
         .arg(store.root())
         .args(["vm", "serve", name.as_str()])
+        .args(checkpoint.map(|c| format!("--checkpoint={c}")))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(runtime)?)
         .stderr(log);
@@ -123,7 +139,11 @@ pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
                 json,
                 &format!(
                     "{} VM '{name}' (pid {}, {}); console: nestvm vm console {name}",
-                    if resuming { "resumed saved" } else { "started" },
+                    match (checkpoint, resuming) {
+                        (Some(_), _) => "restored checkpoint of",
+                        (None, true) => "resumed saved",
+                        (None, false) => "started",
+                    },
                     v["pid"],
                     v["state"].as_str().unwrap_or("?")
                 ),
@@ -144,7 +164,7 @@ pub fn start(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
 }
 
 /// `vm serve`: the detached VMM process of a managed VM.
-pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
+pub fn serve(store: &Store, name: &VmName, checkpoint: Option<&str>) -> Result<u8, Failure> {
     let p = paths(store, name);
     let _running = lock::lock(&p.run_lock, false)
         .map_err(|_| runtime(anyhow!("VM '{name}' is already running")))?;
@@ -152,7 +172,8 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let saved = crate::saved::saved_dir(store, name);
-    let resuming = saved.exists();
+    let checkpoints = crate::checkpoints::root(store, name);
+    let resuming = saved.exists() || checkpoint.is_some();
     // A resumed VM's console log goes on where it stopped.
     let console_log = std::fs::OpenOptions::new()
         .create(true)
@@ -162,7 +183,16 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
         .open(&p.console_log)
         .map_err(runtime)?;
     let hub = ConsoleHub::new(Some(console_log));
-    let (vm, notice) = if resuming {
+    let (vm, notice) = if let Some(c) = checkpoint {
+        let vm =
+            nestvm_vmm::snapshot::restore_checkpoint(&checkpoints, c, &hv, Box::new(hub.writer()))
+                .map_err(|e| {
+                    runtime(
+                        anyhow::Error::new(e).context(format!("cannot restore checkpoint '{c}'")),
+                    )
+                })?;
+        (vm, None)
+    } else if resuming {
         (
             crate::saved::restore(&saved, &hv, Box::new(hub.writer()))?,
             None,
@@ -204,6 +234,7 @@ pub fn serve(store: &Store, name: &VmName) -> Result<u8, Failure> {
             api: Some(api),
             console_server: Some(ConsoleServer::new(console, hub)),
             save_dir: Some(saved),
+            checkpoint_root: Some(checkpoints),
         },
     )
     .map_err(runtime);
@@ -230,7 +261,7 @@ fn wait_off(store: &Store, name: &VmName, timeout: Duration) -> bool {
     true
 }
 
-fn kill_hard(store: &Store, name: &VmName) -> Result<(), Failure> {
+pub fn kill_hard(store: &Store, name: &VmName) -> Result<(), Failure> {
     let p = paths(store, name);
     let _ = call(&p.control, "PUT", "/v1/vm/kill", API_TIMEOUT);
     if wait_off(store, name, Duration::from_secs(5)) {

@@ -94,6 +94,30 @@ pub enum VmCmd {
     Serve {
         /// The VM's name.
         name: String,
+        /// Build it from this checkpoint.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Take a checkpoint of a running or paused VM ('vm checkpoint rm NAME C' removes one).
+    Checkpoint {
+        /// NAME, or: rm NAME C.
+        #[arg(num_args = 1..=3, value_name = "NAME")]
+        args: Vec<String>,
+        /// The checkpoint's name [default: checkpoint-N].
+        #[arg(long = "name")]
+        checkpoint: Option<String>,
+    },
+    /// Show a VM's checkpoints as a tree.
+    Checkpoints {
+        /// The VM's name.
+        name: String,
+    },
+    /// Return a VM to a checkpoint and run it from there.
+    Restore {
+        /// The VM's name.
+        name: String,
+        /// The checkpoint.
+        checkpoint: String,
     },
     /// Set a VM up to host VMs: list the changes, ask once, apply.
     EnableNested {
@@ -345,7 +369,29 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
         VmCmd::DiscardSaved { name } => {
             return crate::saved::discard(&store, &vm_name(&name)?, json)
         }
-        VmCmd::Serve { name } => return crate::managed::serve(&store, &vm_name(&name)?),
+        VmCmd::Serve { name, checkpoint } => {
+            return crate::managed::serve(&store, &vm_name(&name)?, checkpoint.as_deref())
+        }
+        VmCmd::Checkpoint { args, checkpoint } => {
+            return match args
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .as_slice()
+            {
+                [vm] => crate::checkpoints::take(&store, &vm_name(vm)?, checkpoint, json),
+                ["rm", vm, c] => crate::checkpoints::remove(&store, &vm_name(vm)?, c, json),
+                _ => Err(usage(anyhow!(
+                    "use 'nestvm vm checkpoint NAME [--name C]' or 'nestvm vm checkpoint rm NAME C'"
+                ))),
+            }
+        }
+        VmCmd::Checkpoints { name } => {
+            return crate::checkpoints::show(&store, &vm_name(&name)?, json)
+        }
+        VmCmd::Restore { name, checkpoint } => {
+            return crate::checkpoints::restore(&store, &vm_name(&name)?, &checkpoint, json)
+        }
     }
     Ok(0)
 }

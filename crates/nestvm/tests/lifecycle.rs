@@ -398,3 +398,85 @@ fn a_vmm_killed_mid_save_leaves_no_half_saved_state() {
     assert_eq!(e.state("k"), "Saved");
     e.ok(&["vm", "discard-saved", "k"]);
 }
+
+#[test]
+fn checkpoints_go_back_in_time_and_survive_removing_their_parent() {
+    if !kvm_or_skip("checkpoints_go_back_in_time_and_survive_removing_their_parent") {
+        return;
+    }
+    let e = Env::new("ckpt");
+    const TICKS: usize = 300;
+    e.new_vm(
+        "t",
+        ticker(TICKS as u32, 3000, "TICKER-DONE", Ending::PowerOff),
+    );
+    let dots = |e: &Env| e.console_log("t").matches('.').count();
+    let wait_dots = |e: &Env, n: usize| {
+        let start = Instant::now();
+        while dots(e) < n {
+            assert!(start.elapsed() < T, "the ticker stalled below {n}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // A checkpoint taken while paused, so we know the exact count in it.
+    let take = |e: &Env, args: &[&str]| -> usize {
+        e.ok(&["vm", "pause", "t"]);
+        let n = dots(e);
+        let mut a = vec!["vm", "checkpoint", "t"];
+        a.extend_from_slice(args);
+        assert!(e.ok(&a).contains("took checkpoint"));
+        e.ok(&["vm", "resume", "t"]);
+        n
+    };
+    e.ok(&["vm", "start", "t"]);
+    wait_dots(&e, 30);
+    let at_a = take(&e, &["--name", "a"]);
+    wait_dots(&e, at_a + 60);
+    let at_1 = take(&e, &[]);
+    assert!(at_1 > at_a);
+    let tree = e.ok(&["vm", "checkpoints", "t"]);
+    assert!(tree.starts_with("a  ("), "{tree}");
+    assert!(tree.contains("\n  checkpoint-1  <- current"), "{tree}");
+    let v = e.env.json(&["vm", "checkpoints", "t"]);
+    assert_eq!(v["checkpoints"][1]["parent"], "a");
+    // Restore a (the VM, paused so the log stands still, is stopped first):
+    // the count goes back to a, then on to the end.
+    e.ok(&["vm", "pause", "t"]);
+    let before = e.console_log("t").len();
+    assert!(e
+        .ok(&["vm", "restore", "t", "a"])
+        .contains("restored checkpoint of VM 't'"));
+    e.wait_state("t", "Off");
+    let after = e.console_log("t")[before..].to_owned();
+    assert_eq!(after.matches('.').count(), TICKS - at_a, "{after}");
+    assert!(after.ends_with("TICKER-DONE"), "{after}");
+    // Remove a: checkpoint-1 takes its pages and stands alone, still whole.
+    e.ok(&["vm", "checkpoint", "rm", "t", "a"]);
+    let v = e.env.json(&["vm", "checkpoints", "t"]);
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 1);
+    assert!(v["checkpoints"][0]["parent"].is_null());
+    let before = e.console_log("t").len();
+    e.ok(&["vm", "restore", "t", "checkpoint-1"]);
+    e.wait_state("t", "Off");
+    let after = e.console_log("t")[before..].to_owned();
+    assert_eq!(after.matches('.').count(), TICKS - at_1, "{after}");
+    assert!(after.ends_with("TICKER-DONE"), "{after}");
+    // Checkpoints of a VM that is not running, and unknown names, are refused.
+    assert_eq!(e.run(&["vm", "checkpoint", "t"]).status.code(), Some(2));
+    assert_eq!(
+        e.run(&["vm", "restore", "t", "nope"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        e.run(&["vm", "checkpoint", "rm", "t", "nope"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        e.run(&["vm", "rm", "t"]).status.code(),
+        Some(2),
+        "checkpoints need --force"
+    );
+    e.ok(&["vm", "rm", "t", "--force"]);
+}

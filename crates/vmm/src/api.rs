@@ -88,12 +88,17 @@ pub enum Action {
     Kill,
     /// PUT /v1/vm/save: pause, save state and memory, stop.
     Save,
+    /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
+    /// carry on as before.
+    Checkpoint,
 }
 
 /// A request waiting for the run loop.
 pub struct Pending {
     /// What to do.
     pub action: Action,
+    /// The query string's `key=value` pairs.
+    pub query: Vec<(String, String)>,
     stream: UnixStream,
 }
 
@@ -154,8 +159,22 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String), String> {
     }
 }
 
+/// The `key=value` pairs after `?` in `path` (no percent-decoding: names
+/// nestvm passes are plain).
+pub fn parse_query(path: &str) -> Vec<(String, String)> {
+    path.split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Maps a method and path to an action, or an error status.
 pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
+    let path = path.split('?').next().unwrap_or_default();
     let action = match path {
         "/v1/vm" => Action::Info,
         "/v1/vm/pause" => Action::Pause,
@@ -163,6 +182,7 @@ pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
         "/v1/vm/power-button" => Action::PowerButton,
         "/v1/vm/kill" => Action::Kill,
         "/v1/vm/save" => Action::Save,
+        "/v1/vm/checkpoint" => Action::Checkpoint,
         _ => return Err((404, format!("no such endpoint {path}"))),
     };
     let want = if action == Action::Info { "GET" } else { "PUT" };
@@ -203,12 +223,13 @@ impl MutEventSubscriber for ApiServer {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
             let routed = read_request(&mut stream)
                 .map_err(|e| (400, e))
-                .and_then(|(m, p)| route(&m, &p));
+                .and_then(|(m, p)| route(&m, &p).map(|a| (a, p)));
             match routed {
-                Ok(action) => self
-                    .queue
-                    .borrow_mut()
-                    .push_back(Pending { action, stream }),
+                Ok((action, path)) => self.queue.borrow_mut().push_back(Pending {
+                    action,
+                    query: parse_query(&path),
+                    stream,
+                }),
                 Err((status, error)) => {
                     let body = serde_json::to_vec(&ApiError { error }).unwrap_or_default();
                     let _ = write_response(&mut stream, status, &body);

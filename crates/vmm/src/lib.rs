@@ -19,6 +19,8 @@
 pub mod adapters;
 pub mod api;
 pub mod builder;
+mod capture;
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod runner;

@@ -28,11 +28,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{Action, ApiError, ApiServer, DeviceInfo, Queue, RunState, VmInfo};
 use crate::builder::BuiltVm;
+use crate::capture::{checkpoint_vm, collect_states, save_vm, SaveParts, STATE_TIMEOUT};
 use crate::console::ConsoleServer;
 use crate::vcpu::{Command, Event, ExitReason, State, VcpuHandle};
-
-/// How long a paused vCPU may take to answer a state request.
-const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +96,8 @@ pub struct RunOptions {
     pub console_server: Option<ConsoleServer>,
     /// Where `PUT /v1/vm/save` writes the saved VM (managed VMs only).
     pub save_dir: Option<std::path::PathBuf>,
+    /// Where `PUT /v1/vm/checkpoint` keeps checkpoints (managed VMs only).
+    pub checkpoint_root: Option<std::path::PathBuf>,
 }
 
 type Outcome = Rc<RefCell<Option<VmOutcome>>>;
@@ -480,6 +480,47 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                     settle(&outcome, VmOutcome::Killed);
                     req.reply(200, &info(RunState::Stopping));
                 }
+                Action::Checkpoint => {
+                    let Some(root) = &opts.checkpoint_root else {
+                        req.reply(
+                            409,
+                            &ApiError {
+                                error:
+                                    "only managed VMs have checkpoints (nestvm vm checkpoint NAME)"
+                                        .into(),
+                            },
+                        );
+                        continue;
+                    };
+                    let was_paused = run_state == RunState::Paused;
+                    if !was_paused {
+                        pause_all(&handles);
+                    }
+                    let parts = SaveParts {
+                        config: &config,
+                        cpuid: &cpuid,
+                        nested,
+                        vm: &kvm_vm,
+                        memory: &memory,
+                        serial: &serial,
+                        virtio: &virtio.inspect,
+                    };
+                    let result = checkpoint_vm(&handles, &parts, root, &req.query);
+                    if !was_paused {
+                        for h in &handles {
+                            h.send(Command::Resume);
+                        }
+                    }
+                    match result {
+                        Ok(v) => req.reply(200, &v),
+                        Err(e) => req.reply(
+                            500,
+                            &ApiError {
+                                error: format!("cannot take the checkpoint: {e}"),
+                            },
+                        ),
+                    }
+                }
                 Action::Save => {
                     let Some(dir) = &opts.save_dir else {
                         req.reply(
@@ -562,75 +603,6 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
 }
 
 /// Pauses every vCPU and waits until each has.
-/// What a save needs besides the vCPUs.
-struct SaveParts<'a> {
-    config: &'a crate::config::VmConfig,
-    cpuid: &'a [Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>],
-    nested: bool,
-    vm: &'a nestvm_kvm::Vm,
-    memory: &'a vm_memory::GuestMemoryMmap,
-    serial: &'a Arc<Mutex<SerialPort>>,
-    virtio: &'a [Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>],
-}
-
-/// Asks every paused vCPU for its complete state.
-fn collect_states(handles: &[VcpuHandle]) -> Result<Vec<nestvm_kvm::VcpuState>, String> {
-    let mut states = Vec::with_capacity(handles.len());
-    for h in handles {
-        let (tx, rx) = channel();
-        h.send(Command::Save(tx));
-        let state = rx
-            .recv_timeout(STATE_TIMEOUT)
-            .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
-        states.push(state);
-    }
-    Ok(states)
-}
-
-/// Saves the paused VM into `dir` (see [`crate::snapshot`]); also says how
-/// many vCPUs were running a guest of their own (their nested state is in
-/// the snapshot).
-fn save_vm(
-    handles: &[VcpuHandle],
-    p: &SaveParts<'_>,
-    dir: &std::path::Path,
-) -> Result<(crate::snapshot::SaveSummary, usize), String> {
-    let vcpus = collect_states(handles)?;
-    let in_guest_mode = vcpus
-        .iter()
-        .filter(|v| v.nested.as_ref().is_some_and(|n| n.guest_mode()))
-        .count();
-    let snap = crate::snapshot::VmSnapshot {
-        config: p.config.clone(),
-        nested: p.nested,
-        vm: p.vm.save_state().map_err(|e| e.to_string())?,
-        vcpus,
-        cpuid: p.cpuid.to_vec(),
-        serial: p
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .snapshot(),
-        virtio: p
-            .virtio
-            .iter()
-            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
-            .collect(),
-        memory: Vec::new(),
-    };
-    crate::snapshot::save(snap, p.memory, dir)
-        .map(|s| (s, in_guest_mode))
-        .map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            msg
-        })
-}
-
 /// A boxed subscriber, so devices of any backend share one event loop.
 struct Boxed(Box<dyn MutEventSubscriber + Send>);
 
@@ -678,16 +650,8 @@ pub fn state_round_trip(handles: &[VcpuHandle]) -> Result<String, String> {
     for h in handles {
         h.send(Command::Pause);
     }
-    let mut states = Vec::with_capacity(handles.len());
     let result = (|| {
-        for h in handles {
-            let (tx, rx) = channel();
-            h.send(Command::Save(tx));
-            let state = rx
-                .recv_timeout(STATE_TIMEOUT)
-                .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
-            states.push(state);
-        }
+        let mut states = collect_states(handles)?;
         let mut parts = vec![];
         for (h, state) in handles.iter().zip(states.drain(..)) {
             parts.push(match &state.nested {

@@ -270,7 +270,10 @@ pub fn check_compatible(snap: &VmSnapshot, hv: &Hypervisor) -> Result<(), Snapsh
 }
 
 /// Maps the memory file privately, region by region, as guest memory.
-fn map_memory(dir: &Path, regions: &[RegionSnapshot]) -> Result<GuestMemoryMmap, SnapshotError> {
+pub(crate) fn map_memory(
+    dir: &Path,
+    regions: &[RegionSnapshot],
+) -> Result<GuestMemoryMmap, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let file = File::open(&path).map_err(|e| SnapshotError::Memory("open the file of", e))?;
     let len = file
@@ -322,7 +325,31 @@ pub fn restore(
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
     check_compatible(&snap, hv)?;
+    let memory = map_memory(dir, &snap.memory)?;
+    restore_with_memory(snap, memory, hv, console)
+}
+
+/// Builds the VM of checkpoint `name` (under `root`), paused.
+pub fn restore_checkpoint(
+    root: &Path,
+    name: &str,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    let snap = load(&root.join(name))?;
+    check_compatible(&snap, hv)?;
+    let memory = crate::checkpoint::memory(root, name, &snap.memory)?;
+    restore_with_memory(snap, memory, hv, console)
+}
+
+fn restore_with_memory(
+    snap: VmSnapshot,
+    memory: GuestMemoryMmap,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
     if snap.vcpus.len() != snap.config.cpus as usize
+        || snap.cpuid.len() != snap.vcpus.len()
         || snap.virtio.len() != snap.config.disks.len() + snap.config.nets.len()
     {
         return Err(SnapshotError::Incompatible(
@@ -330,7 +357,6 @@ pub fn restore(
         )
         .into());
     }
-    let memory = map_memory(dir, &snap.memory)?;
     let vm = hv.create_vm()?;
     vm.setup_irqchip_and_pit()?;
     vm.map_memory(&memory)?;
