@@ -1,6 +1,7 @@
 # Save and resume a VM that is running its own VM: L2 (nesting on, Debian)
 # runs a ticking L3; L1 saves L2 mid-run, checks it is Saved and frozen,
-# resumes it, three times, and L3 finishes its count as if nothing happened.
+# resumes it, three times; then checkpoints L2, lets L3 go on and restores
+# the checkpoint; L3 finishes its count as if nothing had happened.
 N=/nestvm/nestvm
 export NESTVM_STATE_DIR=/tmp/state
 LOG=/tmp/state/vms/l2/console.log
@@ -38,6 +39,33 @@ for cycle in 1 2 3; do
     done
 done
 check sr-saved-in-guest-mode grep -q "1 of 1 vCPUs were running their own guest" /tmp/saves.txt
+
+# Checkpoint L2 while L3 ticks, let L3 go on, restore the checkpoint: L3's
+# count goes back to where it was, then on to the end. L3's ticks are the
+# dots on the console's last line (they run on one line).
+l3run() { tail -n 1 "$LOG" | tr -cd . | wc -c; }
+$N vm pause l2
+A=$(l3run)
+$N vm checkpoint l2 --name c1 >/tmp/ck.txt 2>&1
+cat /tmp/ck.txt
+check ck-taken grep -q "took checkpoint 'c1'" /tmp/ck.txt
+$N vm resume l2
+n=0
+until [ "$(l3run)" -gt $((A + 30)) ] || [ $n -ge 60 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+check ck-l3-went-on [ "$(l3run)" -gt $((A + 30)) ]
+$N vm checkpoints l2
+$N vm pause l2
+LEN=$(wc -c <"$LOG")
+$N vm restore l2 c1 >/tmp/rs.txt 2>&1
+cat /tmp/rs.txt
+check ck-restored grep -q "restored checkpoint of VM 'l2'" /tmp/rs.txt
+wait_for "$LOG" "long ticker done" 600
+AFTER=$(tail -c +$((LEN + 1)) "$LOG" | sed -n 's/^\(\.*\)LAB-TINY: long ticker done.*/\1/p' | tr -d '\n' | wc -c)
+say "checkpoint at $A ticks; after restoring it: $AFTER more"
+check ck-l3-back-then-on [ "$AFTER" = $((600 - A)) ]
 check sr-l3-continues wait_for "$LOG" "long ticker done" 600
 check sr-l2-powered-off wait_state l2 Off 300
 tail -n 5 "$LOG"

@@ -246,6 +246,10 @@ fn save_and_resume_a_vm_that_runs_its_own_vm() {
     }
     for name in [
         "sr-saved-in-guest-mode",
+        "ck-taken",
+        "ck-l3-went-on",
+        "ck-restored",
+        "ck-l3-back-then-on",
         "sr-l3-continues",
         "l2-long-ticker-exit-0",
         "sr-l2-powered-off",
