@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod lab;
+mod saves;
 use nestvm_arch::{boot, cpuid, layout, regs};
 use nestvm_guests::{hello, io_loop, Ending};
 use nestvm_kvm::{ExitHandler, Hypervisor, RunOutcome};
@@ -357,6 +358,8 @@ fn main() -> Result<()> {
         .status()?
         .success();
 
+    eprintln!("[bench] save, resume and checkpoint of a 1 GiB VM (5 rounds)");
+    let sv = saves::measure(&nestvm, &dir, 5)?;
     let lab = if std::env::var("NESTVM_BENCH_LAB").as_deref() == Ok("0") {
         eprintln!("[bench] NESTVM_BENCH_LAB=0: skipping the lab comparison with QEMU");
         None
@@ -427,6 +430,43 @@ fn main() -> Result<()> {
             },
         },
     ];
+    let note =
+        "1 GiB managed VM, tiny ticker guest (memory mostly untouched), median of 5".to_owned();
+    for (name, value, target, met) in [
+        (
+            "vm save (pause, write state and memory, stop)",
+            sv.save_ms,
+            "—",
+            true,
+        ),
+        (
+            "vm start of a Saved VM (until its API answers)",
+            sv.resume_ms,
+            "—",
+            true,
+        ),
+        (
+            "vm start of a Saved VM to its next guest instruction",
+            sv.first_instruction_ms,
+            "<= 5 ms",
+            sv.first_instruction_ms <= 5.0,
+        ),
+        (
+            "vm checkpoint of a running VM (first: a root)",
+            sv.checkpoint_ms,
+            "—",
+            true,
+        ),
+    ] {
+        figures.push(Figure {
+            name: name.into(),
+            value: (value * 100.0).round() / 100.0,
+            unit: "ms",
+            target,
+            met,
+            note: note.clone(),
+        });
+    }
     if let Some((n, q)) = &lab {
         figures.extend(lab_figures(n, q));
     }

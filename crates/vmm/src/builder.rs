@@ -229,25 +229,51 @@ pub fn build(
         vcpus.push(vcpu);
     }
 
-    let state_ctx = StateContext {
-        msr_indices: Arc::new(hv.msr_index_list()?),
-        nested_state: hv.nested_state_size() > 0,
-    };
-    Ok(BuiltVm {
-        config: config.clone(),
-        state_ctx,
-        vcpus,
-        buses: Arc::new(devices.buses),
-        serial: devices.serial,
-        reset: devices.reset,
-        power_off: devices.power_off,
-        power_button: devices.power_button,
+    BuiltVm::assemble(
+        hv,
+        config.clone(),
         nested,
-        virtio: devices.virtio,
-        cpuid: tables,
+        vcpus,
+        tables,
+        devices,
         vm,
-        memory: memory.0,
-    })
+        memory.0,
+    )
+}
+
+impl BuiltVm {
+    /// Puts the parts of a built (or restored) VM together.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        hv: &Hypervisor,
+        config: VmConfig,
+        nested: bool,
+        vcpus: Vec<Vcpu>,
+        cpuid: Vec<Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>>,
+        devices: Devices,
+        vm: nestvm_kvm::Vm,
+        memory: GuestMemoryMmap,
+    ) -> Result<Self, BuildError> {
+        let state_ctx = StateContext {
+            msr_indices: Arc::new(hv.msr_index_list()?),
+            nested_state: hv.nested_state_size() > 0,
+        };
+        Ok(Self {
+            config,
+            state_ctx,
+            vcpus,
+            buses: Arc::new(devices.buses),
+            serial: devices.serial,
+            reset: devices.reset,
+            power_off: devices.power_off,
+            power_button: devices.power_button,
+            nested,
+            virtio: devices.virtio,
+            cpuid,
+            vm,
+            memory,
+        })
+    }
 }
 
 /// A VM's devices, wired to its KVM VM.

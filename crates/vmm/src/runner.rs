@@ -417,6 +417,16 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
             queue.clone(),
         ))));
     }
+    // What saves and checkpoints capture besides the vCPUs.
+    let parts = SaveParts {
+        config: &config,
+        cpuid: &cpuid,
+        nested,
+        vm: &kvm_vm,
+        memory: &memory,
+        serial: &serial,
+        virtio: &virtio.inspect,
+    };
     let mut run_state = RunState::Starting;
     log::debug!("VM built: {run_state:?}");
 
@@ -496,15 +506,6 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                     if !was_paused {
                         pause_all(&handles);
                     }
-                    let parts = SaveParts {
-                        config: &config,
-                        cpuid: &cpuid,
-                        nested,
-                        vm: &kvm_vm,
-                        memory: &memory,
-                        serial: &serial,
-                        virtio: &virtio.inspect,
-                    };
                     let result = checkpoint_vm(&handles, &parts, root, &req.query);
                     if !was_paused {
                         for h in &handles {
@@ -534,15 +535,6 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                     if run_state != RunState::Paused {
                         pause_all(&handles);
                     }
-                    let parts = SaveParts {
-                        config: &config,
-                        cpuid: &cpuid,
-                        nested,
-                        vm: &kvm_vm,
-                        memory: &memory,
-                        serial: &serial,
-                        virtio: &virtio.inspect,
-                    };
                     match save_vm(&handles, &parts, dir) {
                         Ok((summary, in_guest_mode)) => {
                             settle(&outcome, VmOutcome::Saved);

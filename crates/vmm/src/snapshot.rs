@@ -37,7 +37,6 @@ use vm_memory::{
 
 use crate::builder::{attach_devices, BuildError, BuiltVm};
 use crate::config::VmConfig;
-use crate::vcpu::StateContext;
 
 /// The state file in a saved-VM directory.
 pub const STATE_FILE: &str = "state";
@@ -381,23 +380,14 @@ fn restore_with_memory(
     for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
         state.restore(vcpu)?;
     }
-    let state_ctx = StateContext {
-        msr_indices: Arc::new(hv.msr_index_list()?),
-        nested_state: hv.nested_state_size() > 0,
-    };
-    Ok(BuiltVm {
-        config: snap.config,
-        state_ctx,
+    BuiltVm::assemble(
+        hv,
+        snap.config,
+        snap.nested,
         vcpus,
-        buses: Arc::new(devices.buses),
-        serial: devices.serial,
-        reset: devices.reset,
-        power_off: devices.power_off,
-        power_button: devices.power_button,
-        nested: snap.nested,
-        virtio: devices.virtio,
-        cpuid: snap.cpuid,
+        snap.cpuid,
+        devices,
         vm,
         memory,
-    })
+    )
 }
