@@ -480,3 +480,67 @@ fn checkpoints_go_back_in_time_and_survive_removing_their_parent() {
     );
     e.ok(&["vm", "rm", "t", "--force"]);
 }
+
+#[test]
+fn a_vmm_killed_mid_checkpoint_leaves_earlier_checkpoints_whole() {
+    if !kvm_or_skip("a_vmm_killed_mid_checkpoint_leaves_earlier_checkpoints_whole") {
+        return;
+    }
+    let e = Env::new("killckpt");
+    let k = guest("killckpt.elf", hello("up", Ending::HaltForever));
+    e.ok(&[
+        "vm",
+        "new",
+        "k",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "2G",
+        "--nested",
+        "off",
+    ]);
+    e.ok(&["vm", "start", "k"]);
+    e.ok(&["vm", "checkpoint", "k", "--name", "a"]);
+    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ckpt = nestvm()
+        .arg("--state-dir")
+        .arg(&e.dir)
+        .args(["vm", "checkpoint", "k", "--name", "b"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let staged = e.dir.join("vms/k/checkpoints/b.tmp");
+    let start = Instant::now();
+    while !staged.join("memory").exists() {
+        assert!(start.elapsed() < T, "the checkpoint never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_ne!(ckpt.wait_with_output().unwrap().status.code(), Some(0));
+    e.wait_state("k", "Off");
+    // Only a is there, whole: it restores, and b can be taken again.
+    let v = e.env.json(&["vm", "checkpoints", "k"]);
+    let names: Vec<_> = v["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].clone())
+        .collect();
+    assert_eq!(names, vec![serde_json::json!("a")]);
+    assert!(e
+        .ok(&["vm", "restore", "k", "a"])
+        .contains("restored checkpoint"));
+    assert_eq!(e.state("k"), "Running");
+    e.ok(&["vm", "checkpoint", "k", "--name", "b"]);
+    assert!(!staged.exists());
+    e.ok(&["vm", "kill", "k"]);
+}

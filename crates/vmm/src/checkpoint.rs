@@ -108,17 +108,6 @@ pub fn chain(root: &Path, name: &str) -> Result<Vec<(PathBuf, Layer)>, SnapshotE
     Ok(out)
 }
 
-/// The content of page `p` as the chain holds it (zeros if no layer does).
-fn chain_page(chain: &[(PathBuf, Layer)], p: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
-    match chain.iter().find(|(_, l)| l.has(p)) {
-        Some((_, l)) => l.read(p, buf),
-        None => {
-            buf.fill(0);
-            Ok(())
-        }
-    }
-}
-
 /// Writes the layer of a new checkpoint into `dir` (files `memory` and
 /// `pages`): the pages of `mem` that differ from what `parent` (newest
 /// first) holds. Returns the regions and the bytes written.
@@ -137,7 +126,10 @@ pub fn write_layer(
     let mut bits = vec![0u8; total.div_ceil(PAGE).div_ceil(8) as usize];
     let mut regions = Vec::new();
     let (mut offset, mut written) = (0u64, 0u64);
-    let mut cur = vec![0u8; PAGE as usize];
+    // Guest memory is read a chunk at a time; each page of it is compared
+    // with the chain's page (or with zeros, where no layer has it).
+    const CHUNK: u64 = 1 << 20;
+    let mut chunk = vec![0u8; CHUNK as usize];
     let mut old = vec![0u8; PAGE as usize];
     for region in mem.iter() {
         regions.push(RegionSnapshot {
@@ -147,19 +139,26 @@ pub fn write_layer(
         });
         let mut at = 0;
         while at < region.len() {
-            let n = (region.len() - at).min(PAGE) as usize;
-            mem.read_slice(&mut cur[..n], region.start_addr().unchecked_add(at))
+            let len = (region.len() - at).min(CHUNK) as usize;
+            mem.read_slice(&mut chunk[..len], region.start_addr().unchecked_add(at))
                 .map_err(|e| SnapshotError::Memory("read", std::io::Error::other(e)))?;
-            cur[n..].fill(0);
-            let p = (offset + at) / PAGE;
-            chain_page(parent, p, &mut old)?;
-            if cur != old {
-                file.write_all_at(&cur[..n], offset + at)
-                    .map_err(io("write"))?;
-                bits[(p / 8) as usize] |= 1 << (p % 8);
-                written += n as u64;
+            for (i, cur) in chunk[..len].chunks(PAGE as usize).enumerate() {
+                let pos = offset + at + i as u64 * PAGE;
+                let p = pos / PAGE;
+                let differs = match parent.iter().find(|(_, l)| l.has(p)) {
+                    Some((_, l)) => {
+                        l.read(p, &mut old[..cur.len()])?;
+                        cur != &old[..cur.len()]
+                    }
+                    None => cur.iter().any(|&b| b != 0),
+                };
+                if differs {
+                    file.write_all_at(cur, pos).map_err(io("write"))?;
+                    bits[(p / 8) as usize] |= 1 << (p % 8);
+                    written += cur.len() as u64;
+                }
             }
-            at += PAGE;
+            at += len as u64;
         }
         offset += region.len();
     }
