@@ -544,3 +544,49 @@ fn a_vmm_killed_mid_checkpoint_leaves_earlier_checkpoints_whole() {
     assert!(!staged.exists());
     e.ok(&["vm", "kill", "k"]);
 }
+
+#[test]
+fn a_saved_vm_using_cpu_features_this_host_lacks_is_refused() {
+    if !kvm_or_skip("a_saved_vm_using_cpu_features_this_host_lacks_is_refused") {
+        return;
+    }
+    let e = Env::new("cpufeat");
+    e.new_vm("f", ticker(u32::MAX, 3000, "never", Ending::Reset));
+    e.ok(&["vm", "start", "f"]);
+    e.ok(&["vm", "save", "f"]);
+    // Give the saved guest a CPU feature no x86 host has (CPUID 7.0 EDX
+    // bit 0 is reserved), with a valid checksum: only the CPU check can
+    // refuse it.
+    let path = e.dir.join("vms/f/saved/state");
+    let bytes = std::fs::read(&path).unwrap();
+    let payload = nestvm_snapshot::container::decode(&path, &bytes).unwrap();
+    let mut state: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    // kvm-bindings serializes each kvm_cpuid_entry2 as its 40 bytes:
+    // function, index, flags, eax, ebx, ecx, edx (u32 each), padding.
+    let mut changed = 0;
+    for entry in state["cpuid"][0].as_array_mut().unwrap() {
+        let b = entry.as_array_mut().unwrap();
+        let word = |b: &[serde_json::Value], at: usize| {
+            (0..4).fold(0u32, |w, i| {
+                w | (b[at + i].as_u64().unwrap() as u32) << (8 * i)
+            })
+        };
+        if word(b, 0) == 7 && word(b, 4) == 0 {
+            b[24] = (b[24].as_u64().unwrap() | 1).into();
+            changed += 1;
+        }
+    }
+    assert_eq!(changed, 1, "leaf 7.0 found");
+    let payload = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&path, nestvm_snapshot::container::encode(&payload)).unwrap();
+    let out = e.run(&["vm", "start", "f"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("CPU features are not all available here"),
+        "{err}"
+    );
+    assert!(err.contains("CPUID 0x7.0 edx bits 0x1"), "{err}");
+    assert_eq!(e.state("f"), "Saved", "the saved state is kept");
+    e.ok(&["vm", "discard-saved", "f"]);
+}
