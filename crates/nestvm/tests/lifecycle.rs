@@ -590,3 +590,47 @@ fn a_saved_vm_using_cpu_features_this_host_lacks_is_refused() {
     assert_eq!(e.state("f"), "Saved", "the saved state is kept");
     e.ok(&["vm", "discard-saved", "f"]);
 }
+
+#[test]
+fn restoring_a_checkpoint_puts_its_writable_disks_back() {
+    if !kvm_or_skip("restoring_a_checkpoint_puts_its_writable_disks_back") {
+        return;
+    }
+    let e = Env::new("ckptdisk");
+    let disk = e.dir.with_extension("disk.img");
+    let ro = e.dir.with_extension("ro.img");
+    std::fs::write(&disk, vec![b'A'; 1 << 20]).unwrap();
+    std::fs::write(&ro, vec![b'R'; 4096]).unwrap();
+    let k = guest("ckptdisk.elf", hello("up", Ending::HaltForever));
+    e.ok(&[
+        "vm",
+        "new",
+        "d",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "16M",
+        "--nested",
+        "off",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--disk",
+        &format!("path={},readonly=on", ro.display()),
+    ]);
+    e.ok(&["vm", "start", "d"]);
+    e.ok(&["vm", "checkpoint", "d", "--name", "a"]);
+    // After the checkpoint the disk changes (as guest writes would change it).
+    std::fs::write(&disk, vec![b'B'; 1 << 20]).unwrap();
+    e.ok(&["vm", "checkpoint", "d", "--name", "b"]);
+    std::fs::write(&disk, vec![b'C'; 1 << 20]).unwrap();
+    // Removing a folds it into b, disk copy included; restoring b brings B back.
+    e.ok(&["vm", "checkpoint", "rm", "d", "a"]);
+    e.ok(&["vm", "restore", "d", "b"]);
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&c| c == b'B'));
+    assert!(
+        std::fs::read(&ro).unwrap().iter().all(|&c| c == b'R'),
+        "read-only disks are not copied"
+    );
+    e.ok(&["vm", "kill", "d"]);
+    e.ok(&["vm", "rm", "d", "--force"]);
+}

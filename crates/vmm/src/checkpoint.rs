@@ -8,7 +8,9 @@
 //!   differs from the parent checkpoint's (for a root: the pages that are
 //!   not all zeros);
 //! - `pages`: a bitmap, one bit per 4 KiB page, of the pages `memory` holds;
-//! - `meta.json`: name, parent, creation time, sizes.
+//! - `meta.json`: name, parent, creation time, sizes;
+//! - `disk-N.img`: a copy of each writable disk (restored with the memory,
+//!   so the guest's page cache and its disk agree).
 //!
 //! So a checkpoint costs the memory that changed since its parent, found by
 //! comparing contents (which also catches pages written by devices, that
@@ -205,13 +207,13 @@ pub fn fold_into_child(
 ) -> Result<(), SnapshotError> {
     let parent = Layer::open(parent_dir)?;
     std::fs::create_dir_all(staged).map_err(io("create the folder for"))?;
-    for f in [
-        crate::snapshot::STATE_FILE,
-        crate::snapshot::MEMORY_FILE,
-        PAGES_FILE,
-    ] {
-        // copy_file_range: shares blocks on filesystems with reflinks.
-        std::fs::copy(child_dir.join(f), staged.join(f)).map_err(io("copy"))?;
+    // Every file of the child (state, memory, page map, disk copies);
+    // copy_file_range shares blocks on filesystems with reflinks.
+    for entry in std::fs::read_dir(child_dir).map_err(io("list"))? {
+        let entry = entry.map_err(io("list"))?;
+        if entry.file_type().map_err(io("inspect"))?.is_file() {
+            std::fs::copy(entry.path(), staged.join(entry.file_name())).map_err(io("copy"))?;
+        }
     }
     let mut bits = std::fs::read(staged.join(PAGES_FILE)).map_err(io("read the page map of"))?;
     let file = std::fs::OpenOptions::new()
@@ -280,6 +282,23 @@ pub fn take(
     std::fs::create_dir_all(&staged).map_err(io("create the folder for"))?;
     let (regions, total, written) = write_layer(mem, &chain, &staged)?;
     snap.memory = regions;
+    // Writable disks belong to the moment too: the guest's memory (its page
+    // cache, its filesystem's view) must meet the disk as it was. The VM is
+    // paused and disk requests are served on this thread, so nothing writes
+    // them meanwhile. std::fs::copy shares blocks where the filesystem can.
+    for (i, d) in snap
+        .config
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.readonly)
+    {
+        let copy = staged.join(disk_file(i));
+        std::fs::copy(&d.path, &copy).map_err(io("copy a disk image into"))?;
+        File::open(&copy)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync a disk image copy in"))?;
+    }
     let json = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Decode {
         path: staged.join(crate::snapshot::STATE_FILE),
         message: e.to_string(),
@@ -302,6 +321,33 @@ pub fn take(
     nestvm_snapshot::atomic::sync_dir(&staged)?;
     nestvm_snapshot::atomic::publish_dir(&staged, &dir)?;
     Ok(meta)
+}
+
+/// The copy of writable disk `index` in a checkpoint.
+pub fn disk_file(index: usize) -> String {
+    format!("disk-{index}.img")
+}
+
+/// Puts the writable disks of checkpoint `dir` back in place (each through
+/// a temporary file and a rename, so a crash leaves the old or the new
+/// image, never a mix).
+pub fn restore_disks(
+    dir: &Path,
+    disks: &[crate::adapters::DiskConfig],
+) -> Result<(), SnapshotError> {
+    for (i, d) in disks.iter().enumerate().filter(|(_, d)| !d.readonly) {
+        let copy = dir.join(disk_file(i));
+        if !copy.exists() {
+            continue;
+        }
+        let tmp = d.path.with_extension("nestvm-restore.tmp");
+        std::fs::copy(&copy, &tmp).map_err(io("copy back a disk image from"))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync a restored disk image of"))?;
+        std::fs::rename(&tmp, &d.path).map_err(io("put back a disk image of"))?;
+    }
+    Ok(())
 }
 
 /// Guest memory for restoring checkpoint `name`: the root's memory file

@@ -338,6 +338,7 @@ pub fn restore_checkpoint(
     let snap = load(&root.join(name))?;
     check_compatible(&snap, hv)?;
     let memory = crate::checkpoint::memory(root, name, &snap.memory)?;
+    crate::checkpoint::restore_disks(&root.join(name), &snap.config.disks)?;
     restore_with_memory(snap, memory, hv, console)
 }
 
