@@ -417,8 +417,11 @@ fn enable_nested(
             stop_timeout.as_secs()
         ));
     }
-    let discard_saved =
-        state == VmState::Saved && saved.exists() && config.nested != NestedMode::On;
+    // A saved state resumes with the CPU it was saved with: one taken
+    // without VT-x/AMD-V (or unreadable) can never host VMs, so it goes.
+    let discard_saved = state == VmState::Saved
+        && saved.exists()
+        && nestvm_vmm::snapshot::load(&saved).map_or(true, |s| !s.nested);
     if discard_saved {
         steps.push(
             "discard its saved state: it was taken without nesting and cannot resume with it"
