@@ -222,4 +222,26 @@ mod tests {
         // A second open of the same TAP while we hold it is refused.
         assert!(Tap::open(&name).is_err());
     }
+
+    #[test]
+    fn an_existing_persistent_tap_is_opened_not_created() {
+        // Made beforehand with iproute2, as an administrator would (root).
+        let name = format!("nvp{}", std::process::id() % 100_000);
+        let made = std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", &name, "mode", "tap"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made {
+            eprintln!("skipping: cannot create a persistent TAP here (not root, or no iproute2)");
+            return;
+        }
+        let opened = Tap::open(&name).map(|t| t.name().to_owned());
+        // The Tap is closed here; a persistent interface stays.
+        let still_there = std::path::Path::new("/sys/class/net").join(&name).exists();
+        let _ = std::process::Command::new("ip")
+            .args(["tuntap", "del", "dev", &name, "mode", "tap"])
+            .status();
+        assert_eq!(opened.unwrap(), name);
+        assert!(still_there, "a persistent TAP outlives nestvm");
+    }
 }
