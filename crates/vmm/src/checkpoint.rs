@@ -97,6 +97,12 @@ pub fn chain(root: &Path, name: &str) -> Result<Vec<(PathBuf, Layer)>, SnapshotE
     let mut out = Vec::new();
     let mut next = Some(name.to_owned());
     while let Some(n) = next {
+        // Names come from the API and from metadata files: never a path.
+        if !valid_name(&n) {
+            return Err(SnapshotError::Incompatible(format!(
+                "invalid checkpoint name '{n}'"
+            )));
+        }
         if out.len() > 10_000 {
             return Err(SnapshotError::Incompatible(
                 "checkpoint parents form a loop".into(),
@@ -479,5 +485,16 @@ mod tests {
             Some("a")
         );
         assert_eq!(rebuild(&root, "c", size), b);
+    }
+
+    #[test]
+    fn names_are_never_paths() {
+        for bad in [
+            "", "..", "../x", "a/b", ".hidden", "CURRENT", "x.tmp", "x.old", "sp ace",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+            assert!(chain(Path::new("/tmp"), bad).is_err(), "{bad}");
+        }
+        assert!(valid_name("before-upgrade_2.1"));
     }
 }
