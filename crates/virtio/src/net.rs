@@ -12,12 +12,15 @@
 //!
 //! The TAP is read edge-triggered: on each wake-up frames are read until the
 //! TAP is empty or the guest has no receive buffer left; a frame that does
-//! not fit waits for the guest's next receive-queue notification.
+//! not fit waits for the guest's next receive-queue notification. With
+//! mergeable receive buffers (the driver posts small buffers, as Linux does
+//! by default) a frame spans as many buffers as it needs, and the header's
+//! `num_buffers` says how many.
 
 use std::io::{self, Read};
 use std::os::fd::RawFd;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::{drain_queue, features, Backend, Chain};
@@ -48,6 +51,8 @@ pub mod feature {
     pub const HOST_TSO4: u64 = 1 << 11;
     /// The device takes TSO6 super-frames.
     pub const HOST_TSO6: u64 = 1 << 12;
+    /// The driver posts small receive buffers and a frame may span several.
+    pub const MRG_RXBUF: u64 = 1 << 15;
     /// `status` in config is valid.
     pub const STATUS: u64 = 1 << 16;
 }
@@ -109,6 +114,8 @@ pub struct Net {
     rx_buf: Vec<u8>,
     rx_pending: usize,
     tx_buf: Vec<u8>,
+    /// Mergeable receive buffers negotiated.
+    mergeable: bool,
 }
 
 impl Net {
@@ -123,6 +130,7 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: 0,
             tx_buf: vec![0; MAX_FRAME],
+            mergeable: false,
         }
     }
 
@@ -171,11 +179,7 @@ impl Net {
         loop {
             if self.rx_pending == 0 {
                 match self.io.read_frame(&mut self.rx_buf) {
-                    Ok(n) if n >= HDR_LEN => {
-                        // One buffer per frame (no mergeable buffers).
-                        self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-                        self.rx_pending = n;
-                    }
+                    Ok(n) if n >= HDR_LEN => self.rx_pending = n,
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -185,9 +189,33 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // No buffer: ask to be told when there is one, and check
-                // again in case one arrived meanwhile.
+            // One buffer per frame, or with mergeable buffers as many as
+            // the frame needs.
+            let mut chains = Vec::new();
+            let mut room = 0usize;
+            let mut short = false;
+            while chains.is_empty() || (self.mergeable && room < self.rx_pending) {
+                if chains.len() >= usize::from(QUEUE_SIZE) {
+                    break; // cannot fit: deliver() drops the frame
+                }
+                match queue.pop_descriptor_chain(mem) {
+                    Some(c) => {
+                        room += c.clone().writer(mem).map_or(0, |w| w.available_bytes());
+                        chains.push(c);
+                    }
+                    None => {
+                        short = true;
+                        break;
+                    }
+                }
+            }
+            if short {
+                // Not enough buffers yet: give back what was taken, ask to
+                // be told when there are more, and check again in case some
+                // arrived meanwhile.
+                for _ in &chains {
+                    queue.go_to_previous_position();
+                }
                 match queue.enable_notification(mem) {
                     Ok(true) if !rechecked => {
                         rechecked = true;
@@ -195,11 +223,14 @@ impl Net {
                     }
                     _ => break,
                 }
-            };
+            }
             rechecked = false;
-            let head = chain.head_index();
-            let written = self.deliver(chain, mem);
-            if queue.add_used(mem, head, written).is_err() {
+            let lens = self.deliver(&chains, room, mem);
+            if chains
+                .iter()
+                .zip(lens)
+                .any(|(c, len)| queue.add_used(mem, c.head_index(), len).is_err())
+            {
                 break;
             }
             used = true;
@@ -207,24 +238,34 @@ impl Net {
         used && queue.needs_notification(mem).unwrap_or(true)
     }
 
-    /// Copies the pending frame into `chain`; returns the bytes written.
-    fn deliver(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
+    /// Copies the pending frame into `chains` (which hold `room` bytes),
+    /// telling the guest in the header how many it spans; returns the bytes
+    /// written into each. A frame that does not fit is dropped.
+    fn deliver(&mut self, chains: &[Chain<'_>], room: usize, mem: &GuestMemoryMmap) -> Vec<u32> {
         let len = std::mem::take(&mut self.rx_pending);
-        let Ok(mut writer) = chain.writer(mem) else {
+        let mut lens = vec![0u32; chains.len()];
+        if room < len {
             self.counters.rx_dropped += 1;
-            return 0;
-        };
-        if writer.available_bytes() < len {
-            self.counters.rx_dropped += 1;
-            return 0;
+            return lens;
         }
-        if io::Write::write_all(&mut writer, &self.rx_buf[..len]).is_err() {
-            self.counters.rx_dropped += 1;
-            return 0;
+        let buffers = chains.len() as u16;
+        self.rx_buf[10..12].copy_from_slice(&buffers.to_le_bytes());
+        let mut done = 0;
+        for (chain, out) in chains.iter().zip(lens.iter_mut()) {
+            let Ok(mut writer) = chain.clone().writer(mem) else {
+                continue;
+            };
+            let n = writer.available_bytes().min(len - done);
+            if io::Write::write_all(&mut writer, &self.rx_buf[done..done + n]).is_err() {
+                self.counters.rx_dropped += 1;
+                return vec![0; chains.len()];
+            }
+            *out = n as u32;
+            done += n;
         }
         self.counters.rx_frames += 1;
         self.counters.rx_bytes += (len - HDR_LEN) as u64;
-        len as u32
+        lens
     }
 }
 
@@ -255,6 +296,7 @@ impl Backend for Net {
             | GUEST_TSO6
             | HOST_TSO4
             | HOST_TSO6
+            | MRG_RXBUF
     }
     fn queue_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
@@ -266,6 +308,7 @@ impl Backend for Net {
     }
     fn activate(&mut self, f: u64) -> Result<(), String> {
         use feature::*;
+        self.mergeable = f & MRG_RXBUF != 0;
         let csum = f & GUEST_CSUM != 0;
         self.io
             .set_offload(
@@ -277,6 +320,7 @@ impl Backend for Net {
     }
     fn reset(&mut self) {
         self.rx_pending = 0;
+        self.mergeable = false;
     }
     fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         match q {
