@@ -69,6 +69,36 @@ impl Env {
         }
     }
 
+    /// Runs `nestvm ARGS` (a save or checkpoint of VM `name`) and kills the
+    /// VM's VMM with SIGKILL as soon as `staged/memory` appears, i.e. in the
+    /// middle of writing it. Returns what the command said.
+    fn kill_vmm_while(&self, name: &str, args: &[&str], staged: &std::path::Path) -> Output {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("vms").join(name).join("vmm.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let cmd = nestvm()
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !staged.join("memory").exists() {
+            assert!(start.elapsed() < T, "{args:?} never started writing");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        cmd.wait_with_output().unwrap()
+    }
+
     fn console_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join("vms").join(name).join("console.log"))
             .unwrap_or_default()
@@ -361,32 +391,9 @@ fn a_vmm_killed_mid_save_leaves_no_half_saved_state() {
         "off",
     ]);
     e.ok(&["vm", "start", "k"]);
-    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let save = nestvm()
-        .arg("--state-dir")
-        .arg(&e.dir)
-        .args(["vm", "save", "k"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // Kill the VMM once the save has begun writing.
     let staged = e.dir.join("vms/k/saved.tmp");
-    let start = Instant::now();
-    while !staged.join("memory").exists() {
-        assert!(start.elapsed() < T, "the save never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let out = save.wait_with_output().unwrap();
+    let out = e.kill_vmm_while("k", &["vm", "save", "k"], &staged);
     assert_ne!(out.status.code(), Some(0), "the save cannot have succeeded");
     // Nothing half-written is taken for a saved state: the VM is Off.
     assert!(!e.dir.join("vms/k/saved").exists());
@@ -501,31 +508,9 @@ fn a_vmm_killed_mid_checkpoint_leaves_earlier_checkpoints_whole() {
     ]);
     e.ok(&["vm", "start", "k"]);
     e.ok(&["vm", "checkpoint", "k", "--name", "a"]);
-    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let ckpt = nestvm()
-        .arg("--state-dir")
-        .arg(&e.dir)
-        .args(["vm", "checkpoint", "k", "--name", "b"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let staged = e.dir.join("vms/k/checkpoints/b.tmp");
-    let start = Instant::now();
-    while !staged.join("memory").exists() {
-        assert!(start.elapsed() < T, "the checkpoint never started");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert_ne!(ckpt.wait_with_output().unwrap().status.code(), Some(0));
+    let out = e.kill_vmm_while("k", &["vm", "checkpoint", "k", "--name", "b"], &staged);
+    assert_ne!(out.status.code(), Some(0));
     e.wait_state("k", "Off");
     // Only a is there, whole: it restores, and b can be taken again.
     let v = e.env.json(&["vm", "checkpoints", "k"]);
