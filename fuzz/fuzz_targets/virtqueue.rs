@@ -39,7 +39,7 @@ impl Backend for Sink {
         &mut self,
         _: usize,
         queues: &mut [nestvm_virtio::Queue],
-        mem: &vm_memory::GuestMemoryMmap,
+        mem: &nestvm_virtio::Memory,
     ) -> bool {
         drain_queue(&mut queues[0], mem, |chain: Chain<'_>| {
             use std::io::{Read, Write};

@@ -18,6 +18,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
@@ -184,8 +185,8 @@ pub fn madt(vcpus: u32) -> Vec<u8> {
 }
 
 /// Writes all tables and returns the RSDP address.
-pub fn write_tables(
-    mem: &GuestMemoryMmap,
+pub fn write_tables<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
     vcpus: u32,
     virtio: &[VirtioSlot],
 ) -> Result<u64, AcpiError> {
@@ -238,7 +239,7 @@ mod tests {
 
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let slots: Vec<_> = (0..3)
             .map(|i| VirtioSlot {
                 base: 0xd000_0000 + i * 0x1000,
@@ -303,7 +304,7 @@ mod tests {
 
     #[test]
     fn many_vcpus_still_fit() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let slots: Vec<_> = (0..16)
             .map(|i| VirtioSlot {
                 base: 0xd000_0000 + i * 0x1000,

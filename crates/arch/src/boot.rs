@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, E820Entry};
@@ -148,8 +149,8 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Loads the kernel at `path` into `mem` (whose low RAM ends at `low_end`).
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
+pub fn load_kernel<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
     low_end: u64,
     path: &Path,
 ) -> Result<LoadedKernel, BootError> {
@@ -223,8 +224,8 @@ pub fn load_kernel(
 
 /// Places the initrd at the top of low RAM (below the kernel's limit) and
 /// returns its address and size.
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+pub fn load_initrd<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
     low_end: u64,
     kernel: &LoadedKernel,
     path: &Path,
@@ -253,8 +254,8 @@ pub fn load_initrd(
 }
 
 /// Writes the command line (NUL-terminated) at [`layout::CMDLINE_START`].
-pub fn write_cmdline(
-    mem: &GuestMemoryMmap,
+pub fn write_cmdline<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
     kernel: &LoadedKernel,
     cmdline: &str,
 ) -> Result<(), BootError> {
@@ -328,7 +329,10 @@ pub fn build_boot_params(info: &BootInfo<'_>) -> boot_params {
 }
 
 /// Writes the zero page into guest memory.
-pub fn write_boot_params(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), BootError> {
+pub fn write_boot_params<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    params: &boot_params,
+) -> Result<(), BootError> {
     mem.write_obj(*params, GuestAddress(layout::ZERO_PAGE_START))
         .map_err(|source| BootError::GuestMemory {
             what: "boot_params",
@@ -344,7 +348,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn mem(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&layout::ram_ranges(size)).unwrap()
+        GuestMemoryMmap::<()>::from_ranges(&layout::ram_ranges(size)).unwrap()
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

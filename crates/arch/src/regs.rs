@@ -2,6 +2,7 @@
 //! segment and control registers, general registers, FPU, MSRs and LAPIC.
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
@@ -73,7 +74,7 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
 
 /// Writes the GDT, an empty IDT, and page tables identity-mapping the first
 /// [`IDENTITY_MAPPED`] bytes with 2 MiB pages. Returns the CR3 value.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<u64, RegsError> {
+pub fn write_boot_tables<B: Bitmap>(mem: &GuestMemoryMmap<B>) -> Result<u64, RegsError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::GDT_START + 8 * i as u64))
             .map_err(|e| RegsError::GuestMemory("GDT", e))?;
@@ -238,7 +239,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_four_gib() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let cr3 = write_boot_tables(&mem).unwrap();
         let pml4e: u64 = mem.read_obj(GuestAddress(cr3)).unwrap();
         assert_eq!(pml4e & 0x3, 0x3);

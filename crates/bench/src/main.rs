@@ -80,7 +80,7 @@ impl ExitHandler for Sink {
 /// the seconds spent in the run loop until the guest's reset write.
 fn bare_loop(kernel: &Path) -> Result<f64> {
     let hv = Hypervisor::open()?;
-    let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(128 << 20))?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_ranges(128 << 20))?;
     let k = boot::load_kernel(&mem, 128 << 20, kernel)?;
     let cr3 = regs::write_boot_tables(&mem)?;
     let vm = hv.create_vm()?;

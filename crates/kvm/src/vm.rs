@@ -7,6 +7,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -64,6 +65,15 @@ pub enum VmError {
     /// Reading or writing VM-wide state (irqchip, PIT, clock) failed.
     #[error("cannot {0} the VM's interrupt controller, timer or clock state")]
     State(&'static str, #[source] kvm_ioctls::Error),
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("cannot read KVM's dirty-page log of memory slot {slot}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// `KVM_CREATE_VCPU` failed.
     #[error("cannot create vCPU {id}")]
     CreateVcpu {
@@ -105,7 +115,35 @@ impl Vm {
     /// The caller must keep `mem` alive (and unmoved in the address space) for
     /// as long as this VM exists; nestvm does so by owning both in one `Vmm`
     /// that drops the VM's vCPUs first.
-    pub fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    pub fn map_memory<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>) -> Result<(), VmError> {
+        self.set_slots(mem, 0)
+    }
+
+    /// Turns KVM's dirty-page log on or off for every slot of `mem` (which
+    /// must be the memory given to [`Vm::map_memory`]). While it is on,
+    /// [`Vm::dirty_pages`] returns the pages the vCPUs wrote.
+    pub fn log_dirty_pages<B: Bitmap>(
+        &self,
+        mem: &GuestMemoryMmap<B>,
+        on: bool,
+    ) -> Result<(), VmError> {
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        self.set_slots(mem, flags)
+    }
+
+    /// The pages of slot `slot` (`size` bytes) written by vCPUs since the
+    /// last call, one bit per page, and clears the log.
+    pub fn dirty_pages(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size as usize)
+            .map_err(|source| VmError::DirtyLog { slot, source })
+    }
+
+    fn set_slots<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, flags: u32) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let host = mem
@@ -113,7 +151,7 @@ impl Vm {
                 .expect("a region's own start address is inside guest memory");
             let desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,

@@ -13,9 +13,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::Memory;
 use nix::fcntl::{Flock, FlockArg};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::{drain_queue, features, Backend, Chain};
 
@@ -158,7 +158,7 @@ impl Block {
     }
 
     /// Serves one request; returns the bytes written into the chain.
-    pub fn handle(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) -> u32 {
+    pub fn handle(&mut self, chain: Chain<'_>, mem: &Memory) -> u32 {
         let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
         else {
             self.counters.malformed += 1;
@@ -210,8 +210,8 @@ impl Block {
         &mut self,
         kind: u32,
         sector: u64,
-        reader: &mut virtio_queue::Reader<'_>,
-        writer: &mut virtio_queue::Writer<'_>,
+        reader: &mut virtio_queue::Reader<'_, crate::DirtySlice<'_>>,
+        writer: &mut virtio_queue::Writer<'_, crate::DirtySlice<'_>>,
     ) -> Result<(), u8> {
         match kind {
             request::IN => {
@@ -303,7 +303,7 @@ impl Backend for Block {
     fn activate(&mut self, _features: u64) -> Result<(), String> {
         Ok(())
     }
-    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
         let Some(queue) = queues.first_mut() else {
             return false;
         };

@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 struct Rig {
     dev: MmioDevice<Block>,
-    mem: GuestMemoryMmap,
+    mem: Memory,
     q: QueueDriver,
     path: PathBuf,
 }

@@ -3,8 +3,9 @@
 //! guest would, posts descriptor chains and reads the used ring. The unit
 //! tests and the fuzz targets drive the real devices through it, without KVM.
 
+use crate::Memory;
 use nestvm_devices::bus::BusDevice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::mmio::status;
 
@@ -71,7 +72,7 @@ impl QueueDriver {
     }
 
     /// Posts a chain of `bufs`; returns its head index.
-    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
+    pub fn add_chain(&mut self, mem: &Memory, bufs: &[Buf]) -> u16 {
         let head = self.next_desc;
         for (i, b) in bufs.iter().enumerate() {
             let index = (self.next_desc + i as u16) % self.size;
@@ -97,7 +98,7 @@ impl QueueDriver {
     }
 
     /// Used entries added since the last call: (head index, bytes written).
-    pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+    pub fn take_used(&mut self, mem: &Memory) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap_or(0);
         let mut out = Vec::new();
         while self.used_seen != idx {

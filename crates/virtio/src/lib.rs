@@ -23,7 +23,12 @@ pub mod worker;
 
 pub use virtio_queue::Queue;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemoryMmap;
+/// Guest memory as devices see it: every write through it (device DMA,
+/// used-ring updates) marks its page in a dirty bitmap, which live
+/// migration reads because KVM's dirty log only sees the vCPUs' writes.
+pub type Memory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// The part of a guest memory slice that marks dirty pages.
+pub type DirtySlice<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 /// The device's feature bits common to all devices.
 pub mod features {
@@ -34,7 +39,7 @@ pub mod features {
 }
 
 /// A descriptor chain borrowed from guest memory.
-pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+pub type Chain<'a> = DescriptorChain<&'a Memory>;
 
 /// A virtio device behind a transport.
 pub trait Backend: Send {
@@ -55,13 +60,13 @@ pub trait Backend: Send {
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// The guest notified `queue`; returns true when it should be interrupted.
-    fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &Memory) -> bool;
     /// A descriptor the event loop should watch for this device (a TAP), if any.
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
     /// That descriptor became ready; returns true when the guest should be interrupted.
-    fn process_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+    fn process_event(&mut self, _queues: &mut [Queue], _mem: &Memory) -> bool {
         false
     }
     /// Counters for reports: (name, value).
@@ -74,7 +79,7 @@ pub trait Backend: Send {
 /// number of bytes it wrote into the chain. Returns true when the guest asked
 /// to be told about the used buffers. With event indices, re-checks the ring
 /// after re-enabling notifications so no request is left behind.
-pub fn drain_queue<F>(queue: &mut Queue, mem: &GuestMemoryMmap, mut handle: F) -> bool
+pub fn drain_queue<F>(queue: &mut Queue, mem: &Memory, mut handle: F) -> bool
 where
     F: FnMut(Chain<'_>) -> u32,
 {

@@ -9,11 +9,11 @@
 //! that KVM signals without leaving the kernel; a write that does arrive here
 //! (no ioeventfd) signals the same eventfd.
 
+use crate::Memory;
 use nestvm_devices::bus::BusDevice;
 use nestvm_devices::EventTrigger;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::{features, Backend};
 
@@ -107,7 +107,7 @@ pub struct MmioSnapshot {
 /// A virtio device on the MMIO bus.
 pub struct MmioDevice<B> {
     backend: B,
-    mem: GuestMemoryMmap,
+    mem: Memory,
     queues: Vec<Queue>,
     notify: Vec<EventTrigger>,
     irq: EventTrigger,
@@ -123,7 +123,7 @@ pub struct MmioDevice<B> {
 
 impl<B: Backend> MmioDevice<B> {
     /// Wraps `backend`; `irq` is the device's interrupt line.
-    pub fn new(backend: B, mem: GuestMemoryMmap, irq: EventTrigger) -> Result<Self, MmioError> {
+    pub fn new(backend: B, mem: Memory, irq: EventTrigger) -> Result<Self, MmioError> {
         let mut queues = Vec::new();
         let mut notify = Vec::new();
         for &size in backend.queue_sizes() {

@@ -20,8 +20,8 @@
 use std::io::{self, Read};
 use std::os::fd::RawFd;
 
+use crate::Memory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use crate::{drain_queue, features, Backend, Chain};
 
@@ -135,7 +135,7 @@ impl Net {
     }
 
     /// Sends one chain from the transmit queue to the TAP (or drops it).
-    pub fn transmit(&mut self, chain: Chain<'_>, mem: &GuestMemoryMmap) {
+    pub fn transmit(&mut self, chain: Chain<'_>, mem: &Memory) {
         let Ok(mut reader) = chain.reader(mem) else {
             self.counters.tx_malformed += 1;
             return;
@@ -168,7 +168,7 @@ impl Net {
 
     /// Moves frames from the TAP into receive buffers until one side runs
     /// dry. Returns true when the guest should be interrupted.
-    fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn receive(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
         let Some(queue) = queues.get_mut(RX) else {
             return false;
         };
@@ -241,7 +241,7 @@ impl Net {
     /// Copies the pending frame into `chains` (which hold `room` bytes),
     /// telling the guest in the header how many it spans; returns the bytes
     /// written into each. A frame that does not fit is dropped.
-    fn deliver(&mut self, chains: &[Chain<'_>], room: usize, mem: &GuestMemoryMmap) -> Vec<u32> {
+    fn deliver(&mut self, chains: &[Chain<'_>], room: usize, mem: &Memory) -> Vec<u32> {
         let len = std::mem::take(&mut self.rx_pending);
         let mut lens = vec![0u32; chains.len()];
         if room < len {
@@ -322,7 +322,7 @@ impl Backend for Net {
         self.rx_pending = 0;
         self.mergeable = false;
     }
-    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
         match q {
             RX => self.receive(queues, mem),
             TX => {
@@ -340,7 +340,7 @@ impl Backend for Net {
     fn event_fd(&self) -> Option<RawFd> {
         Some(self.io.raw_fd())
     }
-    fn process_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
         self.receive(queues, mem)
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -37,7 +37,7 @@ const RXBUF: u64 = 0x60000;
 
 struct Rig {
     dev: MmioDevice<Net>,
-    mem: GuestMemoryMmap,
+    mem: Memory,
     rx: QueueDriver,
     tx: QueueDriver,
     host: UnixDatagram,

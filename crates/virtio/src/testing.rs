@@ -1,16 +1,17 @@
 //! Test helpers: a trivial backend and guest memory.
 
+use crate::Memory;
 use nestvm_devices::EventTrigger;
 use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::driver::{self, QueueDriver};
 use crate::mmio::MmioDevice;
 use crate::{drain_queue, features, Backend};
 
 /// Guest memory for tests: 1 MiB at 0.
-pub fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+pub fn memory() -> Memory {
+    Memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
 }
 
 /// A backend that completes every chain with length 0.
@@ -38,14 +39,14 @@ impl Backend for TestBackend {
     fn activate(&mut self, _features: u64) -> Result<(), String> {
         Ok(())
     }
-    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
         drain_queue(&mut queues[0], mem, |_| 0)
     }
 }
 
 impl TestBackend {
     /// The backend behind a transport, with its memory.
-    pub fn device() -> (MmioDevice<TestBackend>, GuestMemoryMmap) {
+    pub fn device() -> (MmioDevice<TestBackend>, Memory) {
         let mem = memory();
         let dev = MmioDevice::new(TestBackend, mem.clone(), EventTrigger::new().unwrap()).unwrap();
         (dev, mem)

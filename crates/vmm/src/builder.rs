@@ -15,7 +15,7 @@ use nestvm_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use nestvm_devices::serial::{SerialPort, SERIAL_PORT_LEN};
 use nestvm_devices::EventTrigger;
 use nestvm_kvm::{ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuError, VmError};
-use vm_memory::GuestMemoryMmap;
+use nestvm_virtio::Memory;
 
 use crate::config::VmConfig;
 use crate::vcpu::StateContext;
@@ -154,7 +154,7 @@ pub struct BuiltVm {
     /// The CPUID table each vCPU was given (snapshots carry it).
     pub(crate) cpuid: Vec<Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>>,
     pub(crate) vm: nestvm_kvm::Vm,
-    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) memory: Memory,
 }
 
 pub(crate) fn event(what: &'static str) -> Result<EventTrigger, BuildError> {
@@ -252,7 +252,7 @@ impl BuiltVm {
         cpuid: Vec<Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>>,
         devices: Devices,
         vm: nestvm_kvm::Vm,
-        memory: GuestMemoryMmap,
+        memory: Memory,
     ) -> Result<Self, BuildError> {
         let state_ctx = StateContext {
             msr_indices: Arc::new(hv.msr_index_list()?),
@@ -293,7 +293,7 @@ pub(crate) struct Devices {
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &nestvm_kvm::Vm,
-    memory: &GuestMemoryMmap,
+    memory: &Memory,
     make_serial: impl FnOnce(EventTrigger) -> Result<SerialPort, BuildError>,
 ) -> Result<Devices, BuildError> {
     let serial_irq = event("the serial interrupt")?;
@@ -343,14 +343,13 @@ struct Entry {
 /// Allocates guest memory and fills it: kernel, initrd, command line, ACPI,
 /// boot_params, GDT and page tables. Needs no KVM, so bad kernels and sizes
 /// are reported the same on any host.
-fn load_guest_memory(config: &VmConfig) -> Result<(GuestMemoryMmap, Entry), BuildError> {
-    let memory =
-        GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|source| {
-            BuildError::Memory {
-                mib: config.memory >> 20,
-                source,
-            }
-        })?;
+fn load_guest_memory(config: &VmConfig) -> Result<(Memory, Entry), BuildError> {
+    let memory = Memory::from_ranges(&layout::ram_ranges(config.memory)).map_err(|source| {
+        BuildError::Memory {
+            mib: config.memory >> 20,
+            source,
+        }
+    })?;
     let low_end = layout::low_ram_end(config.memory);
     let kernel = boot::load_kernel(&memory, low_end, &config.kernel)?;
     let initrd = match &config.initrd {

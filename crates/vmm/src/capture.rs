@@ -10,6 +10,7 @@ use std::time::Duration;
 use nestvm_devices::serial::SerialPort;
 
 use crate::vcpu::{Command, VcpuHandle};
+use nestvm_virtio::Memory;
 
 /// How long a paused vCPU may take to hand over its state.
 pub(crate) const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,7 +21,7 @@ pub(crate) struct SaveParts<'a> {
     pub cpuid: &'a [Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>],
     pub nested: bool,
     pub vm: &'a nestvm_kvm::Vm,
-    pub memory: &'a vm_memory::GuestMemoryMmap,
+    pub memory: &'a Memory,
     pub serial: &'a Arc<Mutex<SerialPort>>,
     pub virtio: &'a [Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>],
 }

@@ -22,8 +22,9 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nestvm_virtio::Memory;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::{RegionSnapshot, SnapshotError};
 
@@ -120,7 +121,7 @@ pub fn chain(root: &Path, name: &str) -> Result<Vec<(PathBuf, Layer)>, SnapshotE
 /// `pages`): the pages of `mem` that differ from what `parent` (newest
 /// first) holds. Returns the regions and the bytes written.
 pub fn write_layer(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     parent: &[(PathBuf, Layer)],
     dir: &Path,
 ) -> Result<(Vec<RegionSnapshot>, u64, u64), SnapshotError> {
@@ -179,7 +180,7 @@ pub fn write_layer(
 /// Lays every layer above the root (oldest first) over `mem`, which was
 /// mapped from the root's memory file.
 pub fn apply_layers(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     regions: &[RegionSnapshot],
     chain: &[(PathBuf, Layer)],
 ) -> Result<(), SnapshotError> {
@@ -263,7 +264,7 @@ pub fn valid_name(name: &str) -> bool {
 /// fsynced, then published in one rename.
 pub fn take(
     mut snap: crate::snapshot::VmSnapshot,
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     root: &Path,
     name: &str,
     parent: Option<&str>,
@@ -362,7 +363,7 @@ pub fn memory(
     root: &Path,
     name: &str,
     regions: &[RegionSnapshot],
-) -> Result<GuestMemoryMmap, SnapshotError> {
+) -> Result<Memory, SnapshotError> {
     let chain = chain(root, name)?;
     let (base_dir, _) = chain
         .last()
@@ -394,7 +395,7 @@ mod tests {
         d
     }
 
-    fn take(root: &Path, name: &str, parent: Option<&str>, mem: &GuestMemoryMmap) -> u64 {
+    fn take(root: &Path, name: &str, parent: Option<&str>, mem: &Memory) -> u64 {
         let chain = match parent {
             Some(p) => chain(root, p).unwrap(),
             None => vec![],
@@ -419,7 +420,7 @@ mod tests {
 
     fn rebuild(root: &Path, name: &str, size: usize) -> Vec<u8> {
         let c = chain(root, name).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let regions = [RegionSnapshot {
             guest_addr: 0,
             size: size as u64,
@@ -444,7 +445,7 @@ mod tests {
     fn layers_hold_only_what_changed_and_rebuild_exactly() {
         let root = scratch("layers");
         let size = 64 * PAGE as usize;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         mem.write_slice(&[1u8; 3 * 4096], GuestAddress(0)).unwrap();
         assert_eq!(
             take(&root, "a", None, &mem),

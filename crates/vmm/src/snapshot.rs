@@ -28,11 +28,13 @@ use nestvm_kvm::{Hypervisor, VcpuState, VmState};
 use nestvm_snapshot::atomic::{self, AtomicError};
 use nestvm_snapshot::container::{self, ContainerError};
 use nestvm_virtio::mmio::MmioSnapshot;
+use nestvm_virtio::Memory;
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use crate::builder::{attach_devices, BuildError, BuiltVm};
@@ -119,7 +121,7 @@ pub fn staging_dir(dir: &Path) -> PathBuf {
 }
 
 fn write_memory(
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     path: &Path,
 ) -> Result<(Vec<RegionSnapshot>, SaveSummary), SnapshotError> {
     let err = |what| move |e| SnapshotError::Memory(what, e);
@@ -172,11 +174,7 @@ fn write_memory(
 /// Writes `snap` (its `memory` field is filled in here) and `mem` as the
 /// saved-VM directory `dir`, replacing a previous one only once the new one
 /// is complete.
-pub fn save(
-    mut snap: VmSnapshot,
-    mem: &GuestMemoryMmap,
-    dir: &Path,
-) -> Result<SaveSummary, SnapshotError> {
+pub fn save(mut snap: VmSnapshot, mem: &Memory, dir: &Path) -> Result<SaveSummary, SnapshotError> {
     let staged = staging_dir(dir);
     atomic::recover_dir(&staged, dir);
     std::fs::create_dir_all(&staged).map_err(|source| AtomicError {
@@ -269,10 +267,7 @@ pub fn check_compatible(snap: &VmSnapshot, hv: &Hypervisor) -> Result<(), Snapsh
 }
 
 /// Maps the memory file privately, region by region, as guest memory.
-pub(crate) fn map_memory(
-    dir: &Path,
-    regions: &[RegionSnapshot],
-) -> Result<GuestMemoryMmap, SnapshotError> {
+pub(crate) fn map_memory(dir: &Path, regions: &[RegionSnapshot]) -> Result<Memory, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let file = File::open(&path).map_err(|e| SnapshotError::Memory("open the file of", e))?;
     let len = file
@@ -289,18 +284,21 @@ pub(crate) fn map_memory(
                 path.display()
             )));
         }
-        let region = MmapRegionBuilder::new(r.size as usize)
-            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-            .with_mmap_prot(libc_prot())
-            .with_mmap_flags(libc_private())
-            .build()
-            .map_err(|e| SnapshotError::Memory("map", std::io::Error::other(e.to_string())))?;
+        let region = MmapRegionBuilder::new_with_bitmap(
+            r.size as usize,
+            vm_memory::bitmap::AtomicBitmap::with_len(r.size as usize),
+        )
+        .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+        .with_mmap_prot(libc_prot())
+        .with_mmap_flags(libc_private())
+        .build()
+        .map_err(|e| SnapshotError::Memory("map", std::io::Error::other(e.to_string())))?;
         let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
             SnapshotError::Incompatible("a memory region wraps the address space".into())
         })?;
         mapped.push(region);
     }
-    GuestMemoryMmap::from_regions(mapped)
+    Memory::from_regions(mapped)
         .map_err(|e| SnapshotError::Incompatible(format!("memory regions overlap: {e}")))
 }
 
@@ -344,7 +342,7 @@ pub fn restore_checkpoint(
 
 fn restore_with_memory(
     snap: VmSnapshot,
-    memory: GuestMemoryMmap,
+    memory: Memory,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {

@@ -15,7 +15,7 @@ use nestvm_virtio::mmio::{Inspect, MmioDevice, QUEUE_NOTIFY};
 use nestvm_virtio::net::{derived_mac, FrameIo, Net};
 use nestvm_virtio::worker::Worker;
 use nestvm_virtio::Backend;
-use vm_memory::GuestMemoryMmap;
+use nestvm_virtio::Memory;
 
 use crate::adapters::parse_mac;
 use crate::builder::BuildError;
@@ -78,7 +78,7 @@ impl FrameIo for TapIo {
 pub fn attach(
     config: &VmConfig,
     vm: &nestvm_kvm::Vm,
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     mmio: &mut Bus,
 ) -> Result<VirtioDevices, BuildError> {
     let mut out = VirtioDevices::default();
@@ -106,7 +106,7 @@ fn add<B: Backend + 'static>(
     backend: B,
     slot: &VirtioSlot,
     vm: &nestvm_kvm::Vm,
-    mem: &GuestMemoryMmap,
+    mem: &Memory,
     mmio: &mut Bus,
     out: &mut VirtioDevices,
 ) -> Result<(), BuildError> {
