@@ -191,6 +191,19 @@ impl Store {
         write_atomic(&self.definition(name), config.to_toml().as_bytes())
     }
 
+    /// Makes the private directory of a VM that is not defined yet (one
+    /// arriving by migration: its definition is written once it runs).
+    pub fn reserve(&self, name: &VmName) -> Result<PathBuf, StoreError> {
+        if self.exists(name) {
+            return Err(StoreError::Exists(name.clone()));
+        }
+        private_dir(&self.root)?;
+        private_dir(&self.root.join("vms"))?;
+        let dir = self.vm_dir(name);
+        private_dir(&dir)?;
+        Ok(dir)
+    }
+
     /// Reads a VM's definition.
     pub fn load(&self, name: &VmName) -> Result<VmConfig, StoreError> {
         self.must_exist(name)?;

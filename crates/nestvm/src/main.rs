@@ -10,6 +10,7 @@ mod attach;
 mod checkpoints;
 mod host;
 mod managed;
+mod migrate;
 mod run;
 mod saved;
 mod status;

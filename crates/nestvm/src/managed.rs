@@ -163,17 +163,42 @@ pub fn start_from(
     }
 }
 
+/// What `vm serve` builds the VM from.
+pub enum From {
+    /// Its saved state if it has one, else its definition.
+    Definition,
+    /// A checkpoint.
+    Checkpoint(String),
+    /// A migration arriving on `listen`.
+    Incoming {
+        /// `HOST:PORT`.
+        listen: String,
+        /// The shared token.
+        token_file: PathBuf,
+        /// How long to wait for the sender.
+        wait: Duration,
+    },
+}
+
 /// `vm serve`: the detached VMM process of a managed VM.
-pub fn serve(store: &Store, name: &VmName, checkpoint: Option<&str>) -> Result<u8, Failure> {
+pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
     let p = paths(store, name);
     let _running = lock::lock(&p.run_lock, false)
         .map_err(|_| runtime(anyhow!("VM '{name}' is already running")))?;
-    let config = store.load(name).map_err(store_err)?;
+    // An arriving VM brings its definition with it.
+    let config = match from {
+        From::Incoming { .. } => None,
+        _ => Some(store.load(name).map_err(store_err)?),
+    };
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let saved = crate::saved::saved_dir(store, name);
     let checkpoints = crate::checkpoints::root(store, name);
-    let resuming = saved.exists() || checkpoint.is_some();
+    let checkpoint = match &from {
+        From::Checkpoint(c) => Some(c.as_str()),
+        _ => None,
+    };
+    let resuming = (saved.exists() && config.is_some()) || checkpoint.is_some();
     // A resumed VM's console log goes on where it stopped.
     let console_log = std::fs::OpenOptions::new()
         .create(true)
@@ -183,7 +208,25 @@ pub fn serve(store: &Store, name: &VmName, checkpoint: Option<&str>) -> Result<u
         .open(&p.console_log)
         .map_err(runtime)?;
     let hub = ConsoleHub::new(Some(console_log));
-    let (vm, notice) = if let Some(c) = checkpoint {
+    let mut arrival = None;
+    let (vm, notice) = if let From::Incoming {
+        listen,
+        token_file,
+        wait,
+    } = &from
+    {
+        let arrived = crate::migrate::incoming(
+            store,
+            name,
+            listen,
+            token_file,
+            *wait,
+            &hv,
+            Box::new(hub.writer()),
+        )?;
+        arrival = Some((arrived.running, arrived.confirm));
+        (arrived.vm, None)
+    } else if let Some(c) = checkpoint {
         let vm =
             nestvm_vmm::snapshot::restore_checkpoint(&checkpoints, c, &hv, Box::new(hub.writer()))
                 .map_err(|e| {
@@ -198,6 +241,7 @@ pub fn serve(store: &Store, name: &VmName, checkpoint: Option<&str>) -> Result<u
             None,
         )
     } else {
+        let config = config.expect("loaded unless incoming");
         let (expose, notice) = resolve_nested(config.nested, &hv)?;
         let vm = build(&config, &hv, expose, Box::new(hub.writer())).map_err(|e| {
             if e.is_usage() {
@@ -235,6 +279,10 @@ pub fn serve(store: &Store, name: &VmName, checkpoint: Option<&str>) -> Result<u
             console_server: Some(ConsoleServer::new(console, hub)),
             save_dir: Some(saved),
             checkpoint_root: Some(checkpoints),
+            migration_report: Some(store.vm_dir(name).join("migration.json")),
+            start_paused: arrival.as_ref().is_some_and(|(running, _)| !running),
+            on_started: arrival
+                .map(|(_, confirm)| Box::new(move || confirm.resumed()) as Box<dyn FnOnce()>),
         },
     )
     .map_err(runtime);

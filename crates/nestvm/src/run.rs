@@ -113,7 +113,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
             log::info!("guest powered off");
             Ok(0)
         }
-        VmOutcome::Quit | VmOutcome::Killed | VmOutcome::Saved => Ok(0),
+        VmOutcome::Quit | VmOutcome::Killed | VmOutcome::Saved | VmOutcome::Migrated => Ok(0),
         VmOutcome::Signal(n) => {
             eprintln!("nestvm: stopped the VM on signal {n}");
             Ok(128u8.saturating_add(n as u8))

@@ -97,6 +97,43 @@ pub enum VmCmd {
         /// Build it from this checkpoint.
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Wait on HOST:PORT for the VM to arrive by migration.
+        #[arg(long, value_name = "HOST:PORT")]
+        incoming: Option<String>,
+        /// The shared migration token (with --incoming).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<std::path::PathBuf>,
+        /// Seconds to wait for the sender (with --incoming).
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
+    /// Move a running VM to a 'nestvm vm receive' on another host (live: it keeps running during the copy).
+    Migrate {
+        /// The VM's name.
+        name: String,
+        /// Where the receiver listens.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// The shared token; the receiver wrote it.
+        #[arg(long, value_name = "FILE")]
+        token_file: std::path::PathBuf,
+        /// The longest pause allowed for the final copy.
+        #[arg(long, default_value = "50ms", value_parser = crate::migrate::parse_duration)]
+        max_downtime: std::time::Duration,
+    },
+    /// Wait for a VM migrated from another host, and run it here under NAME.
+    Receive {
+        /// The name it gets here (no VM here may have it).
+        name: String,
+        /// Where to listen.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// The shared token; a new one is written if the file does not exist.
+        #[arg(long, value_name = "FILE")]
+        token_file: std::path::PathBuf,
+        /// Seconds to wait for the sender.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
     },
     /// Take a checkpoint of a running or paused VM ('vm checkpoint rm NAME C' removes one).
     Checkpoint {
@@ -369,8 +406,58 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
         VmCmd::DiscardSaved { name } => {
             return crate::saved::discard(&store, &vm_name(&name)?, json)
         }
-        VmCmd::Serve { name, checkpoint } => {
-            return crate::managed::serve(&store, &vm_name(&name)?, checkpoint.as_deref())
+        VmCmd::Serve {
+            name,
+            checkpoint,
+            incoming,
+            token_file,
+            wait,
+        } => {
+            let from = match (checkpoint, incoming, token_file) {
+                (Some(c), None, _) => crate::managed::From::Checkpoint(c),
+                (None, Some(listen), Some(token_file)) => crate::managed::From::Incoming {
+                    listen,
+                    token_file,
+                    wait: std::time::Duration::from_secs(wait),
+                },
+                (None, None, _) => crate::managed::From::Definition,
+                _ => {
+                    return Err(usage(anyhow!(
+                        "--incoming needs --token-file, and excludes --checkpoint"
+                    )))
+                }
+            };
+            return crate::managed::serve(&store, &vm_name(&name)?, from);
+        }
+        VmCmd::Migrate {
+            name,
+            to,
+            token_file,
+            max_downtime,
+        } => {
+            return crate::migrate::migrate(
+                &store,
+                &vm_name(&name)?,
+                &to,
+                &token_file,
+                max_downtime,
+                json,
+            )
+        }
+        VmCmd::Receive {
+            name,
+            listen,
+            token_file,
+            wait,
+        } => {
+            return crate::migrate::receive(
+                &store,
+                &vm_name(&name)?,
+                &listen,
+                &token_file,
+                std::time::Duration::from_secs(wait),
+                json,
+            )
         }
         VmCmd::Checkpoint { args, checkpoint } => {
             return match args

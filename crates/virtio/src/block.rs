@@ -88,9 +88,23 @@ struct Counters {
     malformed: u64,
 }
 
+/// Locks an image: shared if read-only, else exclusive; never waits.
+fn lock_image(file: &File, read_only: bool) -> Result<Flock<File>, std::io::Error> {
+    let arg = if read_only {
+        FlockArg::LockSharedNonblock
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    Flock::lock(file.try_clone()?, arg).map_err(|(_, e)| e.into())
+}
+
 /// A virtio-blk device.
 pub struct Block {
-    file: Flock<File>,
+    file: File,
+    /// The image's lock, on a duplicate of `file` (flock locks belong to the
+    /// open file, which both share). `None` while released for a migration
+    /// to this same host.
+    lock: Option<Flock<File>>,
     path: PathBuf,
     read_only: bool,
     sectors: u64,
@@ -110,12 +124,7 @@ impl Block {
                 path: path.to_owned(),
                 source,
             })?;
-        let arg = if read_only {
-            FlockArg::LockSharedNonblock
-        } else {
-            FlockArg::LockExclusiveNonblock
-        };
-        let file = Flock::lock(file, arg).map_err(|_| BlockError::InUse(path.to_owned()))?;
+        let lock = lock_image(&file, read_only).map_err(|_| BlockError::InUse(path.to_owned()))?;
         let len = file
             .metadata()
             .map_err(|source| BlockError::Open {
@@ -143,6 +152,7 @@ impl Block {
         }
         Ok(Self {
             file,
+            lock: Some(lock),
             path: path.to_owned(),
             read_only,
             sectors: len / SECTOR,
@@ -275,6 +285,24 @@ impl Backend for Block {
     fn device_type(&self) -> u32 {
         2
     }
+    fn release(&mut self) -> Result<(), String> {
+        if let Some(lock) = self.lock.take() {
+            lock.unlock()
+                .map_err(|(_, e)| format!("cannot unlock {}: {e}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn reclaim(&mut self) -> Result<(), String> {
+        if self.lock.is_none() {
+            self.lock = Some(
+                lock_image(&self.file, self.read_only)
+                    .map_err(|e| format!("cannot lock {} again: {e}", self.path.display()))?,
+            );
+        }
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "block"
     }

@@ -212,6 +212,39 @@ fn an_image_is_not_opened_twice_for_writing() {
 }
 
 #[test]
+fn device_writes_mark_their_pages_dirty_for_migration() {
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::GuestMemoryBackend;
+    let mut r = rig("dirty", 64, false);
+    let mem = r.mem.clone();
+    let region: &MmapRegion<AtomicBitmap> = mem.iter().next().unwrap();
+    region.bitmap().reset();
+    assert_eq!(r.request(request::IN, 3, 512, true), (513, status::OK));
+    let bits = region.bitmap().get_and_reset();
+    let dirty = |addr: u64| bits[(addr / 4096 / 64) as usize] & (1 << (addr / 4096 % 64)) != 0;
+    assert!(dirty(DATA), "the data buffer the disk filled");
+    assert!(dirty(STATUS), "the status byte");
+    assert!(!dirty(0xa0000), "an untouched page");
+    assert!(
+        region.bitmap().get_and_reset().iter().all(|&w| w == 0),
+        "cleared"
+    );
+}
+
+#[test]
+fn a_released_image_can_be_opened_elsewhere_and_reclaimed_after() {
+    use crate::mmio::Inspect;
+    let mut r = rig("release", 8, false);
+    r.dev.release().unwrap();
+    let other = Block::open(&r.path, false).expect("the lock was released");
+    assert!(r.dev.reclaim().is_err(), "another process holds it now");
+    drop(other);
+    r.dev.reclaim().unwrap();
+    assert!(Block::open(&r.path, false).is_err(), "locked again");
+}
+
+#[test]
 fn a_broken_ring_does_not_hang_the_loop() {
     let mut r = rig("ring", 8, false);
     r.header(request::IN, 0);

@@ -59,6 +59,15 @@ pub trait Backend: Send {
     fn activate(&mut self, features: u64) -> Result<(), String>;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Lets another process take what it holds exclusively on the host (a
+    /// disk image's lock), for a migration to a VMM on this same host.
+    fn release(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Takes back what [`Backend::release`] let go (a failed migration).
+    fn reclaim(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The guest notified `queue`; returns true when it should be interrupted.
     fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &Memory) -> bool;
     /// A descriptor the event loop should watch for this device (a TAP), if any.

@@ -458,6 +458,10 @@ pub trait Inspect: Send {
     fn snapshot(&self) -> MmioSnapshot;
     /// Puts it in a saved state.
     fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String>;
+    /// See [`Backend::release`].
+    fn release(&mut self) -> Result<(), String>;
+    /// See [`Backend::reclaim`].
+    fn reclaim(&mut self) -> Result<(), String>;
 }
 
 impl<B: Backend> Inspect for MmioDevice<B> {
@@ -466,6 +470,12 @@ impl<B: Backend> Inspect for MmioDevice<B> {
     }
     fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String> {
         MmioDevice::restore(self, snap)
+    }
+    fn release(&mut self) -> Result<(), String> {
+        self.backend.release()
+    }
+    fn reclaim(&mut self) -> Result<(), String> {
+        self.backend.reclaim()
     }
     fn report(&self) -> DeviceReport {
         DeviceReport {

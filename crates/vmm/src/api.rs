@@ -91,6 +91,11 @@ pub enum Action {
     /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
     /// carry on as before.
     Checkpoint,
+    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N]: start
+    /// a live migration.
+    Migrate,
+    /// GET /v1/vm/migration: the current or last migration's progress.
+    Migration,
 }
 
 /// A request waiting for the run loop.
@@ -183,9 +188,15 @@ pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
         "/v1/vm/kill" => Action::Kill,
         "/v1/vm/save" => Action::Save,
         "/v1/vm/checkpoint" => Action::Checkpoint,
+        "/v1/vm/migrate" => Action::Migrate,
+        "/v1/vm/migration" => Action::Migration,
         _ => return Err((404, format!("no such endpoint {path}"))),
     };
-    let want = if action == Action::Info { "GET" } else { "PUT" };
+    let want = if matches!(action, Action::Info | Action::Migration) {
+        "GET"
+    } else {
+        "PUT"
+    };
     if method != want {
         return Err((405, format!("{path} takes {want}, not {method}")));
     }
@@ -290,6 +301,9 @@ mod tests {
         assert_eq!(route("GET", "/v1/vm"), Ok(Action::Info));
         assert_eq!(route("PUT", "/v1/vm/pause"), Ok(Action::Pause));
         assert_eq!(route("PUT", "/v1/vm/kill"), Ok(Action::Kill));
+        assert_eq!(route("PUT", "/v1/vm/migrate?to=a:1"), Ok(Action::Migrate));
+        assert_eq!(route("GET", "/v1/vm/migration"), Ok(Action::Migration));
+        assert_eq!(route("PUT", "/v1/vm/migration").unwrap_err().0, 405);
         assert_eq!(route("PUT", "/v1/vm").unwrap_err().0, 405);
         assert_eq!(route("GET", "/v1/vm/pause").unwrap_err().0, 405);
         assert_eq!(route("GET", "/etc/passwd").unwrap_err().0, 404);

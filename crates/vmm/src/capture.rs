@@ -42,7 +42,7 @@ pub(crate) fn collect_states(handles: &[VcpuHandle]) -> Result<Vec<nestvm_kvm::V
 
 /// The paused VM as a snapshot (memory excepted), and how many vCPUs were
 /// running a guest of their own (their nested state is in it).
-fn build_snapshot(
+pub(crate) fn build_snapshot(
     handles: &[VcpuHandle],
     p: &SaveParts<'_>,
 ) -> Result<(crate::snapshot::VmSnapshot, usize), String> {
@@ -73,7 +73,7 @@ fn build_snapshot(
 }
 
 /// An error with its causes, on one line.
-fn chain_text(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain_text(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

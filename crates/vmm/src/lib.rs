@@ -23,6 +23,7 @@ mod capture;
 pub mod checkpoint;
 pub mod config;
 pub mod console;
+pub mod migration;
 pub mod runner;
 pub mod snapshot;
 pub mod terminal;

@@ -30,6 +30,7 @@ use crate::api::{Action, ApiError, ApiServer, DeviceInfo, Queue, RunState, VmInf
 use crate::builder::BuiltVm;
 use crate::capture::{checkpoint_vm, collect_states, save_vm, SaveParts, STATE_TIMEOUT};
 use crate::console::ConsoleServer;
+use crate::migration::send::Outgoing;
 use crate::vcpu::{Command, Event, ExitReason, State, VcpuHandle};
 
 /// How a VM ended.
@@ -47,6 +48,8 @@ pub enum VmOutcome {
     Killed,
     /// The VM was saved (`PUT /v1/vm/save`) and stopped.
     Saved,
+    /// The VM was migrated (`PUT /v1/vm/migrate`) and runs elsewhere now.
+    Migrated,
     /// The guest crashed.
     Crashed {
         /// What happened.
@@ -98,6 +101,14 @@ pub struct RunOptions {
     pub save_dir: Option<std::path::PathBuf>,
     /// Where `PUT /v1/vm/checkpoint` keeps checkpoints (managed VMs only).
     pub checkpoint_root: Option<std::path::PathBuf>,
+    /// Where an outgoing migration's final progress is written (JSON) when
+    /// it ends, since a migrated VMM is gone before anyone can ask.
+    pub migration_report: Option<std::path::PathBuf>,
+    /// Leave the VM paused instead of resuming it (a migrated paused VM).
+    pub start_paused: bool,
+    /// Called once the VM runs (or is ready, if `start_paused`): a migration
+    /// receiver confirms to its sender here.
+    pub on_started: Option<Box<dyn FnOnce()>>,
 }
 
 type Outcome = Rc<RefCell<Option<VmOutcome>>>;
@@ -118,9 +129,12 @@ struct Control {
     signals: Option<SignalFd>,
     outcome: Outcome,
     round_trip: Rc<Cell<bool>>,
+    /// Written by threads that need the loop (a migration's stop request).
+    wake: EventFd,
 }
 
 const TOKEN_RESET: u32 = 1;
+const TOKEN_WAKE: u32 = 5;
 const TOKEN_POWER_OFF: u32 = 2;
 const TOKEN_VCPU: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
@@ -135,6 +149,7 @@ impl MutEventSubscriber for Control {
         add(self.reset.as_raw_fd(), TOKEN_RESET);
         add(self.power_off.as_raw_fd(), TOKEN_POWER_OFF);
         add(self.notify.as_raw_fd(), TOKEN_VCPU);
+        add(self.wake.as_raw_fd(), TOKEN_WAKE);
         if let Some(s) = &self.signals {
             add(s.as_raw_fd(), TOKEN_SIGNAL);
         }
@@ -165,6 +180,9 @@ impl MutEventSubscriber for Control {
                         }
                     }
                 }
+            }
+            TOKEN_WAKE => {
+                let _ = self.wake.read();
             }
             TOKEN_SIGNAL => {
                 if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
@@ -370,6 +388,10 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         ..
     } = vm;
     let notify = EventFd::new(EFD_NONBLOCK).map_err(setup("vCPU notify eventfd"))?;
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(setup("wake eventfd"))?;
+    let kvm_vm = Arc::new(kvm_vm);
+    let mut outgoing: Option<Outgoing> = None;
+    let mut last_migration: Option<crate::migration::Progress> = None;
     let (tx, rx) = channel();
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -393,6 +415,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         signals,
         outcome: outcome.clone(),
         round_trip: round_trip.clone(),
+        wake: wake.try_clone().map_err(setup("wake eventfd"))?,
     })));
     if let Some(mut server) = opts.console_server {
         server.set_feeder(SerialFeeder::new(serial.clone())?);
@@ -430,13 +453,30 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     let mut run_state = RunState::Starting;
     log::debug!("VM built: {run_state:?}");
 
-    for h in &handles {
-        h.send(Command::Resume);
+    if opts.start_paused {
+        run_state = RunState::Paused;
+    } else {
+        resume_all(&handles);
+        run_state = RunState::Running;
     }
-    run_state = RunState::Running;
+    if let Some(started) = opts.on_started {
+        started();
+    }
     while outcome.borrow().is_none() {
         if let Err(e) = em.run() {
             log::warn!("event loop: {e:?}");
+        }
+        if let Some(o) = &outgoing {
+            if let Some(reply) = o.stop_request() {
+                let running = run_state == RunState::Running;
+                if Outgoing::hand_over(reply, &handles, &parts, running) {
+                    settle(&outcome, VmOutcome::Migrated);
+                }
+            }
+        }
+        if outgoing.as_ref().is_some_and(|o| o.finished()) {
+            let o = outgoing.take().expect("checked above");
+            last_migration = Some(end_migration(o, false, opts.migration_report.as_deref()));
         }
         if round_trip.replace(false) && outcome.borrow().is_none() {
             match state_round_trip(&handles) {
@@ -489,6 +529,42 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                 Action::Kill => {
                     settle(&outcome, VmOutcome::Killed);
                     req.reply(200, &info(RunState::Stopping));
+                }
+                Action::Migration => match outgoing
+                    .as_ref()
+                    .map(|o| o.progress())
+                    .or(last_migration.clone())
+                {
+                    Some(p) => req.reply(200, &p),
+                    None => req.reply(
+                        404,
+                        &ApiError {
+                            error: "this VM has not been migrated".into(),
+                        },
+                    ),
+                },
+                Action::Migrate | Action::Save | Action::Checkpoint if outgoing.is_some() => req
+                    .reply(
+                        409,
+                        &ApiError {
+                            error: "a migration of this VM is under way".into(),
+                        },
+                    ),
+                Action::Migrate => {
+                    let started = wake
+                        .try_clone()
+                        .map_err(|e| format!("cannot share the wake eventfd: {e}"))
+                        .and_then(|w| Outgoing::from_query(&req.query, &parts, kvm_vm.clone(), w));
+                    match started {
+                        Ok(o) => {
+                            if let Some(path) = &opts.migration_report {
+                                let _ = std::fs::remove_file(path);
+                            }
+                            req.reply(202, &o.progress());
+                            outgoing = Some(o);
+                        }
+                        Err(e) => req.reply(400, &ApiError { error: e }),
+                    }
                 }
                 Action::Checkpoint => {
                     let Some(root) = &opts.checkpoint_root else {
@@ -567,6 +643,11 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
             }
         }
     }
+    if let Some(o) = outgoing.take() {
+        // Migrated: the thread is finishing; otherwise the VM ended under it.
+        let migrated = *outcome.borrow() == Some(VmOutcome::Migrated);
+        end_migration(o, !migrated, opts.migration_report.as_deref());
+    }
     for h in &handles {
         h.send(Command::Stop);
     }
@@ -594,7 +675,6 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     Ok(result)
 }
 
-/// Pauses every vCPU and waits until each has.
 /// A boxed subscriber, so devices of any backend share one event loop.
 struct Boxed(Box<dyn MutEventSubscriber + Send>);
 
@@ -621,7 +701,33 @@ fn device_info(dev: &Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>) -> DeviceInfo
     }
 }
 
-fn pause_all(handles: &[VcpuHandle]) {
+/// Waits for (or, with `cancel`, stops) a migration's thread, and writes
+/// its final progress to `report`.
+fn end_migration(
+    o: Outgoing,
+    cancel: bool,
+    report: Option<&std::path::Path>,
+) -> crate::migration::Progress {
+    let o = if cancel { o.cancel() } else { o.join() };
+    let progress = o.progress();
+    if let Some(path) = report {
+        let json = serde_json::to_vec(&progress).unwrap_or_default();
+        if let Err(e) = nestvm_snapshot::atomic::write_file(path, &json, 0o600) {
+            log::warn!("cannot write the migration report: {e}");
+        }
+    }
+    progress
+}
+
+/// Resumes every vCPU.
+pub(crate) fn resume_all(handles: &[VcpuHandle]) {
+    for h in handles {
+        h.send(Command::Resume);
+    }
+}
+
+/// Pauses every vCPU and waits until each has.
+pub(crate) fn pause_all(handles: &[VcpuHandle]) {
     for h in handles {
         h.send(Command::Pause);
     }

@@ -226,21 +226,36 @@ fn reg(entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32, r: usize) -> u32 {
 /// Refuses a snapshot whose guest uses CPU features this host's KVM would
 /// not give a new VM of the same shape.
 pub fn check_compatible(snap: &VmSnapshot, hv: &Hypervisor) -> Result<(), SnapshotError> {
+    if snap.cpuid.len() != snap.vcpus.len() {
+        return Err(SnapshotError::Incompatible(
+            "the state does not match its own definition".into(),
+        ));
+    }
+    check_cpu(&snap.cpuid, snap.nested, hv)
+}
+
+/// Refuses CPUID tables (one per vCPU) with features this host's KVM would
+/// not give a new VM of the same shape (`nested`: VT-x/AMD-V exposed).
+pub fn check_cpu(
+    cpuid: &[Vec<kvm_cpuid_entry2>],
+    nested: bool,
+    hv: &Hypervisor,
+) -> Result<(), SnapshotError> {
     let supported = hv
         .supported_cpuid()
         .map_err(|e| SnapshotError::Incompatible(e.to_string()))?;
     let mut missing = Vec::new();
-    for (index, saved) in snap.cpuid.iter().enumerate() {
+    for (index, saved) in cpuid.iter().enumerate() {
         let here = cpuid::build(
             &supported,
             &cpuid::CpuidPolicy {
                 topology: cpuid::VcpuTopology {
                     index: index as u32,
-                    count: snap.vcpus.len() as u32,
+                    count: cpuid.len() as u32,
                 },
                 tsc_khz: None,
                 tsc_deadline: hv.has_tsc_deadline(),
-                expose_virtualization: snap.nested,
+                expose_virtualization: nested,
             },
         );
         for (leaf, sub, r, dynamic) in FEATURE_REGS {
@@ -340,7 +355,7 @@ pub fn restore_checkpoint(
     restore_with_memory(snap, memory, hv, console)
 }
 
-fn restore_with_memory(
+pub(crate) fn restore_with_memory(
     snap: VmSnapshot,
     memory: Memory,
     hv: &Hypervisor,

@@ -1,0 +1,322 @@
+//! Live migration from the command line (the reference document's Move-VM):
+//! `vm receive NAME --listen ADDR` on the destination starts a `vm serve`
+//! that waits for the VM; `vm migrate NAME --to ADDR` on the source asks the
+//! VM's VMM to send it, and draws the progress until the VM runs there.
+//! Both sides read the same shared token from `--token-file`.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use indicatif::{ProgressBar, ProgressStyle};
+use nestvm_manager::{Store, VmName, VmState};
+use nestvm_vmm::api::call;
+use nestvm_vmm::migration::receive::{self, Arrived};
+use nestvm_vmm::migration::{Phase, Progress};
+
+use crate::managed::{paths, tail};
+use crate::vm::store_err;
+use crate::{runtime, usage, Failure};
+
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+const MIGRATION_REPORT: &str = "migration.json";
+
+/// Parses a duration such as `50ms`, `0.3s` or `2s` (a bare number is ms).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1e-3)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 3600.0 => {
+            Ok(Duration::from_secs_f64(v * scale))
+        }
+        _ => Err(format!(
+            "'{s}' is not a duration: write it like 50ms or 0.5s"
+        )),
+    }
+}
+
+/// Reads the shared token (the file's first line, at least 16 characters).
+fn read_token(path: &Path) -> Result<Vec<u8>, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage(anyhow!(
+            "cannot read the migration token {}: {e} (the receiver creates one with 'nestvm vm receive')",
+            path.display()
+        ))
+    })?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < 16 {
+        return Err(usage(anyhow!(
+            "the migration token in {} is shorter than 16 characters: use the file 'nestvm vm receive' wrote",
+            path.display()
+        )));
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+/// Reads the token, or writes a new random one (mode 0600) if the file does
+/// not exist; says whether it wrote one.
+fn ensure_token(path: &Path) -> Result<(Vec<u8>, bool), Failure> {
+    if path.exists() {
+        return Ok((read_token(path)?, false));
+    }
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(runtime)?;
+    let token = hex(&raw);
+    nestvm_snapshot::atomic::write_file(path, format!("{token}\n").as_bytes(), 0o600)
+        .map_err(|e| usage(anyhow!("cannot write a new migration token: {e}")))?;
+    Ok((token.into_bytes(), true))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `vm receive`: reserves NAME here and starts a VMM that waits on `listen`
+/// for it; returns once the VM runs here, or the receiving failed.
+pub fn receive(
+    store: &Store,
+    name: &VmName,
+    listen: &str,
+    token_file: &Path,
+    wait: Duration,
+    json: bool,
+) -> Result<u8, Failure> {
+    if store.exists(name) {
+        return Err(usage(anyhow!(
+            "a VM named '{name}' already exists here: receive it under another name, or remove it first"
+        )));
+    }
+    if store.state(name) == VmState::Live {
+        return Err(usage(anyhow!("VM '{name}' is already being received here")));
+    }
+    let token_file = std::path::absolute(token_file).map_err(runtime)?;
+    let (_, created) = ensure_token(&token_file)?;
+    if created && !json {
+        eprintln!(
+            "nestvm: wrote a new migration token to {}; the source needs the same file",
+            token_file.display()
+        );
+    }
+    let dir = store.reserve(name).map_err(store_err)?;
+    let p = paths(store, name);
+    let log = std::fs::File::create(&p.log)
+        .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
+    let exe = std::env::current_exe().map_err(runtime)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(store.root())
+        .args(["vm", "serve", name.as_str()])
+        .arg(format!("--incoming={listen}"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg(format!("--wait={}", wait.as_secs()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(runtime)?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| runtime(anyhow!("cannot start the receiving VMM: {e}")))?;
+    if !json {
+        eprintln!("nestvm: waiting for VM '{name}' on {listen}");
+    }
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let why = tail(&p.log, 1).join(" / ");
+            // Nothing of the VM is kept: it never ran here.
+            if !store.exists(name) {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(runtime(anyhow!(
+                "VM '{name}' was not received ({status}): {why}"
+            )));
+        }
+        if store.exists(name) {
+            if let Ok((200, v)) = call(&p.control, "GET", "/v1/vm", API_TIMEOUT) {
+                crate::report(
+                    json,
+                    &format!(
+                        "VM '{name}' arrived and runs here (pid {}, {}); console: nestvm vm console {name}",
+                        v["pid"],
+                        v["state"].as_str().unwrap_or("?")
+                    ),
+                    serde_json::json!({"vm": name.as_str(), "result": "received", "vmm": v}),
+                );
+                return Ok(0);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The receiving half inside `vm serve --incoming`: waits for the VM, and
+/// writes its definition here once it is built.
+pub fn incoming(
+    store: &Store,
+    name: &VmName,
+    listen: &str,
+    token_file: &Path,
+    wait: Duration,
+    hv: &nestvm_kvm::Hypervisor,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Arrived, Failure> {
+    let token = read_token(token_file)?;
+    let listener = receive::listen(listen).map_err(|e| usage(anyhow::Error::new(e)))?;
+    eprintln!("nestvm: waiting for VM '{name}' on {listen}");
+    let arrived = receive::receive(&listener, &token, wait, hv, console, |_| Ok(()))
+        .map_err(|e| runtime(anyhow::Error::new(e).context("the migration failed")))?;
+    store.create(name, &arrived.vm.config).map_err(store_err)?;
+    eprintln!(
+        "nestvm: VM '{name}' arrived ({} MiB of pages)",
+        arrived.bytes >> 20
+    );
+    Ok(arrived)
+}
+
+fn progress_line(p: &Progress) -> String {
+    format!(
+        "round {} · {} MiB sent · {:.1} MiB/s · {:.1} MiB dirty",
+        p.rounds,
+        p.sent_bytes >> 20,
+        p.rate as f64 / (1 << 20) as f64,
+        p.dirty_bytes as f64 / (1 << 20) as f64
+    )
+}
+
+/// `vm migrate`: sends the running VM to a `vm receive` at `to`.
+pub fn migrate(
+    store: &Store,
+    name: &VmName,
+    to: &str,
+    token_file: &Path,
+    max_downtime: Duration,
+    json: bool,
+) -> Result<u8, Failure> {
+    let _cmd = store.lock(name).map_err(store_err)?;
+    if store.state(name) != VmState::Live {
+        return Err(usage(anyhow!(
+            "VM '{name}' is not running: only a running or paused VM can be migrated (a stopped one needs only its definition and disks copied)"
+        )));
+    }
+    if to.contains(['&', '?', ' ', '#']) {
+        return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
+    }
+    let token = read_token(token_file)?;
+    let p = paths(store, name);
+    let report = store.vm_dir(name).join(MIGRATION_REPORT);
+    let path = format!(
+        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}",
+        hex(&token),
+        max_downtime.as_millis()
+    );
+    match call(&p.control, "PUT", &path, API_TIMEOUT) {
+        Ok((202, _)) => {}
+        Ok((_, v)) => {
+            return Err(runtime(anyhow!(
+                "VM '{name}' was not migrated: {}",
+                v["error"].as_str().unwrap_or("refused")
+            )))
+        }
+        Err(e) => return Err(runtime(anyhow!("VM '{name}' was not migrated: {e}"))),
+    }
+    let started = Instant::now();
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} migrating: [{bar:30}] {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let last = loop {
+        let now = match call(&p.control, "GET", "/v1/vm/migration", API_TIMEOUT) {
+            Ok((200, v)) => serde_json::from_value::<Progress>(v).ok(),
+            _ => None,
+        };
+        let done = match &now {
+            Some(n) => matches!(n.phase, Phase::Completed | Phase::Failed),
+            // The VMM is gone (it ends once the VM runs elsewhere): the
+            // report it left says how it went.
+            None => true,
+        };
+        if let Some(n) = &now {
+            bar.set_length(n.memory_bytes);
+            bar.set_position(n.sent_bytes.min(n.memory_bytes));
+            bar.set_message(progress_line(n));
+        }
+        if done {
+            let from_file = std::fs::read(&report)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Progress>(&b).ok());
+            match from_file.or(now) {
+                Some(p) => break p,
+                None if started.elapsed() < Duration::from_secs(5) => {}
+                None => {
+                    bar.finish_and_clear();
+                    return Err(runtime(anyhow!(
+                        "lost track of VM '{name}''s migration: see {}",
+                        p.log.display()
+                    )));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+    if last.phase == Phase::Failed {
+        let error = last.error.clone().unwrap_or_default();
+        return Err(runtime(anyhow!(
+            "VM '{name}' was not migrated ({error}); it keeps running here"
+        )));
+    }
+    // The source VMM ends once the VM runs there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.state(name) == VmState::Live && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crate::report(
+        json,
+        &format!(
+            "VM '{name}' now runs at {to}: {} rounds, {} MiB sent in {:.1} s, downtime {} ms (budget {} ms{}); its definition stays here ('nestvm vm rm {name}' removes it)",
+            last.rounds,
+            last.sent_bytes >> 20,
+            last.elapsed_ms as f64 / 1000.0,
+            last.downtime_ms.unwrap_or(0),
+            last.max_downtime_ms,
+            if last.converged == Some(false) {
+                ", not met: the guest dirtied memory faster than it could be sent"
+            } else {
+                ""
+            },
+        ),
+        serde_json::json!({"vm": name.as_str(), "result": "migrated", "migration": last}),
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(parse_duration("0.3s").unwrap(), Duration::from_millis(300));
+        assert_eq!(parse_duration("20").unwrap(), Duration::from_millis(20));
+        for bad in ["", "fast", "-1ms", "1h", "nan"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Live migration between two nestvm "hosts" (two state directories) on
+//! this machine's /dev/kvm, over loopback: a ticking tiny guest moves and
+//! finishes its exact count on the destination; a wrong token and a
+//! receiver killed mid-copy leave the source running unharmed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest, kvm_or_skip, nestvm, StateEnv};
+use nestvm_guests::{ticker, Ending};
+
+const T: Duration = Duration::from_secs(90);
+const TICKS: usize = 400;
+
+struct Hosts {
+    src: StateEnv,
+    dst: StateEnv,
+    token: PathBuf,
+    addr: String,
+}
+
+impl Hosts {
+    fn new(tag: &str) -> Self {
+        let src = StateEnv::new(&format!("mig-{tag}-src"));
+        let dst = StateEnv::new(&format!("mig-{tag}-dst"));
+        std::fs::create_dir_all(&src.dir).unwrap();
+        let token = src.dir.join("token");
+        // A free port on loopback.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            src,
+            dst,
+            token,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// A ticking VM `t` running on the source, `memory` big; it ends after
+    /// `ticks` dots.
+    fn start_ticker(&self, memory: &str, ticks: u32) {
+        let k = guest(
+            &format!(
+                "mig-{}.elf",
+                self.src.dir.file_name().unwrap().to_string_lossy()
+            ),
+            ticker(ticks, 3000, "TICKER-DONE", Ending::PowerOff),
+        );
+        self.src.ok(&[
+            "vm",
+            "new",
+            "t",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            memory,
+            "--nested",
+            "off",
+        ]);
+        self.src.ok(&["vm", "start", "t"]);
+        wait_for(|| dots(&self.src.dir) >= 10, "the ticker never ticked");
+    }
+
+    /// `vm receive t` on the destination, in the background.
+    fn receive(&self, token: &Path) -> Child {
+        nestvm()
+            .arg("--state-dir")
+            .arg(&self.dst.dir)
+            .args(["vm", "receive", "t", "--listen", &self.addr, "--wait", "60"])
+            .arg("--token-file")
+            .arg(token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn migrate(&self) -> Output {
+        let start = Instant::now();
+        // The receiver needs a moment to listen.
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(start.elapsed() < T, "the receiver never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nestvm()
+            .arg("--state-dir")
+            .arg(&self.src.dir)
+            .args(["vm", "migrate", "t", "--to", &self.addr, "--token-file"])
+            .arg(&self.token)
+            .output()
+            .unwrap()
+    }
+}
+
+fn console(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("vms/t/console.log")).unwrap_or_default()
+}
+
+fn dots(dir: &Path) -> usize {
+    console(dir).matches('.').count()
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < T, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The source VM keeps running: it is Running and still ticking.
+fn source_runs_on(h: &Hosts) {
+    assert_eq!(h.src.state("t"), "Running", "{}", console(&h.src.dir));
+    let now = dots(&h.src.dir);
+    wait_for(
+        || dots(&h.src.dir) > now + 20,
+        "the source VM stopped ticking",
+    );
+    h.src.ok(&["vm", "kill", "t"]);
+}
+
+#[test]
+fn a_running_vm_moves_and_finishes_on_the_destination() {
+    if !kvm_or_skip("a_running_vm_moves_and_finishes_on_the_destination") {
+        return;
+    }
+    let h = Hosts::new("move");
+    h.start_ticker("64M", TICKS as u32);
+    let receiver = h.receive(&h.token);
+    let out = h.migrate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("now runs at"), "{said}");
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    assert!(text(&received).contains("arrived and runs here"));
+    // The source VMM ended; its definition stays, Off.
+    assert_eq!(h.src.state("t"), "Off");
+    let vmm_log = std::fs::read_to_string(h.src.dir.join("vms/t/vmm.log")).unwrap();
+    assert!(vmm_log.contains("Migrated"), "{vmm_log}");
+    // The destination carries on from the very tick it was at: the two
+    // consoles together hold every dot exactly once.
+    let before = dots(&h.src.dir);
+    assert!(before < TICKS, "migrated after the guest ended");
+    wait_for(
+        || h.dst.state("t") == "Off",
+        "the migrated VM never finished",
+    );
+    let after = console(&h.dst.dir);
+    assert_eq!(before + after.matches('.').count(), TICKS, "{after}");
+    assert!(after.ends_with("TICKER-DONE"), "{after}");
+    // The migration's report says what happened.
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["phase"], "completed", "{v}");
+    assert!(v["rounds"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["downtime_ms"].as_u64().is_some(), "{v}");
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_source_runs_on() {
+    if !kvm_or_skip("a_wrong_token_is_refused_and_the_source_runs_on") {
+        return;
+    }
+    let h = Hosts::new("token");
+    h.start_ticker("32M", u32::MAX);
+    let other = h.dst.dir.with_extension("other-token");
+    std::fs::write(&other, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(&h.token, "fedcba9876543210fedcba9876543210\n").unwrap();
+    let receiver = h.receive(&other);
+    let out = h.migrate();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("keeps running here"), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(1));
+    assert!(
+        text(&received).contains("does not hold this token"),
+        "{}",
+        text(&received)
+    );
+    // Nothing of the VM is left on the destination.
+    assert!(!h.dst.dir.join("vms/t").exists());
+    source_runs_on(&h);
+}
+
+#[test]
+fn killing_the_receiver_mid_copy_leaves_the_source_running() {
+    if !kvm_or_skip("killing_the_receiver_mid_copy_leaves_the_source_running") {
+        return;
+    }
+    let h = Hosts::new("kill");
+    // Big enough that the first round (which reads every page) takes a while.
+    h.start_ticker("2G", u32::MAX);
+    let receiver = h.receive(&h.token);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&h.addr).is_err() {
+        assert!(start.elapsed() < T);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let migrate = nestvm()
+        .arg("--state-dir")
+        .arg(&h.src.dir)
+        .args([
+            "--json",
+            "vm",
+            "migrate",
+            "t",
+            "--to",
+            &h.addr,
+            "--token-file",
+        ])
+        .arg(&h.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the copy is under way, kill the receiving VMM.
+    let control = h.src.dir.join("vms/t/control.sock");
+    wait_for(
+        || {
+            nestvm_vmm::api::call(&control, "GET", "/v1/vm/migration", Duration::from_secs(5))
+                .is_ok_and(|(_, v)| v["phase"] == "precopy")
+        },
+        "the copy never started",
+    );
+    let pid: i32 = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = migrate.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("keeps running here"), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_ne!(received.status.code(), Some(0));
+    source_runs_on(&h);
+}

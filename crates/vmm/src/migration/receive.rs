@@ -1,0 +1,203 @@
+//! The receiving side of a live migration: accept one sender, check that
+//! this host can run its VM, take its memory round after round, then build
+//! the VM from the final state — complete and paused, like any other — and
+//! hand it to the run loop, which confirms to the sender once it resumed.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use nestvm_arch::layout;
+use nestvm_kvm::Hypervisor;
+use nestvm_snapshot::container;
+use nestvm_virtio::Memory;
+
+use super::send::Final;
+use super::wire::{self, Kind};
+use super::{Hello, MigrationError, PROTOCOL_VERSION};
+use crate::builder::BuiltVm;
+use crate::config::VmConfig;
+use crate::snapshot;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A VM that arrived, built and paused.
+pub struct Arrived {
+    /// The VM.
+    pub vm: BuiltVm,
+    /// Whether it was running at the source (resume it) or paused.
+    pub running: bool,
+    /// Says so to the sender once it runs here.
+    pub confirm: Confirm,
+    /// Page data received.
+    pub bytes: u64,
+}
+
+/// The sender, waiting to hear that the VM runs here.
+pub struct Confirm(TcpStream);
+
+impl Confirm {
+    /// Tells the sender the VM runs here: it ends its copy of the VM.
+    pub fn resumed(mut self) {
+        if let Err(e) = wire::send(&mut self.0, Kind::Resumed, &[]) {
+            log::warn!("migration: cannot confirm to the sender: {e}");
+        }
+    }
+}
+
+/// Listens on `addr` (`HOST:PORT`).
+pub fn listen(addr: &str) -> Result<TcpListener, MigrationError> {
+    TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+fn accept(listener: &TcpListener, wait: Duration) -> Result<TcpStream, MigrationError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::Stream)?;
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                log::info!("migration: connection from {peer}");
+                s.set_nonblocking(false).map_err(MigrationError::Stream)?;
+                s.set_read_timeout(Some(IO_TIMEOUT))
+                    .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
+                    .map_err(MigrationError::Stream)?;
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() > wait {
+                    return Err(MigrationError::Timeout(wait));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(MigrationError::Stream(e)),
+        }
+    }
+}
+
+/// Why this host cannot take the VM `hello` describes, if it cannot.
+fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Some(format!(
+            "migration protocol {} here, {} there: use the same nestvm on both hosts",
+            PROTOCOL_VERSION, hello.version
+        ));
+    }
+    if let Err(e) = hello.config.validate() {
+        return Some(format!("its definition is not valid here: {e}"));
+    }
+    if hello.cpuid.len() != hello.config.cpus as usize {
+        return Some("its CPUID tables do not match its vCPU count".into());
+    }
+    if let Err(e) = snapshot::check_cpu(&hello.cpuid, hello.nested, hv) {
+        return Some(e.to_string());
+    }
+    if let Some(d) = hello.config.disks.iter().find(|d| !d.path.exists()) {
+        return Some(format!(
+            "its disk image {} does not exist here (migration needs storage both hosts see)",
+            d.path.display()
+        ));
+    }
+    None
+}
+
+/// Waits up to `wait` for a sender holding `token` on `listener`, receives
+/// its VM and builds it paused. `prepare` may still refuse the definition
+/// (e.g. a name clash) before any memory moves. The guest's console goes to
+/// `console`.
+pub fn receive(
+    listener: &TcpListener,
+    token: &[u8],
+    wait: Duration,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+    prepare: impl FnOnce(&VmConfig) -> Result<(), String>,
+) -> Result<Arrived, MigrationError> {
+    let deadline = Instant::now() + wait;
+    // A connection that goes away before proving anything (a port probe)
+    // is not the sender: wait on for the real one. A wrong token ends it.
+    let mut s = loop {
+        let mut s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
+        match wire::authenticate_sender(&mut s, token) {
+            Ok(()) => break s,
+            Err(MigrationError::Stream(e)) => log::info!("migration: a connection went away: {e}"),
+            Err(e) => return Err(e),
+        }
+    };
+    let hello: Hello = serde_json::from_slice(&wire::expect(&mut s, Kind::Hello)?)
+        .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
+    if let Some(why) = refusal(&hello, hv) {
+        let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
+        return Err(MigrationError::Refused(format!("this host refused: {why}")));
+    }
+    if let Err(why) = prepare(&hello.config) {
+        let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
+        return Err(MigrationError::Refused(format!("this host refused: {why}")));
+    }
+    let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
+        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+    wire::send(&mut s, Kind::Accept, &[])?;
+    let result = take(&mut s, &hello, mem, hv, console);
+    if let Err(e) = &result {
+        if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {
+            let _ = wire::send(
+                &mut s,
+                Kind::Refuse,
+                crate::capture::chain_text(e).as_bytes(),
+            );
+        }
+    }
+    let (vm, running, bytes) = result?;
+    Ok(Arrived {
+        vm,
+        running,
+        confirm: Confirm(s),
+        bytes,
+    })
+}
+
+/// Takes memory until the final state, then builds the VM.
+fn take(
+    s: &mut TcpStream,
+    hello: &Hello,
+    mem: Memory,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+) -> Result<(BuiltVm, bool, u64), MigrationError> {
+    let mut bytes = 0u64;
+    let state = loop {
+        match wire::recv(s)? {
+            (Kind::Pages, payload) => {
+                wire::apply_pages(&mem, &payload)?;
+                bytes += payload.len() as u64;
+            }
+            (Kind::State, payload) => break payload,
+            (kind, _) => {
+                return Err(MigrationError::protocol(format!(
+                    "unexpected {kind:?} during the copy"
+                )))
+            }
+        }
+    };
+    let json = container::decode(std::path::Path::new("the migrated state"), &state)
+        .map_err(|e| MigrationError::protocol(e.to_string()))?;
+    let fin: Final = serde_json::from_slice(json)
+        .map_err(|e| MigrationError::protocol(format!("bad state: {e}")))?;
+    // The state must describe the VM that was accepted, not another one.
+    if fin.snapshot.config.to_toml() != hello.config.to_toml()
+        || fin.snapshot.nested != hello.nested
+        || fin.snapshot.cpuid != hello.cpuid
+    {
+        return Err(MigrationError::protocol(
+            "the final state is not the VM first described",
+        ));
+    }
+    let vm = snapshot::restore_with_memory(fin.snapshot, mem, hv, console)
+        .map_err(|e| MigrationError::Build(Box::new(e)))?;
+    Ok((vm, fin.running, bytes))
+}

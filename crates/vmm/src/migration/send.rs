@@ -1,0 +1,448 @@
+//! The sending side of a live migration: a thread beside the source VMM's
+//! event loop copies memory while the VM runs, then asks the loop to stop
+//! the VM for the final copy (see the module above for the order).
+//!
+//! The loop's side is [`Outgoing`]: it starts the thread, answers its one
+//! request ([`Outgoing::serve_stop`]: pause, capture, hand over, wait for the
+//! verdict) and cancels it if the VM ends first.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nestvm_kvm::Vm;
+use nestvm_snapshot::container;
+use nestvm_virtio::Memory;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::wire::{self, Kind, BATCH_PAGES, PAGE};
+use super::{Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
+use crate::capture::SaveParts;
+use crate::snapshot::VmSnapshot;
+use crate::vcpu::VcpuHandle;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the peer may stay silent (it may be building the VM).
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the loop may take to pause and capture the VM.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the loop hands the thread once the VM is paused.
+pub(crate) struct Captured {
+    /// The paused VM (memory excepted).
+    pub snapshot: VmSnapshot,
+    /// Whether it was running (the destination resumes it only then).
+    pub running: bool,
+    /// `true` once the destination runs it; dropped unsent on failure.
+    pub verdict: Sender<bool>,
+}
+
+/// The thread's request: stop the VM and capture it.
+pub(crate) struct Stop(Sender<Result<Captured, String>>);
+
+/// The final message: the state and whether to resume it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Final {
+    pub snapshot: VmSnapshot,
+    pub running: bool,
+}
+
+/// Parameters of one outgoing migration.
+pub struct Request {
+    /// `HOST:PORT` of the receiver.
+    pub to: String,
+    /// The shared token.
+    pub token: Vec<u8>,
+    /// The downtime budget.
+    pub max_downtime: Duration,
+}
+
+/// Everything the thread uses.
+struct Job {
+    req: Request,
+    hello: Hello,
+    vm: Arc<Vm>,
+    mem: Memory,
+    progress: Arc<Mutex<Progress>>,
+    cancel: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    stop: Sender<Stop>,
+    wake: EventFd,
+}
+
+/// An outgoing migration, as the event loop holds it.
+pub struct Outgoing {
+    progress: Arc<Mutex<Progress>>,
+    requests: Receiver<Stop>,
+    cancel: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Outgoing {
+    /// Starts migrating; `wake` is written when the thread needs the loop.
+    pub(crate) fn start(
+        req: Request,
+        hello: Hello,
+        vm: Arc<Vm>,
+        mem: Memory,
+        wake: EventFd,
+    ) -> std::io::Result<Outgoing> {
+        let progress = Arc::new(Mutex::new(Progress {
+            to: req.to.clone(),
+            max_downtime_ms: req.max_downtime.as_millis() as u64,
+            memory_bytes: mem.iter().map(|r| r.len()).sum(),
+            ..Default::default()
+        }));
+        let (stop, requests) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(Mutex::new(None));
+        let job = Job {
+            req,
+            hello,
+            vm,
+            mem,
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+            stream: stream.clone(),
+            stop,
+            wake,
+        };
+        let thread = std::thread::Builder::new()
+            .name("migrate".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let result = migrate(&job, start);
+                // Dirty logging costs the guest a fault per first write: off again.
+                if let Err(e) = job.vm.log_dirty_pages(&job.mem, false) {
+                    log::warn!("migration: cannot turn dirty logging off: {e}");
+                }
+                let mut p = lock(&job.progress);
+                p.elapsed_ms = start.elapsed().as_millis() as u64;
+                match result {
+                    Ok(()) => p.phase = Phase::Completed,
+                    Err(e) => {
+                        let msg = crate::capture::chain_text(&e);
+                        log::warn!("migration to {} failed: {msg}", job.req.to);
+                        p.phase = Phase::Failed;
+                        p.error = Some(msg);
+                    }
+                }
+                drop(p);
+                let _ = job.wake.write(1);
+            })?;
+        Ok(Outgoing {
+            progress,
+            requests,
+            cancel,
+            stream,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it is.
+    pub fn progress(&self) -> Progress {
+        lock(&self.progress).clone()
+    }
+
+    /// Whether it has ended (completed or failed).
+    pub fn finished(&self) -> bool {
+        matches!(lock(&self.progress).phase, Phase::Completed | Phase::Failed)
+    }
+
+    /// The thread's pending stop request, if any.
+    pub(crate) fn stop_request(&self) -> Option<Sender<Result<Captured, String>>> {
+        self.requests.try_recv().ok().map(|Stop(reply)| reply)
+    }
+
+    /// Stops the thread (the VM is ending) and waits for it.
+    pub fn cancel(mut self) -> Self {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(s) = lock(&self.stream).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Pending requests die with the channel: the thread sees no answer.
+        drop(std::mem::replace(&mut self.requests, channel().1));
+        self.join()
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(mut self) -> Self {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn connect(to: &str) -> Result<TcpStream, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        addr: to.to_owned(),
+        source,
+    };
+    let mut last = std::io::Error::other("the address resolves to nothing");
+    for addr in to.to_socket_addrs().map_err(err)? {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(err(last))
+}
+
+fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
+    let mut s = connect(&job.req.to)?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(MigrationError::Stream)?;
+    *lock(&job.stream) = Some(s.try_clone().map_err(MigrationError::Stream)?);
+    wire::authenticate_receiver(&mut s, &job.req.token)?;
+    let hello =
+        serde_json::to_vec(&job.hello).map_err(|e| MigrationError::protocol(e.to_string()))?;
+    wire::send(&mut s, Kind::Hello, &hello)?;
+    wire::expect(&mut s, Kind::Accept)?;
+
+    // From here on every write is logged: by KVM for the vCPUs, by the
+    // memory's bitmap for the devices. Round 1 then sends everything.
+    job.vm
+        .log_dirty_pages(&job.mem, true)
+        .map_err(MigrationError::DirtyLog)?;
+    let _ = collect_dirty(job)?;
+    let all: Vec<u64> = job
+        .mem
+        .iter()
+        .flat_map(|r| {
+            let base = r.start_addr().raw_value();
+            (0..r.len() / PAGE as u64).map(move |i| base + i * PAGE as u64)
+        })
+        .collect();
+    set_phase(job, Phase::Precopy, start);
+    let budget = job.req.max_downtime.as_secs_f64();
+    let mut pages = all;
+    let mut skip_zero = true;
+    let converged = loop {
+        let t = Instant::now();
+        let sent = send_pages(job, &mut s, &pages, skip_zero)?;
+        skip_zero = false;
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        pages = collect_dirty(job)?;
+        let dirty = (pages.len() * PAGE) as u64;
+        let mut p = lock(&job.progress);
+        p.rounds += 1;
+        // The rate of a round that moved little says little: keep the best seen.
+        let rate = ((sent as f64 / secs) as u64).max(p.rate).max(1);
+        p.rate = rate;
+        p.dirty_bytes = dirty;
+        p.elapsed_ms = start.elapsed().as_millis() as u64;
+        let rounds = p.rounds;
+        drop(p);
+        if dirty as f64 / rate as f64 <= budget {
+            break true;
+        }
+        if rounds >= MAX_ROUNDS {
+            break false;
+        }
+    };
+
+    // Stop-and-copy: the loop pauses and captures the VM, then waits.
+    set_phase(job, Phase::Stopping, start);
+    let paused_at = Instant::now();
+    let (tx, rx) = channel();
+    job.stop
+        .send(Stop(tx))
+        .map_err(|_| MigrationError::Cancelled)?;
+    let _ = job.wake.write(1);
+    let captured = match rx.recv_timeout(CAPTURE_TIMEOUT) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(MigrationError::Capture(e)),
+        Err(_) => return Err(MigrationError::Cancelled),
+    };
+    let last = collect_dirty(job)?;
+    send_pages(job, &mut s, &last, false)?;
+    let state = serde_json::to_vec(&Final {
+        snapshot: captured.snapshot,
+        running: captured.running,
+    })
+    .map_err(|e| MigrationError::protocol(e.to_string()))?;
+    wire::send(&mut s, Kind::State, &container::encode(&state))?;
+    wire::expect(&mut s, Kind::Resumed)?;
+    let downtime = paused_at.elapsed();
+    // The commit point: the VM runs there; this side ends.
+    let _ = captured.verdict.send(true);
+    let mut p = lock(&job.progress);
+    p.downtime_ms = Some(downtime.as_millis() as u64);
+    p.converged = Some(converged);
+    p.dirty_bytes = (last.len() * PAGE) as u64;
+    Ok(())
+}
+
+fn set_phase(job: &Job, phase: Phase, start: Instant) {
+    let mut p = lock(&job.progress);
+    p.phase = phase;
+    p.elapsed_ms = start.elapsed().as_millis() as u64;
+}
+
+/// Sends `pages` in batches; returns the page data sent.
+fn send_pages(
+    job: &Job,
+    s: &mut TcpStream,
+    pages: &[u64],
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
+    let mut total = 0;
+    for batch in pages.chunks(BATCH_PAGES) {
+        if job.cancel.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        let (payload, data, count) = wire::encode_pages(&job.mem, batch, skip_zero)?;
+        if count > 0 {
+            wire::send(s, Kind::Pages, &payload)?;
+        }
+        total += data;
+        lock(&job.progress).sent_bytes += data;
+    }
+    Ok(total)
+}
+
+/// The pages written since the last call, by vCPUs (KVM's log) or devices
+/// (the memory's bitmap), as guest addresses; clears both.
+fn collect_dirty(job: &Job) -> Result<Vec<u64>, MigrationError> {
+    let mut pages = Vec::new();
+    for (slot, region) in job.mem.iter().enumerate() {
+        let kvm = job
+            .vm
+            .dirty_pages(slot as u32, region.len())
+            .map_err(MigrationError::DirtyLog)?;
+        let mapping: &MmapRegion<AtomicBitmap> = region;
+        let devices = mapping.bitmap().get_and_reset();
+        let base = region.start_addr().raw_value();
+        let words = (region.len() as usize / PAGE).div_ceil(64);
+        for w in 0..words {
+            let mut bits = kvm.get(w).copied().unwrap_or(0) | devices.get(w).copied().unwrap_or(0);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                pages.push(base + (w as u64 * 64 + b) * PAGE as u64);
+            }
+        }
+    }
+    Ok(pages)
+}
+
+/// Builds what the sender says first.
+pub(crate) fn hello(
+    config: &crate::config::VmConfig,
+    nested: bool,
+    cpuid: &[Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>],
+) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        config: config.clone(),
+        nested,
+        cpuid: cpuid.to_vec(),
+    }
+}
+
+/// How long the loop waits for the verdict once it handed the VM over (the
+/// thread's own I/O timeouts end it sooner if the peer goes silent).
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(900);
+
+impl Outgoing {
+    /// Starts a migration as `PUT /v1/vm/migrate?to=&token=&max_downtime_ms=`
+    /// asks, or says what is wrong with the request.
+    pub(crate) fn from_query(
+        query: &[(String, String)],
+        parts: &SaveParts<'_>,
+        vm: Arc<Vm>,
+        wake: EventFd,
+    ) -> Result<Outgoing, String> {
+        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+        let to = get("to").ok_or("no destination given (to=HOST:PORT)")?;
+        let token = get("token")
+            .and_then(hex_decode)
+            .filter(|t| !t.is_empty())
+            .ok_or("no migration token given (token=HEX)")?;
+        let max_downtime = match get("max_downtime_ms") {
+            None => super::DEFAULT_MAX_DOWNTIME,
+            Some(v) => Duration::from_millis(
+                v.parse()
+                    .map_err(|_| format!("max_downtime_ms={v} is not a number of milliseconds"))?,
+            ),
+        };
+        let req = Request {
+            to: to.to_owned(),
+            token,
+            max_downtime,
+        };
+        let hello = hello(parts.config, parts.nested, parts.cpuid);
+        Outgoing::start(req, hello, vm, parts.memory.clone(), wake)
+            .map_err(|e| format!("cannot start the migration thread: {e}"))
+    }
+
+    /// Serves the thread's stop request: pauses the vCPUs (if `running`),
+    /// captures the VM, lets go of host resources the destination needs on
+    /// this same host (disk locks), hands the VM over and waits. Returns
+    /// `true` once the VM runs at the destination; otherwise everything is
+    /// taken back and the VM runs (or stays paused) here as before.
+    pub(crate) fn hand_over(
+        reply: Sender<Result<Captured, String>>,
+        handles: &[VcpuHandle],
+        parts: &SaveParts<'_>,
+        running: bool,
+    ) -> bool {
+        if running {
+            crate::runner::pause_all(handles);
+        }
+        let (verdict, wait) = channel();
+        let captured = crate::capture::build_snapshot(handles, parts).map(|(snapshot, _)| {
+            for d in parts.virtio {
+                if let Err(e) = lock(d).release() {
+                    log::warn!("migration: {e}");
+                }
+            }
+            Captured {
+                snapshot,
+                running,
+                verdict,
+            }
+        });
+        let handed = captured.is_ok();
+        let migrated = reply.send(captured).is_ok()
+            && handed
+            && wait.recv_timeout(VERDICT_TIMEOUT) == Ok(true);
+        if !migrated {
+            if handed {
+                for d in parts.virtio {
+                    if let Err(e) = lock(d).reclaim() {
+                        log::warn!("migration failed, and {e}");
+                    }
+                }
+            }
+            if running {
+                crate::runner::resume_all(handles);
+            }
+        }
+        migrated
+    }
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
