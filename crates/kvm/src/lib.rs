@@ -6,12 +6,14 @@
 //! leaves this crate as plain port/MMIO calls on an [`ExitHandler`] (the device
 //! bus), so devices never see a KVM type. [`kick`] lets another thread pull a
 //! vCPU out of `KVM_RUN` without races. [`state`] reads and writes a vCPU's
-//! complete state, nested virtualization state included. [`tap`] opens the
+//! complete state, nested virtualization state included. [`memory`] gives
+//! guest pages back to the host (balloon). [`tap`] opens the
 //! TAP devices behind guest network adapters (the other host interface that
 //! needs `ioctl`s).
 
 pub mod hypervisor;
 pub mod kick;
+pub mod memory;
 pub mod state;
 pub mod tap;
 pub mod vcpu;

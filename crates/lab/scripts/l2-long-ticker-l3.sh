@@ -1,6 +1,11 @@
 # In L2 (nesting on): an L3 guest that ticks 600 times (about a minute) and
 # then says it is done; the level above saves and resumes L2 meanwhile.
 # Reports how many ticks L3 printed in one unbroken run.
+# The balloon driver, for levels above that resize this VM's memory.
+mods=/lib/modules/$(uname -r)
+for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+    insmod "$mods/$m.ko" 2>/dev/null
+done
 say "long ticker starting"
 vm l3long 900 --kernel /guests/ticker-long.elf --memory 16M
 check l2-long-ticker-exit-0 rc_is l3long 0

@@ -13,9 +13,9 @@ use crate::{cache_dir, io_err, say, LabError};
 /// depends on: KVM on AMD; the ACPI power button and evdev (so a guest sees
 /// the power button nestvm presses); TAP and bridging (the host side of a
 /// guest's network); virtio-mmio, virtio-blk and virtio-net (the guest side
-/// of nestvm's devices); ext4 (and the crc32c it checksums with) for the disk
+/// of nestvm's devices, and the balloon); ext4 (and the crc32c it checksums with) for the disk
 /// images the tests make.
-pub const MODULES: [(&str, &str); 22] = [
+pub const MODULES: [(&str, &str); 23] = [
     ("irqbypass", ""),
     ("kvm", "irqbypass"),
     ("ccp", ""),
@@ -30,6 +30,7 @@ pub const MODULES: [(&str, &str); 22] = [
     ("virtio", "virtio_ring"),
     ("virtio_mmio", "virtio virtio_ring"),
     ("virtio_blk", "virtio virtio_ring"),
+    ("virtio_balloon", "virtio virtio_ring"),
     ("failover", ""),
     ("net_failover", "failover"),
     ("virtio_net", "virtio_ring virtio net_failover failover"),

@@ -261,3 +261,71 @@ fn save_and_resume_a_vm_that_runs_its_own_vm() {
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     report.assert_passed(&expected);
 }
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn live_migrate_a_vm_that_runs_its_own_vm() {
+    let img = l1_image();
+    let mut sc = scenario::Scenario::new(
+        "migration",
+        include_str!("../scenarios/migration.sh"),
+        Duration::from_secs(1500),
+    );
+    // Two L1 CPUs: the source and destination VMMs and L2 run side by side.
+    sc.cpus = 2;
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "mg-l3-started",
+        "mg-receiver-listens",
+        "mg-copy-started",
+        "mg-killed-receiver-fails-migration",
+        "mg-source-says-it-keeps-running",
+        "mg-source-still-running",
+        "mg-source-still-ticking",
+        "mg-nothing-left-at-destination",
+        "mg-migrated",
+        "mg-received",
+        "mg-source-ended",
+        "mg-source-log-says-migrated",
+        "mg-destination-runs",
+        "mg-l3-went-on-there",
+        "mg-l3-continues-to-the-end",
+        "l2-long-ticker-exit-0",
+        "mg-l2-powered-off-there",
+        "mg-l3-all-ticks-in-one-run",
+    ]);
+}
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn resize_the_memory_of_a_vm_that_runs_its_own_vm() {
+    let img = l1_image();
+    let mut sc = scenario::Scenario::new(
+        "memory",
+        include_str!("../scenarios/memory.sh"),
+        Duration::from_secs(1500),
+    );
+    sc.cpus = 2;
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "bl-l3-started",
+        "bl-guest-reports-statistics",
+        "bl-shrunk",
+        "bl-guest-sees-less",
+        "bl-host-got-memory-back",
+        "bl-l3-ticks-while-small",
+        "bl-grown",
+        "bl-guest-sees-more",
+        "bl-l3-ticks-after-growing",
+        "bl-below-min-refused",
+        "bl-auto-follows-demand",
+        "bl-auto-flag",
+        "bl-saved",
+        "bl-balloon-resumed",
+        "bl-l3-ticks-after-resume",
+        "bl-l3-continues-to-the-end",
+        "l2-long-ticker-exit-0",
+        "bl-l2-powered-off",
+        "bl-l3-all-ticks-in-one-run",
+    ]);
+}

@@ -321,6 +321,7 @@ mod tests {
             nested: NestedMode::Auto,
             disks: vec![],
             nets: vec![],
+            balloon: None,
         }
     }
 

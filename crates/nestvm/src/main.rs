@@ -10,6 +10,7 @@ mod attach;
 mod checkpoints;
 mod host;
 mod managed;
+mod memory;
 mod migrate;
 mod run;
 mod saved;
@@ -96,6 +97,14 @@ pub struct SettingsArgs {
     /// guests bridged inside this VM use their own MACs.
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off]")]
     net: Vec<String>,
+    /// A memory balloon, so the VM's memory can shrink to min and grow back
+    /// while it runs (vm resize); dynamic=on follows the guest's demand:
+    /// on | dynamic=on|off[,min=SIZE] [default min: 256M].
+    #[arg(long, value_name = "on|dynamic=on[,min=SIZE]")]
+    balloon: Option<String>,
+    /// Remove the balloon (with vm set).
+    #[arg(long, conflicts_with = "balloon")]
+    no_balloon: bool,
     /// Remove every disk (with vm set).
     #[arg(long, conflicts_with = "disk")]
     no_disks: bool,
@@ -111,7 +120,12 @@ impl SettingsArgs {
             Some(s) => Some(s.parse().map_err(usage)?),
             None => None,
         };
-        use nestvm_vmm::adapters::{parse_disk, parse_net};
+        use nestvm_vmm::adapters::{parse_balloon, parse_disk, parse_net};
+        let balloon = match (&self.balloon, self.no_balloon) {
+            (Some(b), _) => Some(Some(parse_balloon(b).map_err(usage)?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
         let disks = self
             .disk
             .iter()
@@ -127,6 +141,7 @@ impl SettingsArgs {
         Ok(nestvm_vmm::config::Overrides {
             disks: (self.no_disks || !disks.is_empty()).then_some(disks),
             nets: (self.no_nets || !nets.is_empty()).then_some(nets),
+            balloon,
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,

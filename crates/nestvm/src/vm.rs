@@ -121,6 +121,21 @@ pub enum VmCmd {
         #[arg(long, default_value = "50ms", value_parser = crate::migrate::parse_duration)]
         max_downtime: std::time::Duration,
     },
+    /// Show a running VM's memory: its balloon's range and target, and the guest's figures.
+    Memory {
+        /// The VM's name.
+        name: String,
+    },
+    /// Change a running VM's memory (it needs a balloon: --balloon): SIZE, or auto to follow its demand.
+    Resize {
+        /// The VM's name.
+        name: String,
+        /// e.g. 1G, or auto.
+        size: String,
+        /// Seconds to wait for the guest to follow.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
     /// Wait for a VM migrated from another host, and run it here under NAME.
     Receive {
         /// The name it gets here (no VM here may have it).
@@ -235,6 +250,7 @@ struct VmView {
     nested: &'static str,
     disks: Vec<nestvm_vmm::adapters::DiskConfig>,
     nets: Vec<nestvm_vmm::adapters::NetConfig>,
+    balloon: Option<nestvm_vmm::adapters::BalloonConfig>,
 }
 
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
@@ -256,6 +272,7 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         nested: c.nested.as_str(),
         disks: c.disks.clone(),
         nets: c.nets.clone(),
+        balloon: c.balloon.clone(),
     }
 }
 
@@ -342,6 +359,13 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
                         n.tap,
                         n.mac.as_deref().unwrap_or("(derived)"),
                         if n.mac_spoofing { "on" } else { "off" }
+                    );
+                }
+                if let Some(b) = &v.balloon {
+                    println!(
+                        "balloon: down to {}{}",
+                        b.min,
+                        if b.dynamic { ", follows demand" } else { "" }
                     );
                 }
                 if !v.last_log.is_empty() {
@@ -443,6 +467,20 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
                 max_downtime,
                 json,
             )
+        }
+        VmCmd::Memory { name } => return crate::memory::show(&store, &vm_name(&name)?, json),
+        VmCmd::Resize { name, size, wait } => {
+            let size = match size.as_str() {
+                "auto" => None,
+                s => Some(nestvm_vmm::config::parse_size(s).map_err(usage)?),
+            };
+            return crate::memory::resize(
+                &store,
+                &vm_name(&name)?,
+                size,
+                std::time::Duration::from_secs(wait),
+                json,
+            );
         }
         VmCmd::Receive {
             name,

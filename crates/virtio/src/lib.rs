@@ -15,6 +15,7 @@
 //! request fails that request (with the device's error status where the
 //! protocol has one), never the VMM.
 
+pub mod balloon;
 pub mod block;
 pub mod driver;
 pub mod mmio;
@@ -55,6 +56,22 @@ pub trait Backend: Send {
     fn queue_sizes(&self) -> &[u16];
     /// Its configuration space.
     fn config(&self) -> Vec<u8>;
+    /// The driver wrote `data` at `offset` of the configuration space
+    /// (ignored by devices whose configuration is read-only).
+    fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
+    /// Whether its configuration changed since last asked (the transport
+    /// then tells the driver with a configuration interrupt).
+    fn config_changed(&mut self) -> bool {
+        false
+    }
+    /// State of its own that snapshots and migration must carry.
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes back what [`Backend::save_state`] gave.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// The driver finished set-up with `features` acknowledged.
     fn activate(&mut self, features: u64) -> Result<(), String>;
     /// The driver reset the device.

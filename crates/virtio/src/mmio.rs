@@ -102,6 +102,9 @@ pub struct MmioSnapshot {
     pub active: bool,
     /// Its queues.
     pub queues: Vec<QueueSnapshot>,
+    /// The backend's own state, for devices that have one (the balloon).
+    #[serde(default)]
+    pub backend: Option<serde_json::Value>,
 }
 
 /// A virtio device on the MMIO bus.
@@ -175,6 +178,7 @@ impl<B: Backend> MmioDevice<B> {
                     }
                 })
                 .collect(),
+            backend: self.backend.save_state(),
         }
     }
 
@@ -225,6 +229,9 @@ impl<B: Backend> MmioDevice<B> {
         self.queue_sel = snap.queue_sel;
         self.interrupt_status = snap.interrupt_status;
         self.config_generation = snap.config_generation;
+        if let Some(state) = &snap.backend {
+            self.backend.restore_state(state)?;
+        }
         if snap.active {
             self.backend.activate(snap.driver_features)?;
             self.active = true;
@@ -282,6 +289,10 @@ impl<B: Backend> MmioDevice<B> {
         }
         if self.backend.process_event(&mut self.queues, &self.mem) {
             self.raise(INT_USED_RING);
+        }
+        if self.backend.config_changed() {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.raise(INT_CONFIG);
         }
     }
 
@@ -510,7 +521,9 @@ impl<B: Backend> BusDevice for MmioDevice<B> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_START {
-            // No device of ours has writable configuration.
+            if let Ok(at) = usize::try_from(offset - CONFIG_START) {
+                self.backend.write_config(at, data);
+            }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {

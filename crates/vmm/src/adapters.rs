@@ -1,5 +1,6 @@
-//! Disks and network adapters in a VM's settings: the `--disk` and `--net`
-//! flag syntax, their TOML form (`[[disk]]`, `[[net]]`) and their checks.
+//! Disks, network adapters and the memory balloon in a VM's settings: the
+//! `--disk`, `--net` and `--balloon` flag syntax, their TOML form
+//! (`[[disk]]`, `[[net]]`, `[balloon]`) and their checks.
 
 use std::path::PathBuf;
 
@@ -33,6 +34,55 @@ pub enum AdapterError {
     /// One image attached twice.
     #[error("disk image {0} is given twice")]
     DuplicateDisk(PathBuf),
+    /// A `--balloon` value that does not parse.
+    #[error("invalid --balloon '{0}': use on, or dynamic=on|off[,min=SIZE]")]
+    BadBalloon(String),
+}
+
+/// The memory balloon: the VM's memory can then shrink (down to `min`) and
+/// grow back while it runs, by hand (`vm resize`) or, with `dynamic`, to
+/// follow the guest's demand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Follow the guest's demand (Hyper-V's dynamic memory).
+    #[serde(default)]
+    pub dynamic: bool,
+    /// The least memory the VM may be left with, e.g. "256M".
+    #[serde(default = "default_balloon_min")]
+    pub min: String,
+}
+
+fn default_balloon_min() -> String {
+    "256M".into()
+}
+
+impl BalloonConfig {
+    /// `min` in bytes.
+    pub fn min_bytes(&self) -> Result<u64, AdapterError> {
+        crate::config::parse_size(&self.min).map_err(|_| AdapterError::BadBalloon(self.min.clone()))
+    }
+}
+
+/// Parses `on` or `dynamic=on|off[,min=SIZE]`.
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, AdapterError> {
+    let bad = || AdapterError::BadBalloon(s.to_owned());
+    let mut b = BalloonConfig {
+        dynamic: false,
+        min: default_balloon_min(),
+    };
+    for (i, part) in s.split(',').enumerate() {
+        match part.split_once('=') {
+            None if i == 0 && on_off(part) == Some(true) => {}
+            Some(("dynamic", v)) => b.dynamic = on_off(v).ok_or_else(bad)?,
+            Some(("min", v)) => {
+                crate::config::parse_size(v).map_err(|_| bad())?;
+                v.clone_into(&mut b.min);
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(b)
 }
 
 /// A virtio-blk disk.
@@ -129,9 +179,13 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], AdapterError> {
     Ok(mac)
 }
 
-/// Checks a VM's disks and adapters together.
-pub fn validate(disks: &[DiskConfig], nets: &[NetConfig]) -> Result<(), AdapterError> {
-    let total = disks.len() + nets.len();
+/// Checks a VM's disks, adapters and balloon together.
+pub fn validate(
+    disks: &[DiskConfig],
+    nets: &[NetConfig],
+    balloon: Option<&BalloonConfig>,
+) -> Result<(), AdapterError> {
+    let total = disks.len() + nets.len() + usize::from(balloon.is_some());
     if total > MAX_DEVICES {
         return Err(AdapterError::TooMany(total));
     }
@@ -219,23 +273,40 @@ mod tests {
             path: p.into(),
             readonly: false,
         };
-        assert!(validate(&[d("/a"), d("/b")], &[n("t0"), n("t1")]).is_ok());
+        assert!(validate(&[d("/a"), d("/b")], &[n("t0"), n("t1")], None).is_ok());
         assert!(matches!(
-            validate(&[], &[n("t0"), n("t0")]),
+            validate(&[], &[n("t0"), n("t0")], None),
             Err(AdapterError::DuplicateTap(_))
         ));
         assert!(matches!(
-            validate(&[d("/a"), d("/a")], &[]),
+            validate(&[d("/a"), d("/a")], &[], None),
             Err(AdapterError::DuplicateDisk(_))
         ));
         assert!(matches!(
-            validate(&[], &[n("bad name")]),
+            validate(&[], &[n("bad name")], None),
             Err(AdapterError::BadTap(_))
         ));
         let many: Vec<_> = (0..=MAX_DEVICES).map(|i| d(&format!("/d{i}"))).collect();
         assert!(matches!(
-            validate(&many, &[]),
+            validate(&many, &[], None),
             Err(AdapterError::TooMany(_))
         ));
+        // The balloon takes a slot too.
+        let b = parse_balloon("on").unwrap();
+        assert!(validate(&many[1..], &[], None).is_ok());
+        assert!(validate(&many[1..], &[], Some(&b)).is_err());
+    }
+
+    #[test]
+    fn balloons() {
+        let b = parse_balloon("dynamic=on,min=1G").unwrap();
+        assert!(b.dynamic);
+        assert_eq!(b.min_bytes().unwrap(), 1 << 30);
+        let b = parse_balloon("on").unwrap();
+        assert!(!b.dynamic);
+        assert_eq!(b.min_bytes().unwrap(), 256 << 20);
+        for bad in ["", "off", "dynamic=maybe", "min=lots", "size=1G", "on,on"] {
+            assert!(parse_balloon(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -96,6 +96,10 @@ pub enum Action {
     Migrate,
     /// GET /v1/vm/migration: the current or last migration's progress.
     Migration,
+    /// GET /v1/vm/memory: the balloon's policy, state and guest statistics.
+    Memory,
+    /// PUT /v1/vm/memory?size=BYTES (or ?size=auto): resize the VM's memory.
+    Resize,
 }
 
 /// A request waiting for the run loop.
@@ -190,9 +194,11 @@ pub fn route(method: &str, path: &str) -> Result<Action, (u16, String)> {
         "/v1/vm/checkpoint" => Action::Checkpoint,
         "/v1/vm/migrate" => Action::Migrate,
         "/v1/vm/migration" => Action::Migration,
+        "/v1/vm/memory" if method == "PUT" => Action::Resize,
+        "/v1/vm/memory" => Action::Memory,
         _ => return Err((404, format!("no such endpoint {path}"))),
     };
-    let want = if matches!(action, Action::Info | Action::Migration) {
+    let want = if matches!(action, Action::Info | Action::Migration | Action::Memory) {
         "GET"
     } else {
         "PUT"
@@ -303,6 +309,9 @@ mod tests {
         assert_eq!(route("PUT", "/v1/vm/kill"), Ok(Action::Kill));
         assert_eq!(route("PUT", "/v1/vm/migrate?to=a:1"), Ok(Action::Migrate));
         assert_eq!(route("GET", "/v1/vm/migration"), Ok(Action::Migration));
+        assert_eq!(route("GET", "/v1/vm/memory"), Ok(Action::Memory));
+        assert_eq!(route("PUT", "/v1/vm/memory?size=auto"), Ok(Action::Resize));
+        assert_eq!(route("POST", "/v1/vm/memory").unwrap_err().0, 405);
         assert_eq!(route("PUT", "/v1/vm/migration").unwrap_err().0, 405);
         assert_eq!(route("PUT", "/v1/vm").unwrap_err().0, 405);
         assert_eq!(route("GET", "/v1/vm/pause").unwrap_err().0, 405);

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::{self, AdapterError, DiskConfig, NetConfig};
+use crate::adapters::{self, AdapterError, BalloonConfig, DiskConfig, NetConfig};
 
 /// Default guest memory: 512 MiB.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -55,6 +55,14 @@ pub enum ConfigError {
     /// A disk or network adapter setting.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    /// The balloon's minimum is not within the VM's memory.
+    #[error("balloon min {min_mib} MiB must be between {} MiB and the VM's memory ({memory_mib} MiB)", MIN_MEMORY >> 20)]
+    BalloonMin {
+        /// The minimum, MiB.
+        min_mib: u64,
+        /// The VM's memory, MiB.
+        memory_mib: u64,
+    },
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: give between 1 and {max}")]
     Cpus {
@@ -147,7 +155,8 @@ struct FileConfig {
     cpus: Option<u32>,
     memory: Option<SizeValue>,
     nested: Option<NestedMode>,
-    // Arrays of tables come last: TOML puts them after plain values.
+    // Tables come last: TOML puts them after plain values.
+    balloon: Option<BalloonConfig>,
     disk: Option<Vec<DiskConfig>>,
     net: Option<Vec<NetConfig>>,
 }
@@ -171,6 +180,8 @@ pub struct Overrides {
     pub disks: Option<Vec<DiskConfig>>,
     /// `--net`, all of them (replacing the file's).
     pub nets: Option<Vec<NetConfig>>,
+    /// `--balloon` (`Some(None)`: `--no-balloon`).
+    pub balloon: Option<Option<BalloonConfig>>,
 }
 
 /// A VM's complete, validated settings.
@@ -192,6 +203,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net adapters.
     pub nets: Vec<NetConfig>,
+    /// The memory balloon, if the VM has one.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl VmConfig {
@@ -246,6 +260,7 @@ impl VmConfig {
             nested: over.nested.or(base.nested).unwrap_or_default(),
             disks: over.disks.or(base.disk).unwrap_or_default(),
             nets: over.nets.or(base.net).unwrap_or_default(),
+            balloon: over.balloon.unwrap_or(base.balloon),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -262,6 +277,7 @@ impl VmConfig {
             nested: Some(self.nested),
             disk: (!self.disks.is_empty()).then(|| self.disks.clone()),
             net: (!self.nets.is_empty()).then(|| self.nets.clone()),
+            balloon: self.balloon.clone(),
         };
         toml::to_string(&file).expect("plain settings always serialize")
     }
@@ -280,6 +296,7 @@ impl VmConfig {
             nested: over.nested.unwrap_or(self.nested),
             disks: over.disks.unwrap_or_else(|| self.disks.clone()),
             nets: over.nets.unwrap_or_else(|| self.nets.clone()),
+            balloon: over.balloon.unwrap_or_else(|| self.balloon.clone()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -298,7 +315,16 @@ impl VmConfig {
                 max: MAX_CPUS,
             });
         }
-        adapters::validate(&self.disks, &self.nets)?;
+        adapters::validate(&self.disks, &self.nets, self.balloon.as_ref())?;
+        if let Some(b) = &self.balloon {
+            let min = b.min_bytes()?;
+            if min < MIN_MEMORY || min > self.memory {
+                return Err(ConfigError::BalloonMin {
+                    min_mib: min >> 20,
+                    memory_mib: self.memory >> 20,
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -437,6 +463,7 @@ mod tests {
                 mac: Some("52:56:00:00:00:07".into()),
                 mac_spoofing: true,
             }],
+            balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
         };
         let p = write("round.toml", &c.to_toml());
         assert_eq!(

@@ -18,6 +18,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod balloon;
 pub mod builder;
 mod capture;
 pub mod checkpoint;

@@ -543,6 +543,9 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                         },
                     ),
                 },
+                Action::Memory | Action::Resize => {
+                    crate::balloon::serve(req, virtio.balloon.as_ref(), config.memory)
+                }
                 Action::Migrate | Action::Save | Action::Checkpoint if outgoing.is_some() => req
                     .reply(
                         409,

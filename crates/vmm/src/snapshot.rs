@@ -363,7 +363,7 @@ pub(crate) fn restore_with_memory(
 ) -> Result<BuiltVm, BuildError> {
     if snap.vcpus.len() != snap.config.cpus as usize
         || snap.cpuid.len() != snap.vcpus.len()
-        || snap.virtio.len() != snap.config.disks.len() + snap.config.nets.len()
+        || snap.virtio.len() != crate::virtio::device_count(&snap.config)
     {
         return Err(SnapshotError::Incompatible(
             "the state does not match its own definition".into(),

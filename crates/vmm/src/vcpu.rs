@@ -348,6 +348,7 @@ mod tests {
             nested: crate::config::NestedMode::Off,
             disks: vec![],
             nets: vec![],
+            balloon: None,
         };
         let out = Captured::default();
         let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();

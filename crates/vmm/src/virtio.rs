@@ -1,4 +1,4 @@
-//! Attaches a VM's disks and network adapters: each becomes a virtio-mmio
+//! Attaches a VM's disks, network adapters and balloon: each becomes a virtio-mmio
 //! device in its own window with its own interrupt line (both declared to the
 //! guest in the DSDT), its queue-notify register wired to ioeventfds and its
 //! interrupt to an irqfd, and an event-loop worker that does its I/O.
@@ -10,6 +10,7 @@ use nestvm_arch::acpi::VirtioSlot;
 use nestvm_arch::layout;
 use nestvm_devices::bus::Bus;
 use nestvm_kvm::tap::{offload, Tap};
+use nestvm_virtio::balloon;
 use nestvm_virtio::block::Block;
 use nestvm_virtio::mmio::{Inspect, MmioDevice, QUEUE_NOTIFY};
 use nestvm_virtio::net::{derived_mac, FrameIo, Net};
@@ -28,12 +29,14 @@ pub struct VirtioDevices {
     pub(crate) workers: Vec<Box<dyn MutEventSubscriber + Send>>,
     /// Handles for reports.
     pub(crate) inspect: Vec<Arc<Mutex<dyn Inspect>>>,
+    /// The balloon's controls, if the VM has one.
+    pub(crate) balloon: Option<balloon::Control>,
 }
 
 /// The windows and interrupt lines of `config`'s devices: disks first, then
-/// adapters, in the order given.
+/// adapters, in the order given, then the balloon.
 pub fn slots(config: &VmConfig) -> Vec<VirtioSlot> {
-    (0..config.disks.len() + config.nets.len())
+    (0..device_count(config))
         .filter_map(layout::virtio_slot)
         .map(|(base, gsi)| VirtioSlot {
             base,
@@ -41,6 +44,11 @@ pub fn slots(config: &VmConfig) -> Vec<VirtioSlot> {
             gsi,
         })
         .collect()
+}
+
+/// How many virtio devices `config` has.
+pub fn device_count(config: &VmConfig) -> usize {
+    config.disks.len() + config.nets.len() + usize::from(config.balloon.is_some())
 }
 
 /// A TAP as the network device's frame mover.
@@ -98,6 +106,19 @@ pub fn attach(
         let dev = Net::new(Box::new(TapIo(tap)), mac, net.mac_spoofing);
         let slot = next.next().expect("validated device count");
         add(dev, slot, vm, mem, mmio, &mut out)?;
+    }
+    if let Some(b) = &config.balloon {
+        let min = b.min_bytes().map_err(crate::config::ConfigError::from)?;
+        let freed = mem.clone();
+        // Pages the guest gives back are freed on the host.
+        let discard: balloon::Discard = Box::new(move |addr, len| {
+            nestvm_kvm::memory::discard(&freed, addr, len).map_err(|e| e.to_string())
+        });
+        let (dev, control) = balloon::Balloon::new(config.memory, min, b.dynamic, discard)
+            .map_err(|e| BuildError::EventFd("the balloon's timer", e))?;
+        let slot = next.next().expect("validated device count");
+        add(dev, slot, vm, mem, mmio, &mut out)?;
+        out.balloon = Some(control);
     }
     Ok(out)
 }

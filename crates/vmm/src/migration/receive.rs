@@ -109,7 +109,7 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
 /// Waits up to `wait` for a sender holding `token` on `listener`, receives
 /// its VM and builds it paused. `prepare` may still refuse the definition
 /// (e.g. a name clash) before any memory moves. The guest's console goes to
-/// `console`.
+/// `console`; `say` hears each step.
 pub fn receive(
     listener: &TcpListener,
     token: &[u8],
@@ -117,6 +117,7 @@ pub fn receive(
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
     prepare: impl FnOnce(&VmConfig) -> Result<(), String>,
+    say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
     let deadline = Instant::now() + wait;
     // A connection that goes away before proving anything (a port probe)
@@ -124,7 +125,13 @@ pub fn receive(
     let mut s = loop {
         let mut s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
         match wire::authenticate_sender(&mut s, token) {
-            Ok(()) => break s,
+            Ok(()) => {
+                say(&format!(
+                    "sender {} authenticated",
+                    s.peer_addr().map_or("?".into(), |a| a.to_string())
+                ));
+                break s;
+            }
             Err(MigrationError::Stream(e)) => log::info!("migration: a connection went away: {e}"),
             Err(e) => return Err(e),
         }
@@ -142,6 +149,7 @@ pub fn receive(
     let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
         .map_err(|e| MigrationError::Memory(e.to_string()))?;
     wire::send(&mut s, Kind::Accept, &[])?;
+    say("accepted the VM; receiving its memory");
     let result = take(&mut s, &hello, mem, hv, console);
     if let Err(e) = &result {
         if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {

@@ -1,0 +1,485 @@
+//! virtio-balloon: dynamic memory and runtime resize.
+//!
+//! The VM's definition gives the most memory it can have; the balloon takes
+//! pages back from the guest (inflate), which nestvm frees on the host, and
+//! returns them (deflate), so the memory the guest can use moves between a
+//! minimum and that maximum while it runs. The host sets a target in the
+//! configuration space (`num_pages`, pages to hold) and raises a
+//! configuration interrupt; the driver answers with `actual`.
+//!
+//! - Statistics (VIRTIO_BALLOON_F_STATS_VQ): the driver leaves a buffer of
+//!   (tag, value) pairs with the device, which hands it back every
+//!   [`POLL`] to ask for fresh ones.
+//! - Free page reporting (VIRTIO_BALLOON_F_REPORTING): the driver reports
+//!   free ranges, which are freed on the host at once, balloon or not.
+//! - With `auto`, every poll sets the target from the statistics: what the
+//!   guest uses plus a buffer, within [min, max] (Hyper-V's dynamic memory).
+//!
+//! Everything the driver sends is checked: page numbers and ranges outside
+//! guest RAM are counted as malformed and skipped. Freeing is done by the
+//! `discard` function the VMM gives (the KVM layer's `madvise`).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+
+use crate::{features, Backend, Chain, Memory};
+
+/// virtio device ID of a balloon.
+pub const DEVICE_TYPE: u32 = 5;
+/// The driver reports statistics.
+pub const F_STATS_VQ: u64 = 1 << 1;
+/// The driver reports free pages.
+pub const F_REPORTING: u64 = 1 << 5;
+/// How often statistics are asked for (and the policy runs).
+pub const POLL: Duration = Duration::from_secs(2);
+const QUEUE_SIZE: u16 = 128;
+const PAGE: u64 = 4096;
+/// Headroom the automatic policy leaves above what the guest uses: 20 %,
+/// and at least this much.
+const MIN_BUFFER: u64 = 64 << 20;
+/// The policy does not move the target for less than this.
+const HYSTERESIS: u64 = 16 << 20;
+
+/// Statistic tags, in the spec's order.
+const STAT_NAMES: [&str; 11] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free",
+    "total",
+    "available",
+    "caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kills",
+];
+
+/// What the VMM sees of a balloon and may change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Policy {
+    /// The VM's RAM (the most it can have), bytes.
+    pub max: u64,
+    /// The least it may be shrunk to, bytes.
+    pub min: u64,
+    /// Whether the target follows the guest's demand.
+    pub auto: bool,
+    /// The memory the guest should have, bytes (max minus the balloon).
+    pub target: u64,
+}
+
+/// A balloon's shared state: the policy the VMM sets, what the guest did.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// The policy.
+    pub policy: Policy,
+    /// Bytes the guest says it has handed over (`actual`).
+    pub ballooned: u64,
+    /// The guest's latest statistics by name.
+    pub stats: BTreeMap<String, u64>,
+    /// Bytes freed on the host from free-page reports, so far.
+    pub reported: u64,
+    /// Pages inflated and deflated, malformed requests.
+    pub inflated: u64,
+    /// Pages the guest took back.
+    pub deflated: u64,
+    /// Requests that were not valid.
+    pub malformed: u64,
+    #[serde(skip)]
+    stats_at: Option<Instant>,
+}
+
+impl Status {
+    /// How old the statistics are.
+    pub fn stats_age(&self) -> Option<Duration> {
+        self.stats_at.map(|t| t.elapsed())
+    }
+}
+
+/// The VMM's handle on a balloon: read its status, set a target.
+#[derive(Clone)]
+pub struct Control {
+    status: Arc<Mutex<Status>>,
+    timer: Arc<TimerFd>,
+}
+
+impl Control {
+    /// A copy of the status.
+    pub fn status(&self) -> Status {
+        let s = lock(&self.status);
+        Status {
+            policy: s.policy.clone(),
+            ballooned: s.ballooned,
+            stats: s.stats.clone(),
+            reported: s.reported,
+            inflated: s.inflated,
+            deflated: s.deflated,
+            malformed: s.malformed,
+            stats_at: s.stats_at,
+        }
+    }
+
+    /// Sets the memory the guest should have (`None`: follow its demand),
+    /// and tells the device at once. Refuses sizes outside [min, max].
+    pub fn set_target(&self, target: Option<u64>) -> Result<(), String> {
+        let mut s = lock(&self.status);
+        match target {
+            Some(t) if t < s.policy.min || t > s.policy.max => {
+                return Err(format!(
+                    "{} MiB is outside this VM's range of {} to {} MiB",
+                    t >> 20,
+                    s.policy.min >> 20,
+                    s.policy.max >> 20
+                ))
+            }
+            Some(t) => {
+                s.policy.target = t & !(PAGE - 1);
+                s.policy.auto = false;
+            }
+            None => s.policy.auto = true,
+        }
+        drop(s);
+        arm(&self.timer, Duration::from_millis(1));
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fires first after `first`, then every [`POLL`].
+fn arm(timer: &TimerFd, first: Duration) {
+    let r = timer.set(
+        Expiration::IntervalDelayed(
+            TimeSpec::from_duration(first),
+            TimeSpec::from_duration(POLL),
+        ),
+        TimerSetTimeFlags::empty(),
+    );
+    if let Err(e) = r {
+        log::warn!("balloon: cannot arm its timer: {e}");
+    }
+}
+
+/// What the saved state of a balloon holds.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    policy: Policy,
+    ballooned: u64,
+    stats_head: Option<u16>,
+}
+
+/// Frees guest memory on the host: (guest address, length).
+pub type Discard = Box<dyn Fn(u64, u64) -> Result<(), String> + Send>;
+
+/// A virtio-balloon device.
+pub struct Balloon {
+    status: Arc<Mutex<Status>>,
+    timer: Arc<TimerFd>,
+    discard: Discard,
+    /// Queue index of the statistics and reporting queues, once negotiated.
+    stats_queue: Option<usize>,
+    reporting_queue: Option<usize>,
+    /// The statistics buffer the driver left with us.
+    stats_head: Option<u16>,
+    /// The target last shown to the driver, in pages to hold.
+    announced: u32,
+    /// The driver's `actual`, as written.
+    actual: u32,
+}
+
+impl Balloon {
+    /// A balloon for a VM of `max` bytes that may shrink to `min`; `auto`
+    /// follows the guest's demand. It starts deflated (the guest has all).
+    pub fn new(
+        max: u64,
+        min: u64,
+        auto: bool,
+        discard: Discard,
+    ) -> std::io::Result<(Self, Control)> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let timer = Arc::new(timer);
+        arm(&timer, POLL);
+        let status = Arc::new(Mutex::new(Status {
+            policy: Policy {
+                max,
+                min: min.min(max),
+                auto,
+                target: max,
+            },
+            ..Default::default()
+        }));
+        let control = Control {
+            status: status.clone(),
+            timer: timer.clone(),
+        };
+        let b = Balloon {
+            status,
+            timer,
+            discard,
+            stats_queue: None,
+            reporting_queue: None,
+            stats_head: None,
+            announced: 0,
+            actual: 0,
+        };
+        Ok((b, control))
+    }
+
+    /// Pages the balloon should hold for the current target.
+    fn num_pages(&self) -> u32 {
+        let s = lock(&self.status);
+        (s.policy.max.saturating_sub(s.policy.target) / PAGE).min(u32::MAX as u64) as u32
+    }
+
+    /// Inflate (`free`) or deflate: a list of 32-bit page frame numbers.
+    fn pages(&mut self, chain: Chain<'_>, mem: &Memory, free: bool) {
+        let mut malformed = 0;
+        let mut done = 0;
+        match chain.reader(mem) {
+            Ok(mut r) => {
+                let mut pfn = [0u8; 4];
+                while r.available_bytes() >= 4
+                    && std::io::Read::read_exact(&mut r, &mut pfn).is_ok()
+                {
+                    let addr = u32::from_le_bytes(pfn) as u64 * PAGE;
+                    if free {
+                        match (self.discard)(addr, PAGE) {
+                            Ok(()) => done += 1,
+                            Err(e) => {
+                                log::debug!("balloon: {e}");
+                                malformed += 1;
+                            }
+                        }
+                    } else {
+                        done += 1;
+                    }
+                }
+            }
+            Err(_) => malformed += 1,
+        }
+        let mut s = lock(&self.status);
+        if free {
+            s.inflated += done;
+        } else {
+            s.deflated += done;
+        }
+        s.malformed += malformed;
+    }
+
+    /// Free page reporting: each device-writable descriptor is a free range.
+    fn report(&mut self, chain: Chain<'_>) -> u32 {
+        let mut freed = 0;
+        let mut malformed = 0;
+        for d in chain {
+            if !d.is_write_only() {
+                malformed += 1;
+                continue;
+            }
+            match (self.discard)(d.addr().0, d.len() as u64) {
+                Ok(()) => freed += d.len() as u64,
+                Err(e) => {
+                    log::debug!("balloon: reported range refused: {e}");
+                    malformed += 1;
+                }
+            }
+        }
+        let mut s = lock(&self.status);
+        s.reported += freed;
+        s.malformed += malformed;
+        0
+    }
+
+    /// A statistics buffer arrived: read it and keep it.
+    fn stats(&mut self, queue: &mut Queue, mem: &Memory) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut got = BTreeMap::new();
+            if let Ok(mut r) = chain.reader(mem) {
+                let mut entry = [0u8; 10];
+                while r.available_bytes() >= 10
+                    && std::io::Read::read_exact(&mut r, &mut entry).is_ok()
+                {
+                    let tag = u16::from_le_bytes([entry[0], entry[1]]) as usize;
+                    let value = u64::from_le_bytes(entry[2..].try_into().expect("8 bytes"));
+                    if let Some(name) = STAT_NAMES.get(tag) {
+                        got.insert((*name).to_owned(), value);
+                    }
+                }
+            }
+            {
+                let mut s = lock(&self.status);
+                s.stats = got;
+                s.stats_at = Some(Instant::now());
+            }
+            // One buffer at a time: an older one goes back.
+            if let Some(old) = self.stats_head.replace(head) {
+                used |= queue.add_used(mem, old, 0).is_ok();
+            }
+        }
+        used
+    }
+
+    /// The automatic policy: what the guest uses plus a buffer.
+    fn adjust(&self) {
+        let mut s = lock(&self.status);
+        if !s.policy.auto || s.stats_age().is_none_or(|a| a > 3 * POLL) {
+            return;
+        }
+        let (Some(&total), Some(&available)) = (s.stats.get("total"), s.stats.get("available"))
+        else {
+            return;
+        };
+        let used = total.saturating_sub(available);
+        let want = (used + (used / 5).max(MIN_BUFFER)).clamp(s.policy.min, s.policy.max);
+        if want.abs_diff(s.policy.target) >= HYSTERESIS {
+            s.policy.target = want & !(PAGE - 1);
+        }
+    }
+}
+
+impl Backend for Balloon {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+    fn kind(&self) -> &'static str {
+        "balloon"
+    }
+    fn describe(&self) -> String {
+        let p = &lock(&self.status).policy;
+        format!(
+            "{}-{} MiB{}",
+            p.min >> 20,
+            p.max >> 20,
+            if p.auto { ", dynamic" } else { "" }
+        )
+    }
+    fn features(&self) -> u64 {
+        features::VERSION_1 | F_STATS_VQ | F_REPORTING
+    }
+    fn queue_sizes(&self) -> &[u16] {
+        // inflate, deflate, then statistics and reporting when negotiated.
+        &[QUEUE_SIZE; 4]
+    }
+    fn config(&self) -> Vec<u8> {
+        // num_pages, actual, free_page_hint_cmd_id, poison_val.
+        let mut c = Vec::with_capacity(16);
+        c.extend_from_slice(&self.num_pages().to_le_bytes());
+        c.extend_from_slice(&self.actual.to_le_bytes());
+        c.extend_from_slice(&[0; 8]);
+        c
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        if offset == 4 && data.len() == 4 {
+            self.actual = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+            lock(&self.status).ballooned = self.actual as u64 * PAGE;
+        }
+    }
+    fn config_changed(&mut self) -> bool {
+        let now = self.num_pages();
+        let changed = now != self.announced;
+        self.announced = now;
+        changed
+    }
+    fn activate(&mut self, features: u64) -> Result<(), String> {
+        // Linux numbers only the queues that exist, in this order.
+        let mut next = 2;
+        self.stats_queue = (features & F_STATS_VQ != 0).then(|| {
+            next += 1;
+            next - 1
+        });
+        self.reporting_queue = (features & F_REPORTING != 0).then_some(next);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.stats_head = None;
+        self.actual = 0;
+        lock(&self.status).ballooned = 0;
+    }
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+        let Some(queue) = queues.get_mut(q) else {
+            return false;
+        };
+        match q {
+            0 | 1 => crate::drain_queue(queue, mem, |chain| {
+                self.pages(chain, mem, q == 0);
+                0
+            }),
+            _ if Some(q) == self.stats_queue => self.stats(queue, mem),
+            _ if Some(q) == self.reporting_queue => {
+                crate::drain_queue(queue, mem, |chain| self.report(chain))
+            }
+            _ => false,
+        }
+    }
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.timer.as_fd().as_raw_fd())
+    }
+    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
+        let _ = self.timer.wait();
+        self.adjust();
+        // Hand the statistics buffer back: the driver refills and returns it.
+        match (self.stats_head.take(), self.stats_queue) {
+            (Some(head), Some(q)) => queues
+                .get_mut(q)
+                .is_some_and(|queue| queue.add_used(mem, head, 0).is_ok()),
+            _ => false,
+        }
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = lock(&self.status);
+        vec![
+            ("target_mib", s.policy.target >> 20),
+            ("ballooned_mib", s.ballooned >> 20),
+            ("inflated", s.inflated),
+            ("deflated", s.deflated),
+            ("reported_mib", s.reported >> 20),
+            ("malformed", s.malformed),
+        ]
+    }
+    fn save_state(&self) -> Option<serde_json::Value> {
+        let s = lock(&self.status);
+        serde_json::to_value(Saved {
+            policy: s.policy.clone(),
+            ballooned: s.ballooned,
+            stats_head: self.stats_head,
+        })
+        .ok()
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let saved: Saved = serde_json::from_value(state.clone())
+            .map_err(|e| format!("the balloon's saved state is not readable: {e}"))?;
+        let mut s = lock(&self.status);
+        // The definition's range stays; the target and what was handed over
+        // come back, so the guest keeps its balloon.
+        if !(s.policy.min..=s.policy.max).contains(&saved.policy.target) {
+            return Err("the balloon's saved target is outside the VM's range".into());
+        }
+        s.policy.target = saved.policy.target;
+        s.policy.auto = saved.policy.auto;
+        s.ballooned = saved.ballooned;
+        drop(s);
+        self.actual = (saved.ballooned / PAGE) as u32;
+        self.announced = self.num_pages();
+        self.stats_head = saved.stats_head;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "balloon_tests.rs"]
+mod tests;

@@ -1,0 +1,197 @@
+//! The balloon driven through its registers by the test driver: inflate and
+//! deflate, hostile page numbers, statistics, free page reporting, targets
+//! and the automatic policy, and its saved state.
+
+use super::*;
+use crate::driver::{self, Buf, QueueDriver};
+use crate::mmio::{Inspect, MmioDevice};
+use crate::testing::memory;
+use nestvm_devices::bus::BusDevice;
+use nestvm_devices::EventTrigger;
+use vm_memory::{Bytes, GuestAddress};
+
+const MIB: u64 = 1 << 20;
+
+struct Rig {
+    dev: MmioDevice<Balloon>,
+    mem: Memory,
+    q: Vec<QueueDriver>,
+    control: Control,
+    discarded: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+/// A balloon for a 1 MiB "VM" (the test memory) that may shrink to 256 KiB.
+fn rig() -> Rig {
+    let mem = memory();
+    let discarded = Arc::new(Mutex::new(Vec::new()));
+    let log = discarded.clone();
+    let size = 1 << 20;
+    let discard: Discard = Box::new(move |addr, len| {
+        if addr + len > size {
+            return Err("outside".into());
+        }
+        log.lock().unwrap().push((addr, len));
+        Ok(())
+    });
+    let (b, control) = Balloon::new(size, 256 << 10, false, discard).unwrap();
+    let mut dev = MmioDevice::new(b, mem.clone(), EventTrigger::new().unwrap()).unwrap();
+    let offered = driver::offered_features(&mut dev);
+    assert_eq!(
+        offered & (F_STATS_VQ | F_REPORTING),
+        F_STATS_VQ | F_REPORTING
+    );
+    let q: Vec<_> = (0..4)
+        .map(|i| QueueDriver::new(0x10000 + i * 0x4000, 16))
+        .collect();
+    driver::start(&mut dev, offered, &q);
+    assert!(dev.is_active());
+    Rig {
+        dev,
+        mem,
+        q,
+        control,
+        discarded,
+    }
+}
+
+impl Rig {
+    fn send(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u32, u32)> {
+        self.q[queue].add_chain(&self.mem, bufs);
+        self.dev.queue_notified(queue);
+        self.q[queue].take_used(&self.mem)
+    }
+
+    fn pfns(&mut self, queue: usize, pfns: &[u32]) -> Vec<(u32, u32)> {
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        self.mem.write_slice(&bytes, GuestAddress(0x80000)).unwrap();
+        self.send(
+            queue,
+            &[Buf {
+                addr: 0x80000,
+                len: bytes.len() as u32,
+                writable: false,
+            }],
+        )
+    }
+
+    fn config_u32(&mut self, at: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.read(0x100 + at, &mut b);
+        u32::from_le_bytes(b)
+    }
+}
+
+#[test]
+fn inflate_frees_pages_and_hostile_pfns_fail_alone() {
+    let mut r = rig();
+    assert_eq!(r.pfns(0, &[3, 4, 0xffff_ffff, 300]).len(), 1);
+    assert_eq!(
+        *r.discarded.lock().unwrap(),
+        vec![(3 * PAGE, PAGE), (4 * PAGE, PAGE)],
+        "pages outside guest RAM are never freed"
+    );
+    assert_eq!(r.pfns(1, &[3]).len(), 1);
+    let s = r.control.status();
+    assert_eq!((s.inflated, s.deflated, s.malformed), (2, 1, 2));
+}
+
+#[test]
+fn a_target_is_announced_with_a_config_interrupt_and_actual_comes_back() {
+    let mut r = rig();
+    assert_eq!(r.config_u32(0), 0, "starts deflated");
+    r.control.set_target(Some(512 << 10)).unwrap();
+    r.dev.backend_event();
+    assert_eq!(r.config_u32(0), 128, "pages to hold for 512 KiB less");
+    let mut isr = [0u8; 4];
+    r.dev.read(0x60, &mut isr);
+    assert_eq!(isr[0] & 2, 2, "configuration interrupt");
+    r.dev.write(0x104, &128u32.to_le_bytes());
+    assert_eq!(r.control.status().ballooned, 512 << 10);
+    assert!(r.control.set_target(Some(128 << 10)).is_err(), "below min");
+    assert!(r.control.set_target(Some(2 * MIB)).is_err(), "above max");
+    // Writes elsewhere in the configuration are ignored.
+    r.dev.write(0x100, &7u32.to_le_bytes());
+    assert_eq!(r.config_u32(0), 128);
+}
+
+fn stats_buffer(r: &mut Rig, total: u64, available: u64) -> Vec<(u32, u32)> {
+    let mut b = Vec::new();
+    for (tag, v) in [(5u16, total), (6, available), (99, 1)] {
+        b.extend_from_slice(&tag.to_le_bytes());
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    r.mem.write_slice(&b, GuestAddress(0x90000)).unwrap();
+    r.send(
+        2,
+        &[Buf {
+            addr: 0x90000,
+            len: b.len() as u32,
+            writable: false,
+        }],
+    )
+}
+
+#[test]
+fn statistics_are_kept_and_asked_for_again_and_drive_the_policy() {
+    let mut r = rig();
+    assert!(stats_buffer(&mut r, MIB, 900 << 10).is_empty(), "kept");
+    let s = r.control.status();
+    assert_eq!(s.stats["total"], MIB);
+    assert_eq!(s.stats["available"], 900 << 10);
+    assert!(!s.stats.contains_key("99"), "unknown tags are skipped");
+    // The poll hands the buffer back; with the policy on, the target drops
+    // to what the guest uses plus the buffer, within the range.
+    r.control.set_target(None).unwrap();
+    r.dev.backend_event();
+    assert_eq!(
+        r.q[2].take_used(&r.mem).len(),
+        1,
+        "returned for new figures"
+    );
+    let s = r.control.status();
+    assert!(s.policy.auto);
+    assert_eq!(
+        s.policy.target, MIB,
+        "64 MiB of buffer is more than this VM"
+    );
+    let saved = r.dev.backend().save_state().unwrap();
+    assert_eq!(saved["policy"]["auto"], true);
+}
+
+#[test]
+fn reported_free_ranges_are_freed_and_checked() {
+    let mut r = rig();
+    let used = r.send(
+        3,
+        &[
+            Buf {
+                addr: 0x40000,
+                len: 0x8000,
+                writable: true,
+            },
+            Buf {
+                addr: 0xff000,
+                len: 0x4000,
+                writable: true,
+            },
+        ],
+    );
+    assert_eq!(used.len(), 1);
+    assert_eq!(*r.discarded.lock().unwrap(), vec![(0x40000, 0x8000)]);
+    let s = r.control.status();
+    assert_eq!((s.reported, s.malformed), (0x8000, 1));
+}
+
+#[test]
+fn saved_state_brings_back_the_target_and_what_was_handed_over() {
+    let mut r = rig();
+    r.control.set_target(Some(768 << 10)).unwrap();
+    r.dev.backend_event();
+    r.dev.write(0x104, &64u32.to_le_bytes());
+    let snap = Inspect::snapshot(&r.dev);
+    let mut fresh = rig();
+    Inspect::restore(&mut fresh.dev, &snap).unwrap();
+    assert_eq!(fresh.config_u32(0), 64);
+    assert_eq!(fresh.config_u32(4), 64);
+    assert_eq!(fresh.control.status().policy.target, 768 << 10);
+}
