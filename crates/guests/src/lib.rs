@@ -110,6 +110,31 @@ pub fn ticker(ticks: u32, spin: u32, message: &str, ending: Ending) -> Vec<u8> {
     elf(&code)
 }
 
+/// Writes one quadword into each 4 KiB page of `mib` MiB from 2 MiB up,
+/// over and over, printing a dot after each pass: a guest that keeps
+/// dirtying memory (the busy case of live migration). Never ends.
+pub fn dirtier(mib: u32) -> Vec<u8> {
+    // 0:  48 c7 c7 00 00 20 00  mov rdi, 0x200000
+    // 7:  b9 <imm32>            mov ecx, pages
+    // 12: 48 89 1f              mov [rdi], rbx
+    // 15: 48 81 c7 00 10 00 00  add rdi, 0x1000
+    // 22: ff c9                 dec ecx
+    // 24: 75 f2                 jnz 12
+    // 26: 48 ff c3              inc rbx
+    // 29: 66 ba f8 03           mov dx, 0x3f8
+    // 33: b0 2e                 mov al, '.'
+    // 35: ee                    out dx, al
+    // 36: eb da                 jmp 0
+    let mut code = vec![0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, 0xb9];
+    code.extend_from_slice(&(mib.max(1) * 256).to_le_bytes());
+    code.extend_from_slice(&[
+        0x48, 0x89, 0x1f, 0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xf2, 0x48,
+        0xff, 0xc3, 0x66, 0xba, 0xf8, 0x03, 0xb0, b'.', 0xee, 0xeb, 0xda,
+    ]);
+    assert_eq!(code.len(), 38, "offsets above");
+    elf(&code)
+}
+
 /// File offset of the code in images made by [`elf`].
 pub const ELF_CODE_OFFSET: usize = 0x1000;
 

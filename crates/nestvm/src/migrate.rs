@@ -201,6 +201,7 @@ pub fn migrate(
     to: &str,
     token_file: &Path,
     max_downtime: Duration,
+    verify: bool,
     json: bool,
 ) -> Result<u8, Failure> {
     let _cmd = store.lock(name).map_err(store_err)?;
@@ -216,9 +217,10 @@ pub fn migrate(
     let p = paths(store, name);
     let report = store.vm_dir(name).join(MIGRATION_REPORT);
     let path = format!(
-        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}",
+        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&verify={}",
         hex(&token),
-        max_downtime.as_millis()
+        max_downtime.as_millis(),
+        u8::from(verify)
     );
     match call(&p.control, "PUT", &path, API_TIMEOUT) {
         Ok((202, _)) => {}

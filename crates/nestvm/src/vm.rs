@@ -120,6 +120,9 @@ pub enum VmCmd {
         /// The longest pause allowed for the final copy.
         #[arg(long, default_value = "50ms", value_parser = crate::migrate::parse_duration)]
         max_downtime: std::time::Duration,
+        /// Have the destination check a digest of all guest memory before it resumes the VM (adds downtime).
+        #[arg(long)]
+        verify: bool,
     },
     /// Show a running VM's memory: its balloon's range and target, and the guest's figures.
     Memory {
@@ -458,6 +461,7 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             to,
             token_file,
             max_downtime,
+            verify,
         } => {
             return crate::migrate::migrate(
                 &store,
@@ -465,6 +469,7 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
                 &to,
                 &token_file,
                 max_downtime,
+                verify,
                 json,
             )
         }

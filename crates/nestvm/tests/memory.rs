@@ -16,13 +16,25 @@ fn balloon_settings_show_and_resize_refusals() {
     let k = guest("memory.elf", ticker(u32::MAX, 3000, "never", Ending::Reset));
     let k = k.to_str().unwrap();
     let new = |name: &str, extra: &[&str]| {
-        let mut a = vec!["vm", "new", name, "--kernel", k, "--memory", "64M", "--nested", "off"];
+        let mut a = vec![
+            "vm", "new", name, "--kernel", k, "--memory", "64M", "--nested", "off",
+        ];
         a.extend_from_slice(extra);
         e.ok(&a);
     };
     // A minimum above the memory, or a bad spec, is refused up front.
     for bad in ["min=128M", "dynamic=maybe"] {
-        let out = e.run(&["vm", "new", "x", "--kernel", k, "--memory", "64M", "--balloon", bad]);
+        let out = e.run(&[
+            "vm",
+            "new",
+            "x",
+            "--kernel",
+            k,
+            "--memory",
+            "64M",
+            "--balloon",
+            bad,
+        ]);
         assert_eq!(out.status.code(), Some(2), "{bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("balloon"));
     }
@@ -43,7 +55,10 @@ fn balloon_settings_show_and_resize_refusals() {
     let out = e.run(&["vm", "resize", "b", "48M", "--wait", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is at 64 MiB") && err.contains("virtio_balloon"), "{err}");
+    assert!(
+        err.contains("is at 64 MiB") && err.contains("virtio_balloon"),
+        "{err}"
+    );
     assert_eq!(e.json(&["vm", "memory", "b"])["target"], 48 << 20);
     // Without a balloon, nothing can change while it runs: said so.
     let out = e.run(&["vm", "resize", "p", "32M"]);

@@ -10,7 +10,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{guest, kvm_or_skip, nestvm, StateEnv};
-use nestvm_guests::{ticker, Ending};
+use nestvm_guests::{dirtier, ticker, Ending};
 
 const T: Duration = Duration::from_secs(90);
 const TICKS: usize = 400;
@@ -45,12 +45,17 @@ impl Hosts {
     /// A ticking VM `t` running on the source, `memory` big; it ends after
     /// `ticks` dots.
     fn start_ticker(&self, memory: &str, ticks: u32) {
+        self.start(memory, ticker(ticks, 3000, "TICKER-DONE", Ending::PowerOff));
+    }
+
+    /// A VM `t` running `image` on the source.
+    fn start(&self, memory: &str, image: Vec<u8>) {
         let k = guest(
             &format!(
                 "mig-{}.elf",
                 self.src.dir.file_name().unwrap().to_string_lossy()
             ),
-            ticker(ticks, 3000, "TICKER-DONE", Ending::PowerOff),
+            image,
         );
         self.src.ok(&[
             "vm",
@@ -82,6 +87,10 @@ impl Hosts {
     }
 
     fn migrate(&self) -> Output {
+        self.migrate_with(&[])
+    }
+
+    fn migrate_with(&self, extra: &[&str]) -> Output {
         let start = Instant::now();
         // The receiver needs a moment to listen.
         while std::net::TcpStream::connect(&self.addr).is_err() {
@@ -93,6 +102,7 @@ impl Hosts {
             .arg(&self.src.dir)
             .args(["vm", "migrate", "t", "--to", &self.addr, "--token-file"])
             .arg(&self.token)
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -254,4 +264,33 @@ fn killing_the_receiver_mid_copy_leaves_the_source_running() {
     let received = receiver.wait_with_output().unwrap();
     assert_ne!(received.status.code(), Some(0));
     source_runs_on(&h);
+}
+
+#[test]
+fn a_guest_rewriting_its_memory_arrives_with_every_page() {
+    if !kvm_or_skip("a_guest_rewriting_its_memory_arrives_with_every_page") {
+        return;
+    }
+    let h = Hosts::new("busy");
+    // Rewrites 32 MiB over and over: every pre-copy round finds it dirty,
+    // and the last pages written before the pause must still arrive. The
+    // destination compares a digest of all memory with the source's.
+    h.start("128M", dirtier(32));
+    wait_for(|| dots(&h.src.dir) >= 3, "the guest never finished a pass");
+    let receiver = h.receive(&h.token);
+    let out = h.migrate_with(&["--verify", "--max-downtime", "5ms"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap())
+            .unwrap();
+    assert!(v["rounds"].as_u64().unwrap() >= 2, "{v}");
+    // It goes on writing there.
+    let before = dots(&h.dst.dir);
+    wait_for(
+        || dots(&h.dst.dir) > before + 2,
+        "the guest stopped on the destination",
+    );
+    h.dst.ok(&["vm", "kill", "t"]);
 }

@@ -86,6 +86,14 @@ pub enum MigrationError {
     /// The destination could not build the VM from what arrived.
     #[error("cannot build the migrated VM")]
     Build(#[source] Box<BuildError>),
+    /// `--verify` found the copy differs from the source's memory.
+    #[error("guest memory differs after the copy (digest {got:#x}, the source's {want:#x})")]
+    Differs {
+        /// This side's digest.
+        got: u64,
+        /// The sender's.
+        want: u64,
+    },
     /// Nobody connected in time.
     #[error("no migration arrived within {0:?}")]
     Timeout(Duration),

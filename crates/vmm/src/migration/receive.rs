@@ -205,6 +205,12 @@ fn take(
             "the final state is not the VM first described",
         ));
     }
+    if let Some(want) = fin.memory_digest {
+        let got = wire::memory_digest(&mem)?;
+        if got != want {
+            return Err(MigrationError::Differs { got, want });
+        }
+    }
     let vm = snapshot::restore_with_memory(fin.snapshot, mem, hv, console)
         .map_err(|e| MigrationError::Build(Box::new(e)))?;
     Ok((vm, fin.running, bytes))

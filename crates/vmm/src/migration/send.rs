@@ -51,6 +51,9 @@ pub(crate) struct Stop(Sender<Result<Captured, String>>);
 pub(crate) struct Final {
     pub snapshot: VmSnapshot,
     pub running: bool,
+    /// [`wire::memory_digest`] of the paused VM's memory, when verifying.
+    #[serde(default)]
+    pub memory_digest: Option<u64>,
 }
 
 /// Parameters of one outgoing migration.
@@ -61,6 +64,9 @@ pub struct Request {
     pub token: Vec<u8>,
     /// The downtime budget.
     pub max_downtime: Duration,
+    /// Have the receiver check a digest of all memory before it resumes
+    /// the VM (costs downtime: for tests and the suspicious).
+    pub verify: bool,
 }
 
 /// Everything the thread uses.
@@ -268,11 +274,20 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         Ok(Err(e)) => return Err(MigrationError::Capture(e)),
         Err(_) => return Err(MigrationError::Cancelled),
     };
-    let last = collect_dirty(job)?;
+    // What the last round left, and what was written since: all of it now.
+    let mut last = pages;
+    last.extend(collect_dirty(job)?);
+    last.sort_unstable();
+    last.dedup();
     send_pages(job, &mut s, &last, false)?;
+    let memory_digest = match job.req.verify {
+        true => Some(wire::memory_digest(&job.mem)?),
+        false => None,
+    };
     let state = serde_json::to_vec(&Final {
         snapshot: captured.snapshot,
         running: captured.running,
+        memory_digest,
     })
     .map_err(|e| MigrationError::protocol(e.to_string()))?;
     wire::send(&mut s, Kind::State, &container::encode(&state))?;
@@ -384,6 +399,7 @@ impl Outgoing {
             to: to.to_owned(),
             token,
             max_downtime,
+            verify: get("verify") == Some("1"),
         };
         let hello = hello(parts.config, parts.nested, parts.cpuid);
         Outgoing::start(req, hello, vm, parts.memory.clone(), wake)

@@ -243,6 +243,25 @@ pub fn apply_pages(mem: &Memory, payload: &[u8]) -> Result<usize, MigrationError
     Ok(count)
 }
 
+/// A digest of all guest memory: CRC-64 of each MiB, then of those CRCs.
+/// Both sides compute it after the final copy when asked to verify.
+pub fn memory_digest(mem: &Memory) -> Result<u64, MigrationError> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    let mut crcs = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in mem.iter() {
+        let mut at = 0u64;
+        while at < region.len() {
+            let n = (region.len() - at).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], region.start_addr().unchecked_add(at))
+                .map_err(|e| MigrationError::Memory(e.to_string()))?;
+            crcs.extend_from_slice(&nestvm_snapshot::crc64::crc64(&buf[..n]).to_le_bytes());
+            at += n as u64;
+        }
+    }
+    Ok(nestvm_snapshot::crc64::crc64(&crcs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
