@@ -248,36 +248,80 @@ fn machine() -> String {
 
 /// The lab comparison as figures: each VMM's medians and nestvm/QEMU.
 fn lab_figures(n: &lab::Row, q: &lab::Row) -> Vec<Figure> {
-    let round = |x: f64| (x * 100.0).round() / 100.0;
     let runs = format!(
         "lab, L2 under each VMM in one L1, median of {} / {} runs",
         n.runs, q.runs
     );
+    side_by_side(
+        &[
+            ("L2 boot to /init", "s", n.boot_s, q.boot_s, false),
+            (
+                "virtio-blk sequential write (64 MiB, O_DIRECT, fsync)",
+                "MiB/s",
+                n.write_mibs,
+                q.write_mibs,
+                true,
+            ),
+            (
+                "virtio-blk sequential read (64 MiB, O_DIRECT)",
+                "MiB/s",
+                n.read_mibs,
+                q.read_mibs,
+                true,
+            ),
+            (
+                "virtio-net TCP download from L1 (32 MiB over HTTP)",
+                "MiB/s",
+                n.net_mibs,
+                q.net_mibs,
+                true,
+            ),
+        ],
+        &runs,
+    )
+}
+
+/// Save, restore and live migration of a nesting L2, nestvm against QEMU.
+fn moves_figures(n: &lab::Moves, q: &lab::Moves) -> Vec<Figure> {
+    let runs = format!(
+        "lab, 256 MiB L2 running its own L3, median of {} / {} runs; QEMU saves by migrating to a file",
+        n.runs, q.runs
+    );
+    side_by_side(
+        &[
+            ("save of a nesting L2", "s", n.save_s, q.save_s, false),
+            (
+                "restore of it until running",
+                "s",
+                n.restore_s,
+                q.restore_s,
+                false,
+            ),
+            (
+                "live migration over loopback, whole",
+                "s",
+                n.mig_s,
+                q.mig_s,
+                false,
+            ),
+            (
+                "live migration downtime (budget 50 ms)",
+                "ms",
+                n.downtime_ms,
+                q.downtime_ms,
+                false,
+            ),
+        ],
+        &runs,
+    )
+}
+
+/// Each figure for nestvm, for QEMU, and their ratio.
+fn side_by_side(rows: &[(&str, &'static str, f64, f64, bool)], runs: &str) -> Vec<Figure> {
+    let round = |x: f64| (x * 100.0).round() / 100.0;
     let mut out = vec![];
-    for (name, unit, a, b, higher_better) in [
-        ("L2 boot to /init", "s", n.boot_s, q.boot_s, false),
-        (
-            "virtio-blk sequential write (64 MiB, O_DIRECT, fsync)",
-            "MiB/s",
-            n.write_mibs,
-            q.write_mibs,
-            true,
-        ),
-        (
-            "virtio-blk sequential read (64 MiB, O_DIRECT)",
-            "MiB/s",
-            n.read_mibs,
-            q.read_mibs,
-            true,
-        ),
-        (
-            "virtio-net TCP download from L1 (32 MiB over HTTP)",
-            "MiB/s",
-            n.net_mibs,
-            q.net_mibs,
-            true,
-        ),
-    ] {
+    for &(name, unit, a, b, higher_better) in rows {
+        let runs = runs.to_owned();
         out.push(Figure {
             name: format!("{name}: nestvm"),
             value: round(a),
@@ -498,8 +542,11 @@ fn main() -> Result<()> {
             note,
         });
     }
-    if let Some((n, q)) = &lab {
-        figures.extend(lab_figures(n, q));
+    if let Some(l) = &lab {
+        figures.extend(lab_figures(&l.nestvm, &l.qemu));
+        if let Some((n, q)) = &l.moves {
+            figures.extend(moves_figures(n, q));
+        }
     }
     let date = String::from_utf8(
         Command::new("date")

@@ -67,3 +67,110 @@ for run in 1 2; do
     one nestvm $run
     one qemu $run
 done
+
+# Save/restore and live migration of L2 while it runs its own L3 (nesting
+# on), nestvm against QEMU in the same L1. QEMU's save is "migrate to a
+# file" (what libvirt's save does; savevm needs a qcow2 disk) and its
+# restore is -incoming from that file; its live migration goes between two
+# QEMU processes over loopback, as nestvm's between two state directories.
+# Prints "LAB-BENCH vmm=... run=... save_s= restore_s= mig_s= downtime_ms=".
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+MCMD="console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.nested=1 lab.script=l2-long-ticker-l3"
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+nestvm_moves() {
+    run=$1
+    export NESTVM_STATE_DIR=/tmp/nm-$run
+    rm -rf /tmp/nm-$run /tmp/nm-$run-dst
+    $N vm new l2 --kernel $K --initrd $I --memory 256M --nested on --cmdline "$MCMD" >/dev/null
+    $N vm start l2 >/dev/null
+    wait_for /tmp/nm-$run/vms/l2/console.log "long ticker starting" 600
+    t0=$(now)
+    $N vm save l2 >/dev/null
+    t1=$(now)
+    $N vm start l2 >/dev/null
+    t2=$(now)
+    $N --state-dir /tmp/nm-$run-dst vm receive l2 --listen 127.0.0.1:7800 --token-file /tmp/nm-token >/dev/null 2>&1 &
+    wait_for /tmp/nm-$run-dst/vms/l2/vmm.log "waiting for VM" 60
+    t3=$(now)
+    $N vm migrate l2 --to 127.0.0.1:7800 --token-file /tmp/nm-token >/tmp/nm-mig.txt 2>&1
+    t4=$(now)
+    wait
+    cat /tmp/nm-mig.txt
+    down=$(sed -n 's/.*downtime \([0-9]*\) ms.*/\1/p' /tmp/nm-mig.txt)
+    echo "LAB-BENCH vmm=nestvm-moves run=$run save_s=$(secs $t0 $t1) restore_s=$(secs $t1 $t2) mig_s=$(secs $t3 $t4) downtime_ms=$down"
+    check "bench-nestvm-moves-$run-migrated" grep -q "now runs at" /tmp/nm-mig.txt
+    $N --state-dir /tmp/nm-$run-dst vm kill l2 >/dev/null
+    unset NESTVM_STATE_DIR
+}
+
+# qemu_monitor NAME: a QEMU monitor on FIFOs /tmp/NAME.in and .out; its
+# output is collected in /tmp/NAME.log.
+qemu_start() {
+    name=$1
+    shift
+    rm -f /tmp/$name.in /tmp/$name.out
+    mkfifo /tmp/$name.in /tmp/$name.out
+    $QEMU -M microvm,acpi=on -accel kvm -cpu host -m 256M -smp 1 \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -serial file:/tmp/$name.console -monitor pipe:/tmp/$name \
+        -kernel $K -initrd $I -append "$MCMD" "$@" >/tmp/$name.err 2>&1 &
+    cat /tmp/$name.out >/tmp/$name.log &
+}
+hmp() { echo "$2" >/tmp/$1.in; }
+# qemu_wait_migrated NAME: polls "info migrate" until completed (or failed).
+qemu_wait_migrated() {
+    n=0
+    until grep -q "Migration status: \(completed\|failed\)" /tmp/$1.log || [ $n -ge 3000 ]; do
+        hmp "$1" "info migrate"
+        sleep 0.1
+        n=$((n + 1))
+    done
+    grep -q "Migration status: completed" /tmp/$1.log
+}
+
+qemu_moves() {
+    run=$1
+    : >/tmp/qs.console
+    qemu_start qs
+    wait_for /tmp/qs.console "long ticker starting" 600
+    t0=$(now)
+    hmp qs "stop"
+    hmp qs "migrate \"exec:cat > /tmp/qemu.state\""
+    qemu_wait_migrated qs
+    hmp qs "quit"
+    wait
+    t1=$(now)
+    : >/tmp/qr.console
+    qemu_start qr -incoming "exec:cat /tmp/qemu.state"
+    # Loaded once it is plainly paused (no longer "paused (inmigrate)").
+    n=0
+    until grep -Eq "VM status: paused.?$" /tmp/qr.log || [ $n -ge 600 ]; do
+        hmp qr "info status"
+        sleep 0.05
+        n=$((n + 1))
+    done
+    hmp qr "cont"
+    t2=$(now)
+    hmp qr "info status"
+    : >/tmp/qd.console
+    qemu_start qd -incoming tcp:127.0.0.1:4444
+    sleep 2
+    t3=$(now)
+    hmp qr "migrate_set_parameter downtime-limit 50"
+    hmp qr "migrate -d tcp:127.0.0.1:4444"
+    qemu_wait_migrated qr
+    t4=$(now)
+    down=$(sed -n 's/^downtime: \([0-9]*\) ms.*/\1/p' /tmp/qr.log | tail -n 1)
+    echo "LAB-BENCH vmm=qemu-moves run=$run save_s=$(secs $t0 $t1) restore_s=$(secs $t1 $t2) mig_s=$(secs $t3 $t4) downtime_ms=$down"
+    check "bench-qemu-moves-$run-migrated" grep -q "Migration status: completed" /tmp/qr.log
+    hmp qr "quit"
+    sleep 5
+    check "bench-qemu-moves-$run-ticks-there" grep -q "\.\.\." /tmp/qd.console
+    hmp qd "quit"
+    wait
+}
+for run in 1 2; do
+    nestvm_moves $run
+    qemu_moves $run
+done

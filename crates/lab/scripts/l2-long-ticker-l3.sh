@@ -7,6 +7,9 @@ for m in virtio_ring virtio virtio_mmio virtio_balloon; do
     insmod "$mods/$m.ko" 2>/dev/null
 done
 say "long ticker starting"
-vm l3long 900 --kernel /guests/ticker-long.elf --memory 16M
+# lab.l3=longer: four times as many ticks.
+L3=/guests/ticker-long.elf
+[ "$(arg l3)" = longer ] && L3=/guests/ticker-longer.elf
+vm l3long 1800 --kernel $L3 --memory 16M
 check l2-long-ticker-exit-0 rc_is l3long 0
 say "l3-ticks=$(sed -n 's/^\(\.*\)LAB-TINY: long ticker done.*/\1/p' /tmp/l3long.log | tr -d '\n' | wc -c)"

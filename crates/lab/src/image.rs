@@ -20,6 +20,9 @@ pub const TICK_SPIN: u32 = 10_000_000;
 /// Ticks of the long ticker (about a minute as L3), which keeps running
 /// while the level above saves and resumes the VM around it.
 pub const LONG_TICKS: u32 = 600;
+/// Ticks of the longer ticker (several minutes as L3), for scenarios that do
+/// more around it (resizing its VM's memory).
+pub const LONGER_TICKS: u32 = 4 * LONG_TICKS;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
@@ -72,6 +75,15 @@ pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
             "ticker-long.elf",
             ticker(
                 LONG_TICKS,
+                TICK_SPIN,
+                "LAB-TINY: long ticker done",
+                Ending::Reset,
+            ),
+        ),
+        (
+            "ticker-longer.elf",
+            ticker(
+                LONGER_TICKS,
                 TICK_SPIN,
                 "LAB-TINY: long ticker done",
                 Ending::Reset,

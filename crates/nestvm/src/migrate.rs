@@ -298,10 +298,10 @@ pub fn migrate(
             last.elapsed_ms as f64 / 1000.0,
             last.downtime_ms.unwrap_or(0),
             last.max_downtime_ms,
-            if last.converged == Some(false) {
-                ", not met: the guest dirtied memory faster than it could be sent"
-            } else {
-                ""
+            match (last.converged, last.downtime_ms.unwrap_or(0) > last.max_downtime_ms) {
+                (Some(false), _) => ", not met: the guest dirtied memory faster than it could be sent",
+                (_, true) => ", not met: the last pages fitted it, building the VM there took the rest",
+                _ => "",
             },
         ),
         serde_json::json!({"vm": name.as_str(), "result": "migrated", "migration": last}),
