@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nestvm_guests::{dirtier, ticker, Ending};
 
+use crate::saves::{median, nestvm};
+
 /// One kind of guest's figures (medians).
 #[derive(Debug, Clone, Copy)]
 pub struct MigrationFigures {
@@ -21,24 +23,6 @@ pub struct MigrationFigures {
     pub rounds: f64,
     /// MiB of page data sent.
     pub sent_mib: f64,
-}
-
-fn nestvm(bin: &Path, state: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new(bin)
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!("nestvm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn free_port() -> Result<u16> {

@@ -24,7 +24,7 @@ pub struct SaveFigures {
     pub checkpoint_ms: f64,
 }
 
-fn nestvm(bin: &Path, state: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn nestvm(bin: &Path, state: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new(bin)
         .arg("--state-dir")
         .arg(state)
@@ -37,7 +37,7 @@ fn nestvm(bin: &Path, state: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

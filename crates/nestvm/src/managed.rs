@@ -109,23 +109,12 @@ pub fn start_from(
         crate::checkpoints::set_current(store, name, None)?;
     }
     let p = paths(store, name);
-    let log = std::fs::File::create(&p.log)
-        .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
-    let exe = std::env::current_exe().map_err(runtime)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(store.root())
-        .args(["vm", "serve", name.as_str()])
-        .args(checkpoint.map(|c| format!("--checkpoint={c}")))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(runtime)?)
-        .stderr(log);
-    // Its own process group: a Ctrl-C in this terminal does not reach the VM.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let extra: Vec<String> = checkpoint
+        .map(|c| format!("--checkpoint={c}"))
+        .into_iter()
+        .collect();
     #[allow(clippy::zombie_processes)] // detached on purpose; init reaps it once we exit
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| runtime(anyhow!("cannot start the VMM process: {e}")))?;
+    let mut child = spawn_serve(store, name, &extra)?;
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -178,6 +167,30 @@ pub enum From {
         /// How long to wait for the sender.
         wait: Duration,
     },
+}
+
+/// Spawns `nestvm vm serve NAME EXTRA...` detached: its own process group
+/// (a Ctrl-C in this terminal does not reach the VM), output in `vmm.log`.
+pub fn spawn_serve(
+    store: &Store,
+    name: &VmName,
+    extra: &[String],
+) -> Result<std::process::Child, Failure> {
+    let p = paths(store, name);
+    let log = std::fs::File::create(&p.log)
+        .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
+    let exe = std::env::current_exe().map_err(runtime)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(store.root())
+        .args(["vm", "serve", name.as_str()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(runtime)?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn()
+        .map_err(|e| runtime(anyhow!("cannot start the VMM process: {e}")))
 }
 
 /// `vm serve`: the detached VMM process of a managed VM.

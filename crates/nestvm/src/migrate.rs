@@ -6,7 +6,6 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -109,24 +108,15 @@ pub fn receive(
     }
     let dir = store.reserve(name).map_err(store_err)?;
     let p = paths(store, name);
-    let log = std::fs::File::create(&p.log)
-        .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
-    let exe = std::env::current_exe().map_err(runtime)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(store.root())
-        .args(["vm", "serve", name.as_str()])
-        .arg(format!("--incoming={listen}"))
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg(format!("--wait={}", wait.as_secs()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(runtime)?)
-        .stderr(log);
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| runtime(anyhow!("cannot start the receiving VMM: {e}")))?;
+    let mut child = crate::managed::spawn_serve(
+        store,
+        name,
+        &[
+            format!("--incoming={listen}"),
+            format!("--token-file={}", token_file.display()),
+            format!("--wait={}", wait.as_secs()),
+        ],
+    )?;
     if !json {
         eprintln!("nestvm: waiting for VM '{name}' on {listen}");
     }
