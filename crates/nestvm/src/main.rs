@@ -99,8 +99,9 @@ pub struct SettingsArgs {
     net: Vec<String>,
     /// A memory balloon, so the VM's memory can shrink to min and grow back
     /// while it runs (vm resize); dynamic=on follows the guest's demand:
-    /// on | dynamic=on|off[,min=SIZE] [default min: 256M].
-    #[arg(long, value_name = "on|dynamic=on[,min=SIZE]")]
+    /// on | dynamic=on|off[,min=SIZE][,start=SIZE] [default min: 256M;
+    /// start: all of --memory].
+    #[arg(long, value_name = "on|dynamic=on[,min=SIZE][,start=SIZE]")]
     balloon: Option<String>,
     /// Remove the balloon (with vm set).
     #[arg(long, conflicts_with = "balloon")]

@@ -177,6 +177,18 @@ struct Saved {
     stats_head: Option<u16>,
 }
 
+/// A balloon's range, bytes: the VM's memory (`max`), the least it may be
+/// shrunk to, and what it starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    /// The VM's RAM.
+    pub max: u64,
+    /// The least it may have.
+    pub min: u64,
+    /// What it starts with (the balloon inflates to the rest at once).
+    pub start: u64,
+}
+
 /// Frees guest memory on the host: (guest address, length).
 pub type Discard = Box<dyn Fn(u64, u64) -> Result<(), String> + Send>;
 
@@ -197,14 +209,11 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// A balloon for a VM of `max` bytes that may shrink to `min`; `auto`
-    /// follows the guest's demand. It starts deflated (the guest has all).
-    pub fn new(
-        max: u64,
-        min: u64,
-        auto: bool,
-        discard: Discard,
-    ) -> std::io::Result<(Self, Control)> {
+    /// A balloon for a VM of `range.max` bytes that may shrink to
+    /// `range.min` and starts with `range.start`; `auto` follows the guest's
+    /// demand.
+    pub fn new(range: Range, auto: bool, discard: Discard) -> std::io::Result<(Self, Control)> {
+        let Range { max, min, start } = range;
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -217,7 +226,7 @@ impl Balloon {
                 max,
                 min: min.min(max),
                 auto,
-                target: max,
+                target: start.clamp(min.min(max), max) & !(PAGE - 1),
             },
             ..Default::default()
         }));

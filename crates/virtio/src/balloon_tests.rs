@@ -33,7 +33,12 @@ fn rig() -> Rig {
         log.lock().unwrap().push((addr, len));
         Ok(())
     });
-    let (b, control) = Balloon::new(size, 256 << 10, false, discard).unwrap();
+    let range = Range {
+        max: size,
+        min: 256 << 10,
+        start: size,
+    };
+    let (b, control) = Balloon::new(range, false, discard).unwrap();
     let mut dev = MmioDevice::new(b, mem.clone(), EventTrigger::new().unwrap()).unwrap();
     let offered = driver::offered_features(&mut dev);
     assert_eq!(

@@ -35,7 +35,7 @@ pub enum AdapterError {
     #[error("disk image {0} is given twice")]
     DuplicateDisk(PathBuf),
     /// A `--balloon` value that does not parse.
-    #[error("invalid --balloon '{0}': use on, or dynamic=on|off[,min=SIZE]")]
+    #[error("invalid --balloon '{0}': use on, or dynamic=on|off[,min=SIZE][,start=SIZE]")]
     BadBalloon(String),
 }
 
@@ -51,6 +51,10 @@ pub struct BalloonConfig {
     /// The least memory the VM may be left with, e.g. "256M".
     #[serde(default = "default_balloon_min")]
     pub min: String,
+    /// The memory it starts with (Hyper-V's startup RAM); it can grow from
+    /// there up to its `memory`. Absent: it starts with all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
 }
 
 fn default_balloon_min() -> String {
@@ -62,14 +66,23 @@ impl BalloonConfig {
     pub fn min_bytes(&self) -> Result<u64, AdapterError> {
         crate::config::parse_size(&self.min).map_err(|_| AdapterError::BadBalloon(self.min.clone()))
     }
+
+    /// `start` in bytes, if set.
+    pub fn start_bytes(&self) -> Result<Option<u64>, AdapterError> {
+        self.start
+            .as_ref()
+            .map(|s| crate::config::parse_size(s).map_err(|_| AdapterError::BadBalloon(s.clone())))
+            .transpose()
+    }
 }
 
-/// Parses `on` or `dynamic=on|off[,min=SIZE]`.
+/// Parses `on` or `dynamic=on|off[,min=SIZE][,start=SIZE]`.
 pub fn parse_balloon(s: &str) -> Result<BalloonConfig, AdapterError> {
     let bad = || AdapterError::BadBalloon(s.to_owned());
     let mut b = BalloonConfig {
         dynamic: false,
         min: default_balloon_min(),
+        start: None,
     };
     for (i, part) in s.split(',').enumerate() {
         match part.split_once('=') {
@@ -78,6 +91,10 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, AdapterError> {
             Some(("min", v)) => {
                 crate::config::parse_size(v).map_err(|_| bad())?;
                 v.clone_into(&mut b.min);
+            }
+            Some(("start", v)) => {
+                crate::config::parse_size(v).map_err(|_| bad())?;
+                b.start = Some(v.to_owned());
             }
             _ => return Err(bad()),
         }
@@ -299,13 +316,23 @@ mod tests {
 
     #[test]
     fn balloons() {
-        let b = parse_balloon("dynamic=on,min=1G").unwrap();
+        let b = parse_balloon("dynamic=on,min=1G,start=2G").unwrap();
         assert!(b.dynamic);
         assert_eq!(b.min_bytes().unwrap(), 1 << 30);
+        assert_eq!(b.start_bytes().unwrap(), Some(2 << 30));
         let b = parse_balloon("on").unwrap();
         assert!(!b.dynamic);
         assert_eq!(b.min_bytes().unwrap(), 256 << 20);
-        for bad in ["", "off", "dynamic=maybe", "min=lots", "size=1G", "on,on"] {
+        assert_eq!(b.start_bytes().unwrap(), None);
+        for bad in [
+            "",
+            "off",
+            "dynamic=maybe",
+            "min=lots",
+            "start=",
+            "size=1G",
+            "on,on",
+        ] {
             assert!(parse_balloon(bad).is_err(), "{bad}");
         }
     }

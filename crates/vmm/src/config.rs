@@ -63,6 +63,16 @@ pub enum ConfigError {
         /// The VM's memory, MiB.
         memory_mib: u64,
     },
+    /// The balloon's start is not within its range.
+    #[error("balloon start {start_mib} MiB must be between its min ({min_mib} MiB) and the VM's memory ({memory_mib} MiB)")]
+    BalloonStart {
+        /// The start, MiB.
+        start_mib: u64,
+        /// The minimum, MiB.
+        min_mib: u64,
+        /// The VM's memory, MiB.
+        memory_mib: u64,
+    },
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: give between 1 and {max}")]
     Cpus {
@@ -323,6 +333,15 @@ impl VmConfig {
                     min_mib: min >> 20,
                     memory_mib: self.memory >> 20,
                 });
+            }
+            if let Some(start) = b.start_bytes()? {
+                if start < min || start > self.memory {
+                    return Err(ConfigError::BalloonStart {
+                        start_mib: start >> 20,
+                        min_mib: min >> 20,
+                        memory_mib: self.memory >> 20,
+                    });
+                }
             }
         }
         Ok(())

@@ -114,7 +114,13 @@ pub fn attach(
         let discard: balloon::Discard = Box::new(move |addr, len| {
             nestvm_kvm::memory::discard(&freed, addr, len).map_err(|e| e.to_string())
         });
-        let (dev, control) = balloon::Balloon::new(config.memory, min, b.dynamic, discard)
+        let start = b.start_bytes().map_err(crate::config::ConfigError::from)?;
+        let range = balloon::Range {
+            max: config.memory,
+            min,
+            start: start.unwrap_or(config.memory),
+        };
+        let (dev, control) = balloon::Balloon::new(range, b.dynamic, discard)
             .map_err(|e| BuildError::EventFd("the balloon's timer", e))?;
         let slot = next.next().expect("validated device count");
         add(dev, slot, vm, mem, mmio, &mut out)?;
