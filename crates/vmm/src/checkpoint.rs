@@ -159,7 +159,7 @@ pub fn write_layer(
                         l.read(p, &mut old[..cur.len()])?;
                         cur != &old[..cur.len()]
                     }
-                    None => cur.iter().any(|&b| b != 0),
+                    None => !crate::snapshot::is_zero(cur),
                 };
                 if differs {
                     file.write_all_at(cur, pos).map_err(io("write"))?;

@@ -148,9 +148,22 @@ pub fn receive(
     }
     let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
         .map_err(|e| MigrationError::Memory(e.to_string()))?;
+    // The KVM side is made now, while memory arrives, not in the downtime.
+    let skeleton = match snapshot::Skeleton::new(&hello.cpuid, mem, hv) {
+        Ok(sk) => sk,
+        Err(e) => {
+            let e = MigrationError::Build(Box::new(e));
+            let _ = wire::send(
+                &mut s,
+                Kind::Refuse,
+                crate::capture::chain_text(&e).as_bytes(),
+            );
+            return Err(e);
+        }
+    };
     wire::send(&mut s, Kind::Accept, &[])?;
     say("accepted the VM; receiving its memory");
-    let result = take(&mut s, &hello, mem, hv, console);
+    let result = take(&mut s, &hello, skeleton, hv, console);
     if let Err(e) = &result {
         if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {
             let _ = wire::send(
@@ -173,15 +186,16 @@ pub fn receive(
 fn take(
     s: &mut TcpStream,
     hello: &Hello,
-    mem: Memory,
+    skeleton: snapshot::Skeleton,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
 ) -> Result<(BuiltVm, bool, u64), MigrationError> {
+    let mem = skeleton.memory();
     let mut bytes = 0u64;
     let state = loop {
         match wire::recv(s)? {
             (Kind::Pages, payload) => {
-                wire::apply_pages(&mem, &payload)?;
+                wire::apply_pages(mem, &payload)?;
                 bytes += payload.len() as u64;
             }
             (Kind::State, payload) => break payload,
@@ -206,12 +220,13 @@ fn take(
         ));
     }
     if let Some(want) = fin.memory_digest {
-        let got = wire::memory_digest(&mem)?;
+        let got = wire::memory_digest(mem)?;
         if got != want {
             return Err(MigrationError::Differs { got, want });
         }
     }
-    let vm = snapshot::restore_with_memory(fin.snapshot, mem, hv, console)
+    let vm = skeleton
+        .restore(fin.snapshot, hv, console)
         .map_err(|e| MigrationError::Build(Box::new(e)))?;
     Ok((vm, fin.running, bytes))
 }
