@@ -289,9 +289,15 @@ pub fn migrate(
             last.downtime_ms.unwrap_or(0),
             last.max_downtime_ms,
             match (last.converged, last.downtime_ms.unwrap_or(0) > last.max_downtime_ms) {
-                (Some(false), _) => ", not met: the guest dirtied memory faster than it could be sent",
-                (_, true) => ", not met: the last pages fitted it, building the VM there took the rest",
-                _ => "",
+                (Some(false), _) => ", not met: the guest dirtied memory faster than it could be sent".to_owned(),
+                (_, true) => match last.downtime_parts {
+                    Some(d) => format!(
+                        ", not met although the last pages fitted it: {:.0} ms to pause and capture, {:.0} ms to send, {:.0} ms to resume there",
+                        d.stop_ms, d.copy_ms, d.resume_ms
+                    ),
+                    None => ", not met".to_owned(),
+                },
+                _ => String::new(),
             },
         ),
         serde_json::json!({"vm": name.as_str(), "result": "migrated", "migration": last}),

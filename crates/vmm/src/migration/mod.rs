@@ -136,6 +136,17 @@ pub enum Phase {
     Failed,
 }
 
+/// The downtime of a migration, part by part (ms).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct DowntimeParts {
+    /// Pausing the vCPUs and capturing the VM here.
+    pub stop_ms: f64,
+    /// Sending the last dirty pages and the state.
+    pub copy_ms: f64,
+    /// The destination attaching devices, writing the state and resuming.
+    pub resume_ms: f64,
+}
+
 /// Progress and result of an outgoing migration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
@@ -159,6 +170,8 @@ pub struct Progress {
     pub max_downtime_ms: u64,
     /// From pausing here to running there (when completed).
     pub downtime_ms: Option<u64>,
+    /// Where the downtime went.
+    pub downtime_parts: Option<DowntimeParts>,
     /// Whether the dirty memory fitted the budget before the final copy.
     pub converged: Option<bool>,
     /// Why it failed.

@@ -22,7 +22,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
-use super::{Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
+use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
 use crate::capture::SaveParts;
 use crate::snapshot::VmSnapshot;
 use crate::vcpu::VcpuHandle;
@@ -274,6 +274,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         Ok(Err(e)) => return Err(MigrationError::Capture(e)),
         Err(_) => return Err(MigrationError::Cancelled),
     };
+    let captured_at = Instant::now();
     // What the last round left, and what was written since: all of it now.
     let mut last = pages;
     last.extend(collect_dirty(job)?);
@@ -291,12 +292,19 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     })
     .map_err(|e| MigrationError::protocol(e.to_string()))?;
     wire::send(&mut s, Kind::State, &container::encode(&state))?;
+    let sent_at = Instant::now();
     wire::expect(&mut s, Kind::Resumed)?;
     let downtime = paused_at.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     // The commit point: the VM runs there; this side ends.
     let _ = captured.verdict.send(true);
     let mut p = lock(&job.progress);
     p.downtime_ms = Some(downtime.as_millis() as u64);
+    p.downtime_parts = Some(DowntimeParts {
+        stop_ms: ms(captured_at - paused_at),
+        copy_ms: ms(sent_at - captured_at),
+        resume_ms: ms(sent_at.elapsed()),
+    });
     p.converged = Some(converged);
     p.dirty_bytes = (last.len() * PAGE) as u64;
     Ok(())
