@@ -298,7 +298,7 @@ fn moves_figures(n: &lab::Moves, q: &lab::Moves) -> Vec<Figure> {
                 false,
             ),
             (
-                "live migration over loopback, whole",
+                "live migration over loopback, total as each VMM reports it",
                 "s",
                 n.mig_s,
                 q.mig_s,
