@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_or_skip, nestvm, StateEnv};
+use common::{guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
 use nestvm_guests::{hello, ticker, Ending};
 
 const T: Duration = Duration::from_secs(60);
@@ -73,11 +73,7 @@ impl Env {
     /// VM's VMM with SIGKILL as soon as `staged/memory` appears, i.e. in the
     /// middle of writing it. Returns what the command said.
     fn kill_vmm_while(&self, name: &str, args: &[&str], staged: &std::path::Path) -> Output {
-        let pid: i32 = std::fs::read_to_string(self.dir.join("vms").join(name).join("vmm.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = vmm_pid(&self.dir, name);
         let cmd = nestvm()
             .arg("--state-dir")
             .arg(&self.dir)
@@ -91,11 +87,7 @@ impl Env {
             assert!(start.elapsed() < T, "{args:?} never started writing");
             std::thread::sleep(Duration::from_millis(2));
         }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        sigkill(pid);
         cmd.wait_with_output().unwrap()
     }
 
@@ -185,16 +177,8 @@ fn a_killed_vmm_shows_off_with_its_log_and_can_start_again() {
     let e = Env::new("killed");
     e.new_vm("k", hello("up", Ending::HaltForever));
     e.ok(&["vm", "start", "k"]);
-    let pid: i32 = std::fs::read_to_string(e.dir.join("vms/k/vmm.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let pid = vmm_pid(&e.dir, "k");
+    sigkill(pid);
     e.wait_state("k", "Off");
     let show = e.ok(&["vm", "show", "k"]);
     assert!(

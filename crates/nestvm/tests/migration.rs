@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_or_skip, nestvm, StateEnv};
+use common::{guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
 use nestvm_guests::{dirtier, ticker, Ending};
 
 const T: Duration = Duration::from_secs(90);
@@ -248,16 +248,7 @@ fn killing_the_receiver_mid_copy_leaves_the_source_running() {
         },
         "the copy never started",
     );
-    let pid: i32 = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    sigkill(vmm_pid(&h.dst.dir, "t"));
     let out = migrate.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("keeps running here"), "{}", text(&out));

@@ -117,3 +117,21 @@ impl StateEnv {
             .to_owned()
     }
 }
+
+/// The pid of the VMM running managed VM `name` in `state_dir`.
+pub fn vmm_pid(state_dir: &Path, name: &str) -> i32 {
+    std::fs::read_to_string(state_dir.join("vms").join(name).join("vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Kills process `pid` with SIGKILL (a VMM dying behind nestvm's back).
+pub fn sigkill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
