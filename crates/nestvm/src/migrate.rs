@@ -164,7 +164,7 @@ pub fn incoming(
     let listener = receive::listen(listen).map_err(|e| usage(anyhow::Error::new(e)))?;
     eprintln!("nestvm: waiting for VM '{name}' on {listen}");
     let say = |s: &str| eprintln!("nestvm: {s}");
-    let arrived = receive::receive(&listener, &token, wait, hv, console, |_| Ok(()), &say)
+    let arrived = receive::receive(&listener, &token, wait, hv, console, &say)
         .map_err(|e| runtime(anyhow::Error::new(e).context("the migration failed")))?;
     store.create(name, &arrived.vm.config).map_err(store_err)?;
     eprintln!(

@@ -16,7 +16,6 @@ use super::send::Final;
 use super::wire::{self, Kind};
 use super::{Hello, MigrationError, PROTOCOL_VERSION};
 use crate::builder::BuiltVm;
-use crate::config::VmConfig;
 use crate::snapshot;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
@@ -107,16 +106,14 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
 }
 
 /// Waits up to `wait` for a sender holding `token` on `listener`, receives
-/// its VM and builds it paused. `prepare` may still refuse the definition
-/// (e.g. a name clash) before any memory moves. The guest's console goes to
-/// `console`; `say` hears each step.
+/// its VM and builds it paused. The guest's console goes to `console`;
+/// `say` hears each step.
 pub fn receive(
     listener: &TcpListener,
     token: &[u8],
     wait: Duration,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
-    prepare: impl FnOnce(&VmConfig) -> Result<(), String>,
     say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
     let deadline = Instant::now() + wait;
@@ -142,28 +139,17 @@ pub fn receive(
         let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
         return Err(MigrationError::Refused(format!("this host refused: {why}")));
     }
-    if let Err(why) = prepare(&hello.config) {
-        let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
-        return Err(MigrationError::Refused(format!("this host refused: {why}")));
-    }
-    let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
-        .map_err(|e| MigrationError::Memory(e.to_string()))?;
-    // The KVM side is made now, while memory arrives, not in the downtime.
-    let skeleton = match snapshot::Skeleton::new(&hello.cpuid, mem, hv) {
-        Ok(sk) => sk,
-        Err(e) => {
-            let e = MigrationError::Build(Box::new(e));
-            let _ = wire::send(
-                &mut s,
-                Kind::Refuse,
-                crate::capture::chain_text(&e).as_bytes(),
-            );
-            return Err(e);
-        }
-    };
-    wire::send(&mut s, Kind::Accept, &[])?;
-    say("accepted the VM; receiving its memory");
-    let result = take(&mut s, &hello, skeleton, hv, console);
+    let result = (|| {
+        let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
+            .map_err(|e| MigrationError::Memory(e.to_string()))?;
+        // The KVM side is made now, while memory arrives, not in the downtime.
+        let skeleton = snapshot::Skeleton::new(&hello.cpuid, mem, hv)
+            .map_err(|e| MigrationError::Build(Box::new(e)))?;
+        wire::send(&mut s, Kind::Accept, &[])?;
+        say("accepted the VM; receiving its memory");
+        take(&mut s, &hello, skeleton, hv, console)
+    })();
+    // The sender hears why, unless the stream itself is gone.
     if let Err(e) = &result {
         if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {
             let _ = wire::send(
