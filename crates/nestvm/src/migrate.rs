@@ -42,6 +42,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a bandwidth such as `100M`, `512K`, `1G` or `4MiB/s` (bytes per
+/// second; a bare number is MiB/s, as for sizes); `0` means no cap.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    let min = nestvm_vmm::migration::throttle::MIN_BANDWIDTH;
+    match nestvm_vmm::config::parse_size(size) {
+        Ok(0) => Ok(0),
+        Ok(b) if b >= min => Ok(b),
+        Ok(_) => Err(format!(
+            "'{s}' is below the smallest cap, {} KiB/s: give a larger RATE, or 0 for none",
+            min >> 10
+        )),
+        Err(_) => Err(format!(
+            "'{s}' is not a rate: write it like 100M, 512K or 1G (per second)"
+        )),
+    }
+}
+
 /// Reads the shared token (the file's first line, at least 16 characters).
 fn read_token(path: &Path) -> Result<Vec<u8>, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -174,14 +193,45 @@ pub fn incoming(
     Ok(arrived)
 }
 
-fn progress_line(p: &Progress) -> String {
+/// One line on a migration's progress (the progress bar, `vm show`).
+pub fn progress_line(p: &Progress) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let cap = match p.max_bandwidth {
+        Some(b) => format!(" (cap {:.1})", mib(b)),
+        None => String::new(),
+    };
     format!(
-        "round {} · {} MiB sent · {:.1} MiB/s · {:.1} MiB dirty",
+        "round {} · {} MiB sent · {:.1} MiB/s{cap} · {:.1} MiB dirty",
         p.rounds,
         p.sent_bytes >> 20,
-        p.rate as f64 / (1 << 20) as f64,
-        p.dirty_bytes as f64 / (1 << 20) as f64
+        mib(p.rate),
+        mib(p.dirty_bytes)
     )
+}
+
+/// The running VM's current or last outgoing migration, as its VMM reports it.
+pub fn progress(store: &Store, name: &VmName) -> Option<Progress> {
+    match call(
+        &paths(store, name).control,
+        "GET",
+        "/v1/vm/migration",
+        API_TIMEOUT,
+    ) {
+        Ok((200, v)) => serde_json::from_value(v).ok(),
+        _ => None,
+    }
+}
+
+/// How `vm migrate` may go: its downtime budget, its bandwidth cap, and
+/// whether the destination verifies the memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The longest pause for the final copy.
+    pub max_downtime: Duration,
+    /// Bytes per second for the copy while the VM runs (`None`: no cap).
+    pub max_bandwidth: Option<u64>,
+    /// `--verify`.
+    pub verify: bool,
 }
 
 /// `vm migrate`: sends the running VM to a `vm receive` at `to`.
@@ -190,8 +240,7 @@ pub fn migrate(
     name: &VmName,
     to: &str,
     token_file: &Path,
-    max_downtime: Duration,
-    verify: bool,
+    limits: Limits,
     json: bool,
 ) -> Result<u8, Failure> {
     let _cmd = store.lock(name).map_err(store_err)?;
@@ -207,10 +256,11 @@ pub fn migrate(
     let p = paths(store, name);
     let report = store.vm_dir(name).join(MIGRATION_REPORT);
     let path = format!(
-        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&verify={}",
+        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
         hex(&token),
-        max_downtime.as_millis(),
-        u8::from(verify)
+        limits.max_downtime.as_millis(),
+        limits.max_bandwidth.unwrap_or(0),
+        u8::from(limits.verify)
     );
     match call(&p.control, "PUT", &path, API_TIMEOUT) {
         Ok((202, _)) => {}
@@ -234,10 +284,7 @@ pub fn migrate(
             .progress_chars("=> "),
     );
     let last = loop {
-        let now = match call(&p.control, "GET", "/v1/vm/migration", API_TIMEOUT) {
-            Ok((200, v)) => serde_json::from_value::<Progress>(v).ok(),
-            _ => None,
-        };
+        let now = progress(store, name);
         let done = match &now {
             Some(n) => matches!(n.phase, Phase::Completed | Phase::Failed),
             // The VMM is gone (it ends once the VM runs elsewhere): the
@@ -316,6 +363,19 @@ mod tests {
         assert_eq!(parse_duration("20").unwrap(), Duration::from_millis(20));
         for bad in ["", "fast", "-1ms", "1h", "nan"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("4M").unwrap(), 4 << 20);
+        assert_eq!(parse_rate("4MiB/s").unwrap(), 4 << 20);
+        assert_eq!(parse_rate("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_rate("2").unwrap(), 2 << 20, "bare numbers are MiB/s");
+        assert_eq!(parse_rate("0").unwrap(), 0, "no cap");
+        assert!(parse_rate("1K").unwrap_err().contains("smallest cap"));
+        for bad in ["", "fast", "-1M", "1.5M", "4M/h"] {
+            assert!(parse_rate(bad).unwrap_err().contains("not a rate"), "{bad}");
         }
     }
 }

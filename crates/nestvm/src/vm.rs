@@ -120,6 +120,9 @@ pub enum VmCmd {
         /// The longest pause allowed for the final copy.
         #[arg(long, default_value = "50ms", value_parser = crate::migrate::parse_duration)]
         max_downtime: std::time::Duration,
+        /// The most the memory copy may send per second while the VM runs (e.g. 100M, 512K; no cap when absent or 0).
+        #[arg(long, value_name = "RATE", value_parser = crate::migrate::parse_rate)]
+        max_bandwidth: Option<u64>,
         /// Have the destination check a digest of all guest memory before it resumes the VM (adds downtime).
         #[arg(long)]
         verify: bool,
@@ -254,6 +257,9 @@ struct VmView {
     disks: Vec<nestvm_vmm::adapters::DiskConfig>,
     nets: Vec<nestvm_vmm::adapters::NetConfig>,
     balloon: Option<nestvm_vmm::adapters::BalloonConfig>,
+    /// The VM's outgoing migration, while one runs or after one failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migration: Option<nestvm_vmm::migration::Progress>,
 }
 
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
@@ -276,6 +282,10 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         disks: c.disks.clone(),
         nets: c.nets.clone(),
         balloon: c.balloon.clone(),
+        migration: match state {
+            "Off" | "Saved" => None,
+            _ => crate::migrate::progress(store, name),
+        },
     }
 }
 
@@ -371,6 +381,14 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
                         if b.dynamic { ", follows demand" } else { "" }
                     );
                 }
+                if let Some(m) = &v.migration {
+                    println!(
+                        "migration: {:?} to {}: {}",
+                        m.phase,
+                        m.to,
+                        crate::migrate::progress_line(m)
+                    );
+                }
                 if !v.last_log.is_empty() {
                     println!("last VMM log lines:");
                     for l in &v.last_log {
@@ -461,17 +479,22 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             to,
             token_file,
             max_downtime,
+            max_bandwidth,
             verify,
         } => {
+            let limits = crate::migrate::Limits {
+                max_downtime,
+                max_bandwidth: max_bandwidth.filter(|&b| b > 0),
+                verify,
+            };
             return crate::migrate::migrate(
                 &store,
                 &vm_name(&name)?,
                 &to,
                 &token_file,
-                max_downtime,
-                verify,
+                limits,
                 json,
-            )
+            );
         }
         VmCmd::Memory { name } => return crate::memory::show(&store, &vm_name(&name)?, json),
         VmCmd::Resize { name, size, wait } => {

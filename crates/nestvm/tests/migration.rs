@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
+use common::{freeze, guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
 use nestvm_guests::{dirtier, ticker, Ending};
 
 const T: Duration = Duration::from_secs(90);
@@ -91,6 +91,11 @@ impl Hosts {
     }
 
     fn migrate_with(&self, extra: &[&str]) -> Output {
+        self.spawn_migrate(extra).wait_with_output().unwrap()
+    }
+
+    /// `vm migrate t` to the receiver, in the background, once it listens.
+    fn spawn_migrate(&self, extra: &[&str]) -> Child {
         let start = Instant::now();
         // The receiver needs a moment to listen.
         while std::net::TcpStream::connect(&self.addr).is_err() {
@@ -103,8 +108,19 @@ impl Hosts {
             .args(["vm", "migrate", "t", "--to", &self.addr, "--token-file"])
             .arg(&self.token)
             .args(extra)
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap()
+    }
+
+    /// The source VMM's report on its migration, while it runs.
+    fn progress(&self) -> Option<serde_json::Value> {
+        let control = self.src.dir.join("vms/t/control.sock");
+        match nestvm_vmm::api::call(&control, "GET", "/v1/vm/migration", Duration::from_secs(5)) {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        }
     }
 }
 
@@ -214,47 +230,77 @@ fn killing_the_receiver_mid_copy_leaves_the_source_running() {
         return;
     }
     let h = Hosts::new("kill");
-    // Big enough that the first round (which reads every page) takes a while.
-    h.start_ticker("2G", u32::MAX);
+    // The guest keeps 32 MiB written, so round 1 has at least that much to
+    // send: at a cap of 4 MiB/s the copy lasts 8 s or more, whatever this
+    // machine's speed.
+    h.start("128M", dirtier(32));
+    wait_for(|| dots(&h.src.dir) >= 1, "the guest never finished a pass");
     let receiver = h.receive(&h.token);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&h.addr).is_err() {
-        assert!(start.elapsed() < T);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let migrate = nestvm()
-        .arg("--state-dir")
-        .arg(&h.src.dir)
-        .args([
-            "--json",
-            "vm",
-            "migrate",
-            "t",
-            "--to",
-            &h.addr,
-            "--token-file",
-        ])
-        .arg(&h.token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once the copy is under way, kill the receiving VMM.
-    let control = h.src.dir.join("vms/t/control.sock");
+    let migrate = h.spawn_migrate(&["--json", "--max-bandwidth", "4M"]);
+    // Once the copy is under way, freeze the receiving VMM: nothing it does
+    // can change what is checked next, and the kill lands in that state.
     wait_for(
         || {
-            nestvm_vmm::api::call(&control, "GET", "/v1/vm/migration", Duration::from_secs(5))
-                .is_ok_and(|(_, v)| v["phase"] == "precopy")
+            h.progress()
+                .is_some_and(|v| v["sent_bytes"].as_u64() > Some(0))
         },
         "the copy never started",
     );
-    sigkill(vmm_pid(&h.dst.dir, "t"));
+    let pid = vmm_pid(&h.dst.dir, "t");
+    freeze(pid);
+    let v = h.progress().expect("the source reports its migration");
+    assert_eq!(v["phase"], "precopy", "the copy is still under way: {v}");
+    assert_eq!(v["rounds"], 0, "still in the first round: {v}");
+    assert_eq!(v["max_bandwidth"], 4 << 20, "{v}");
+    assert!(!h.dst.dir.join("vms/t/vm.toml").exists());
+    sigkill(pid);
     let out = migrate.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("keeps running here"), "{}", text(&out));
     let received = receiver.wait_with_output().unwrap();
     assert_ne!(received.status.code(), Some(0));
     source_runs_on(&h);
+}
+
+#[test]
+fn a_bandwidth_cap_makes_the_copy_last_and_is_reported() {
+    if !kvm_or_skip("a_bandwidth_cap_makes_the_copy_last_and_is_reported") {
+        return;
+    }
+    let h = Hosts::new("cap");
+    // 4 MiB written once per pass; a 10 s budget lets round 1 be the only
+    // one. At 1 MiB/s that round cannot take less than 4 s.
+    h.start("64M", dirtier(4));
+    wait_for(|| dots(&h.src.dir) >= 1, "the guest never finished a pass");
+    let receiver = h.receive(&h.token);
+    let out = h.migrate_with(&["--max-bandwidth", "1M", "--max-downtime", "10s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["phase"], "completed", "{v}");
+    assert_eq!(v["max_bandwidth"], 1 << 20, "{v}");
+    assert!(v["sent_bytes"].as_u64().unwrap() >= 4 << 20, "{v}");
+    assert!(
+        v["elapsed_ms"].as_u64().unwrap() >= 4000,
+        "the cap held: {v}"
+    );
+    // A rate below the smallest cap is a usage error, and nothing starts.
+    let low = h.dst.run(&[
+        "vm",
+        "migrate",
+        "t",
+        "--to",
+        &h.addr,
+        "--token-file",
+        h.token.to_str().unwrap(),
+        "--max-bandwidth",
+        "1K",
+    ]);
+    assert_eq!(low.status.code(), Some(2), "{}", text(&low));
+    assert!(text(&low).contains("smallest cap"), "{}", text(&low));
+    h.dst.ok(&["vm", "kill", "t"]);
 }
 
 #[test]

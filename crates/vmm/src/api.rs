@@ -91,7 +91,7 @@ pub enum Action {
     /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
     /// carry on as before.
     Checkpoint,
-    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N]: start
+    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N][&max_bandwidth=B]: start
     /// a live migration.
     Migrate,
     /// GET /v1/vm/migration: the current or last migration's progress.

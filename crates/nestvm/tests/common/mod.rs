@@ -129,9 +129,30 @@ pub fn vmm_pid(state_dir: &Path, name: &str) -> i32 {
 
 /// Kills process `pid` with SIGKILL (a VMM dying behind nestvm's back).
 pub fn sigkill(pid: i32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Freezes process `pid` with SIGSTOP and returns once it is stopped, so
+/// that what a test then observes of it stays true until it acts (a kill).
+#[allow(dead_code)] // not every test binary freezes a process
+pub fn freeze(pid: i32) {
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let stat = format!("/proc/{pid}/stat");
+    let start = std::time::Instant::now();
+    // The third field of /proc/PID/stat is the state: T once stopped.
+    while std::fs::read_to_string(&stat)
+        .ok()
+        .and_then(|s| s.rsplit(") ").next().map(|r| r.starts_with('T')))
+        != Some(true)
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }

@@ -11,7 +11,8 @@
 //! 3. pre-copy: KVM's dirty-page log is turned on, all non-zero memory is
 //!    sent, then round after round the pages written since the last round:
 //!    those KVM logged for the vCPUs and those the devices wrote (vm-memory's
-//!    dirty bitmap, [`nestvm_virtio::Memory`]);
+//!    dirty bitmap, [`nestvm_virtio::Memory`]), no faster than
+//!    `--max-bandwidth` allows ([`throttle`]);
 //! 4. once what is left would go within the downtime budget at the measured
 //!    rate, the event loop pauses the vCPUs and captures the VM (as a save
 //!    does) and blocks: the last dirty pages and the state go over, the
@@ -21,6 +22,7 @@
 
 pub mod receive;
 pub mod send;
+pub mod throttle;
 pub mod wire;
 
 use std::time::Duration;
@@ -168,6 +170,9 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// The budget.
     pub max_downtime_ms: u64,
+    /// The cap on the pre-copy rounds, bytes per second (`None`: no cap).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
     /// From pausing here to running there (when completed).
     pub downtime_ms: Option<u64>,
     /// Where the downtime went.

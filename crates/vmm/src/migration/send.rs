@@ -21,6 +21,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::throttle::{Throttle, MIN_BANDWIDTH};
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
 use crate::capture::SaveParts;
@@ -64,6 +65,10 @@ pub struct Request {
     pub token: Vec<u8>,
     /// The downtime budget.
     pub max_downtime: Duration,
+    /// The most bytes per second the pre-copy rounds may send (`None`:
+    /// as fast as the link goes). The final copy, with the VM paused, is
+    /// not capped: it would only lengthen the downtime.
+    pub max_bandwidth: Option<u64>,
     /// Have the receiver check a digest of all memory before it resumes
     /// the VM (costs downtime: for tests and the suspicious).
     pub verify: bool,
@@ -103,6 +108,7 @@ impl Outgoing {
         let progress = Arc::new(Mutex::new(Progress {
             to: req.to.clone(),
             max_downtime_ms: req.max_downtime.as_millis() as u64,
+            max_bandwidth: req.max_bandwidth,
             memory_bytes: mem.iter().map(|r| r.len()).sum(),
             ..Default::default()
         }));
@@ -235,11 +241,12 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         .collect();
     set_phase(job, Phase::Precopy, start);
     let budget = job.req.max_downtime.as_secs_f64();
+    let mut throttle = job.req.max_bandwidth.map(Throttle::new);
     let mut pages = all;
     let mut skip_zero = true;
     let converged = loop {
         let t = Instant::now();
-        let sent = send_pages(job, &mut s, &pages, skip_zero)?;
+        let sent = send_pages(job, &mut s, &pages, skip_zero, throttle.as_mut())?;
         skip_zero = false;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         pages = collect_dirty(job)?;
@@ -280,7 +287,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     last.extend(collect_dirty(job)?);
     last.sort_unstable();
     last.dedup();
-    send_pages(job, &mut s, &last, false)?;
+    send_pages(job, &mut s, &last, false, None)?;
     let memory_digest = match job.req.verify {
         true => Some(wire::memory_digest(&job.mem)?),
         false => None,
@@ -316,20 +323,28 @@ fn set_phase(job: &Job, phase: Phase, start: Instant) {
     p.elapsed_ms = start.elapsed().as_millis() as u64;
 }
 
-/// Sends `pages` in batches; returns the page data sent.
+/// Sends `pages` in batches, each once `throttle` lets it go; returns the
+/// page data sent.
 fn send_pages(
     job: &Job,
     s: &mut TcpStream,
     pages: &[u64],
     skip_zero: bool,
+    mut throttle: Option<&mut Throttle>,
 ) -> Result<u64, MigrationError> {
+    let cancelled = || job.cancel.load(Ordering::SeqCst);
     let mut total = 0;
     for batch in pages.chunks(BATCH_PAGES) {
-        if job.cancel.load(Ordering::SeqCst) {
+        if cancelled() {
             return Err(MigrationError::Cancelled);
         }
         let (payload, data, count) = wire::encode_pages(&job.mem, batch, skip_zero)?;
         if count > 0 {
+            if let Some(t) = throttle.as_deref_mut() {
+                if !t.pace(payload.len() as u64, cancelled) {
+                    return Err(MigrationError::Cancelled);
+                }
+            }
             wire::send(s, Kind::Pages, &payload)?;
         }
         total += data;
@@ -382,8 +397,8 @@ pub(crate) fn hello(
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(900);
 
 impl Outgoing {
-    /// Starts a migration as `PUT /v1/vm/migrate?to=&token=&max_downtime_ms=`
-    /// asks, or says what is wrong with the request.
+    /// Starts a migration as `PUT /v1/vm/migrate?to=&token=&max_downtime_ms=
+    /// &max_bandwidth=` asks, or says what is wrong with the request.
     pub(crate) fn from_query(
         query: &[(String, String)],
         parts: &SaveParts<'_>,
@@ -403,10 +418,23 @@ impl Outgoing {
                     .map_err(|_| format!("max_downtime_ms={v} is not a number of milliseconds"))?,
             ),
         };
+        let max_bandwidth = match get("max_bandwidth") {
+            None => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => None,
+                Ok(b) if b >= MIN_BANDWIDTH => Some(b),
+                _ => {
+                    return Err(format!(
+                        "max_bandwidth={v} is not a rate: give bytes per second, at least {MIN_BANDWIDTH} (0 for no cap)"
+                    ))
+                }
+            },
+        };
         let req = Request {
             to: to.to_owned(),
             token,
             max_downtime,
+            max_bandwidth,
             verify: get("verify") == Some("1"),
         };
         let hello = hello(parts.config, parts.nested, parts.cpuid);
