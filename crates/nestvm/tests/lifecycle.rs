@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
+use common::{freeze, guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
 use nestvm_guests::{hello, ticker, Ending};
 
 const T: Duration = Duration::from_secs(60);
@@ -87,6 +87,13 @@ impl Env {
             assert!(start.elapsed() < T, "{args:?} never started writing");
             std::thread::sleep(Duration::from_millis(2));
         }
+        // Frozen, the VMM cannot finish behind the check: the kill lands
+        // in the middle of the write, or the test says it could not.
+        freeze(pid);
+        assert!(
+            staged.join("memory").exists() && !staged.with_extension("").exists(),
+            "{args:?} finished before the VMM could be stopped mid-write"
+        );
         sigkill(pid);
         cmd.wait_with_output().unwrap()
     }

@@ -124,7 +124,10 @@ fn sigterm_stops_a_halted_guest() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The guest has printed everything and halted: only then is it signalled.
+    let mut said = [0u8; 7];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut said).unwrap();
+    assert_eq!(&said, b"halting");
     assert!(
         child.try_wait().unwrap().is_none(),
         "a halted guest keeps nestvm running"
@@ -146,7 +149,11 @@ fn sigterm_stops_a_halted_guest() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(out.status.code(), Some(128 + 15));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "halting");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "nothing after halting"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("signal 15"));
 }
 
