@@ -156,7 +156,13 @@ qemu_moves() {
     hmp qr "info status"
     : >/tmp/qd.console
     qemu_start qd -incoming tcp:127.0.0.1:4444
-    sleep 2
+    # It listens once its monitor answers (QEMU binds -incoming before that).
+    n=0
+    until grep -q "inmigrate" /tmp/qd.log || [ $n -ge 600 ]; do
+        hmp qd "info status"
+        sleep 0.1
+        n=$((n + 1))
+    done
     hmp qr "migrate_set_parameter downtime-limit 50"
     hmp qr "migrate -d tcp:127.0.0.1:4444"
     qemu_wait_migrated qr
@@ -165,8 +171,7 @@ qemu_moves() {
     echo "LAB-BENCH vmm=qemu-moves run=$run save_s=$(secs $t0 $t1) restore_s=$(secs $t1 $t2) mig_s=$(awk -v t="$total" 'BEGIN { printf "%.2f", t / 1000 }') downtime_ms=$down"
     check "bench-qemu-moves-$run-migrated" grep -q "Migration status: completed" /tmp/qr.log
     hmp qr "quit"
-    sleep 5
-    check "bench-qemu-moves-$run-ticks-there" grep -q "\.\.\." /tmp/qd.console
+    check "bench-qemu-moves-$run-ticks-there" wait_for /tmp/qd.console "\.\.\." 60
     hmp qd "quit"
     wait
 }

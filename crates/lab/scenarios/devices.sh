@@ -37,7 +37,7 @@ CMD="console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-devices lab
 vm dev1 900 $KERNEL --memory 256M --nested off --disk path=/tmp/disk.img \
     --net tap=tap0 --cmdline "$CMD lab.devmode=first" &
 attach_tap
-check dev-tap-created test -d /sys/class/net/tap0
+require dev-tap-created test -d /sys/class/net/tap0
 wait_for /tmp/dev1.log "l2 serving" 600
 wget -q -O /tmp/up http://10.0.0.2:8080/up
 touch /srv/fetched
@@ -47,6 +47,7 @@ check dev-up-10mib-intact [ "$(md5sum /tmp/up | cut -d' ' -f1)" = "$(value dev1 
 wait_for /tmp/dev1.log "forged-sent" 300
 check dev-own-frames-arrive fdb_has "$(value dev1 own-mac)"
 check dev-spoof-off-frames-never-arrive fdb_lacks $FORGED
+touch /srv/checked-first
 wait
 check dev-poweroff-exit-0 rc_is dev1 0
 check dev-spoofed-frames-counted between 1 1000000 "$(value dev1 tx_spoofed_dropped)"
@@ -57,6 +58,7 @@ vm dev2 900 $KERNEL --memory 256M --nested off --disk path=/tmp/disk.img,readonl
 attach_tap
 wait_for /tmp/dev2.log "forged-sent" 600
 check dev-spoof-on-frames-arrive fdb_has $FORGED
+touch /srv/checked-second
 wait
 check dev2-exit-0 rc_is dev2 0
 check dev2-nothing-dropped [ "$(value dev2 tx_spoofed_dropped)" = 0 ]

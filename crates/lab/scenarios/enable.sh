@@ -22,16 +22,19 @@ cat /tmp/dry.txt
 check en-dry-run-lists-line grep -q "options kvm_amd nested=1" /tmp/dry.txt
 check en-dry-run-changes-nothing sh -c '[ "$(cat /sys/module/kvm_amd/parameters/nested)" = 0 ] && [ ! -e /etc/modprobe.d/nestvm-nested.conf ]'
 
-# While a VM holds kvm_amd it is not reloaded, and KVM stays loaded.
-/nestvm/nestvm run --kernel /guests/ticker.elf --memory 16M >/dev/null 2>&1 </dev/null &
-sleep 2
+# While a VM holds kvm_amd it is not reloaded, and KVM stays loaded. The
+# VM halts until it is stopped, and enable-nested runs once it has printed
+# (so it holds kvm_amd then, and still does).
+/nestvm/nestvm run --kernel /guests/halt.elf --memory 16M >/tmp/busy-vm.txt 2>&1 </dev/null &
+BUSY=$!
+require en-busy-vm-runs wait_for /tmp/busy-vm.txt "halted until stopped" 60
 /nestvm/nestvm host enable-nested --yes >/tmp/busy.txt 2>&1
 echo "rc=$?" >>/tmp/busy.txt
 cat /tmp/busy.txt
 check en-busy-refused grep -q "rc=1" /tmp/busy.txt
 check en-busy-says-in-use grep -q "in use" /tmp/busy.txt
 check en-busy-kvm-still-loaded test -c /dev/kvm
-kill "$(pidof nestvm)" 2>/dev/null
+check en-busy-vm-outlived-it kill "$BUSY"
 wait
 
 # Applied: the file is written and kvm_amd reloaded with nested=1.

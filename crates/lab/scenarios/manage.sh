@@ -10,19 +10,28 @@ log() { echo "/tmp/state/vms/$1/console.log"; }
 $N vm new g $KERNEL --memory 256M --nested off --cmdline "$CMD lab.script=shell"
 $N vm start g >/tmp/start.txt 2>&1
 cat /tmp/start.txt
-check mg-start grep -q "started VM 'g'" /tmp/start.txt
+require mg-start grep -q "started VM 'g'" /tmp/start.txt
 check mg-list-running sh -c "$N vm list | grep -q '^g .*Running'"
-check mg-shell-ready wait_for "$(log g)" "shell ready" 300
+require mg-shell-ready wait_for "$(log g)" "shell ready" 300
+
+# type LINE MARK: types LINE into the guest's shell through the console,
+# and detaches (Ctrl-]) once the guest's console log shows MARK: its
+# answer has come, so the console has shown it too.
+type_then_detach() {
+    printf '%s\n' "$1"
+    wait_for "$(log g)" "$2" 120
+    printf '\035'
+}
 
 # Type into the guest's shell through the console, then detach with Ctrl-].
-(sleep 2; printf 'echo "LAB-L2: typed=$((6 * 7))"\n'; sleep 8; printf '\035') | $N vm console g >/tmp/c1.txt 2>&1
+type_then_detach 'echo "LAB-L2: typed=$((6 * 7))"' "LAB-L2: typed=42" | $N vm console g >/tmp/c1.txt 2>&1
 cat /tmp/c1.txt
 check mg-console-input-reached-guest grep -q "LAB-L2: typed=42" /tmp/c1.txt
 check mg-console-detached grep -q "detached from VM 'g'" /tmp/c1.txt
 check mg-running-after-detach [ "$(vm_state g)" = Running ]
 
 # Re-attach: earlier output is shown, and new input works.
-(sleep 2; printf 'echo "LAB-L2: again=$((7 * 7))"\n'; sleep 8; printf '\035') | $N vm console g >/tmp/c2.txt 2>&1
+type_then_detach 'echo "LAB-L2: again=$((7 * 7))"' "LAB-L2: again=49" | $N vm console g >/tmp/c2.txt 2>&1
 cat /tmp/c2.txt
 check mg-reattach-shows-earlier-output grep -q "LAB-L2: typed=42" /tmp/c2.txt
 check mg-reattach-new-output grep -q "LAB-L2: again=49" /tmp/c2.txt
@@ -32,15 +41,16 @@ check mg-paused [ "$(vm_state g)" = Paused ]
 $N vm resume g
 check mg-resumed [ "$(vm_state g)" = Running ]
 
-# The guest powers itself off (its shell exits, init powers off).
-(sleep 2; printf 'exit\n'; sleep 5; printf '\035') | $N vm console g >/tmp/c3.txt 2>&1
+# The guest powers itself off (its shell exits, init powers off); the
+# console ends with the VM.
+printf 'exit\n' | $N vm console g >/tmp/c3.txt 2>&1
 check mg-off-after-guest-poweroff wait_state g Off 120
 check mg-log-says-poweroff sh -c "$N vm show g | grep -q PowerOff"
 
 # A graceful stop: the ACPI power button, handled in the guest by acpid.
 $N vm new b $KERNEL --memory 256M --nested off --cmdline "$CMD lab.script=acpid"
 $N vm start b
-check mg-acpid-ready wait_for "$(log b)" "acpid ready" 300
+require mg-acpid-ready wait_for "$(log b)" "acpid ready" 300
 $N vm stop b --timeout 120 >/tmp/stop.txt 2>&1
 cat /tmp/stop.txt
 check mg-stop-graceful grep -q "the guest powered off" /tmp/stop.txt

@@ -27,9 +27,16 @@ until grep -q '\.\.\.' /tmp/tick.log || [ -f /tmp/tick.rc ] || [ $n -ge 300 ]; d
     sleep 1
     n=$((n + 1))
 done
+# Each signal goes once the previous round trip was reported (two pending
+# signals would merge into one).
+trips() { grep -c 'vCPU state round trip' /tmp/tick.log; }
 for i in 1 2 3 4 5 6; do
     kill -USR1 "$(pidof nestvm)" 2>/dev/null
-    sleep 0.3
+    n=0
+    until [ "$(trips)" -ge $i ] || [ -f /tmp/tick.rc ] || [ $n -ge 600 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
 done
 wait
 check rt-exit-0 rc_is tick 0

@@ -9,7 +9,7 @@ ticks() { tr -cd . <"$LOG" | wc -c; }
 $N vm new l2 --kernel /next/vmlinuz --initrd /next/initrd --memory 512M --nested on \
     --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.nested=1 lab.script=l2-long-ticker-l3"
 $N vm start l2
-check sr-l3-started wait_for "$LOG" "long ticker starting" 600
+require sr-l3-started wait_for "$LOG" "long ticker starting" 600
 # Let L3 tick a while, then save L2 around it.
 n=0
 until [ "$(ticks)" -ge 40 ] || [ $n -ge 120 ]; do
@@ -22,7 +22,7 @@ done
 for cycle in 1 2 3; do
     $N vm save l2 >/tmp/save.txt 2>&1
     cat /tmp/save.txt | tee -a /tmp/saves.txt
-    check "sr-save-$cycle-ok" grep -q "saved VM 'l2'" /tmp/save.txt
+    require "sr-save-$cycle-ok" grep -q "saved VM 'l2'" /tmp/save.txt
     check "sr-state-saved-$cycle" [ "$(vm_state l2)" = Saved ]
     BEFORE=$(ticks)
     say "cycle $cycle: ticks before resume: $BEFORE"
@@ -31,7 +31,7 @@ for cycle in 1 2 3; do
     check "sr-nothing-runs-while-saved-$cycle" [ "$(ticks)" = "$BEFORE" ]
     $N vm start l2 >/tmp/start.txt 2>&1
     cat /tmp/start.txt
-    check "sr-resumed-$cycle" grep -q "resumed saved VM 'l2'" /tmp/start.txt
+    require "sr-resumed-$cycle" grep -q "resumed saved VM 'l2'" /tmp/start.txt
     n=0
     until [ "$(ticks)" -gt "$((BEFORE + 20))" ] || [ $n -ge 60 ]; do
         sleep 1
@@ -48,7 +48,7 @@ $N vm pause l2
 A=$(l3run)
 $N vm checkpoint l2 --name c1 >/tmp/ck.txt 2>&1
 cat /tmp/ck.txt
-check ck-taken grep -q "took checkpoint 'c1'" /tmp/ck.txt
+require ck-taken grep -q "took checkpoint 'c1'" /tmp/ck.txt
 $N vm resume l2
 n=0
 until [ "$(l3run)" -gt $((A + 30)) ] || [ $n -ge 60 ]; do
@@ -61,12 +61,12 @@ $N vm pause l2
 LEN=$(wc -c <"$LOG")
 $N vm restore l2 c1 >/tmp/rs.txt 2>&1
 cat /tmp/rs.txt
-check ck-restored grep -q "restored checkpoint of VM 'l2'" /tmp/rs.txt
-wait_for "$LOG" "long ticker done" 600
+require ck-restored grep -q "restored checkpoint of VM 'l2'" /tmp/rs.txt
+wait_live /tmp/state l2 "$LOG" "long ticker done" 600
 AFTER=$(tail -c +$((LEN + 1)) "$LOG" | sed -n 's/^\(\.*\)LAB-TINY: long ticker done.*/\1/p' | tr -d '\n' | wc -c)
 say "checkpoint at $A ticks; after restoring it: $AFTER more"
 check ck-l3-back-then-on [ "$AFTER" = $((600 - A)) ]
-check sr-l3-continues wait_for "$LOG" "long ticker done" 600
+check sr-l3-continues wait_live /tmp/state l2 "$LOG" "long ticker done" 600
 check sr-l2-powered-off wait_state l2 Off 300
 tail -n 5 "$LOG"
 check sr-l3-all-ticks-in-one-run [ "$(sed -n 's/.*l3-ticks=\([0-9]*\).*/\1/p' "$LOG" | tail -n 1)" = 600 ]

@@ -51,12 +51,23 @@ if [ "$MODE" = first ]; then
         n=$((n + 1))
     done
 fi
-say "own-mac=$(tr -d : </sys/class/net/eth0/address)"
+OWN=$(tr -d : </sys/class/net/eth0/address)
+say "own-mac=$OWN"
 # Frames from a forged source MAC (as a guest bridged inside this VM sends).
 ip link set eth0 down
 ip link set eth0 address 52:56:de:ad:be:ef
 ip link set eth0 up
 ping -c 5 -W 1 10.0.0.1 >/dev/null 2>&1
 say "forged-sent"
-# L1 looks at its bridge's table of learned MACs meanwhile.
-sleep 20
+# L1 looks at its bridge's table of learned MACs meanwhile (which forgets
+# this VM's MACs once it ends), and says when it is done by publishing
+# /srv/checked-MODE. Back to the own MAC to hear it.
+ip link set eth0 down
+ip link set eth0 address "$(echo "$OWN" | sed 's/../&:/g; s/:$//')"
+ip link set eth0 up
+n=0
+until wget -q -O /tmp/checked "http://10.0.0.1:8080/checked-$MODE" 2>/dev/null || [ $n -ge 300 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+check "l2dev-$MODE-level-above-checked" test -f /tmp/checked

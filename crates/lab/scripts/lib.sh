@@ -3,16 +3,46 @@
 # A line on the console, tagged with this level.
 say() { echo "LAB-L$LEVEL: $*"; }
 
-# check NAME COMMAND...: runs the command and reports PASS or FAIL for NAME.
-# The test on the host expects every check it names to PASS.
+# check NAME COMMAND...: runs the command and reports PASS or FAIL for NAME
+# (and returns 0 or 1). The test on the host expects every check it names
+# to PASS.
 check() {
     name=$1
     shift
     if "$@" >/dev/null 2>&1; then
         echo "LAB-CHECK PASS $name"
-    else
-        echo "LAB-CHECK FAIL $name"
+        return 0
     fi
+    echo "LAB-CHECK FAIL $name"
+    return 1
+}
+
+# require NAME COMMAND...: a check that what follows depends on. If it
+# fails, this level stops here: the checks after it are reported as not run
+# (by the test on the host) instead of each waiting out its timeout.
+require() {
+    check "$@" && return 0
+    echo "LAB-STOP L$LEVEL after $1"
+    say "stopping early: $1 failed, and the checks after it depend on it"
+    sync
+    poweroff -f
+    # poweroff -f does not return; never carry on past a failed requirement.
+    while :; do sleep 60; done
+}
+
+# frozen PID: process PID is stopped (SIGSTOP took effect).
+frozen() { [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -c1)" = T ]; }
+
+# freeze PID: stops process PID and returns once it is stopped, so what is
+# then observed of it stays true until the next step acts on it.
+freeze() {
+    kill -STOP "$1"
+    n=0
+    until frozen "$1" || [ $n -ge 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    frozen "$1"
 }
 
 # load_kvm NESTED: loads KVM for AMD with nested=NESTED.
@@ -52,7 +82,9 @@ value() { sed -n "s/.*$2=\([0-9A-Za-z_.-]*\).*/\1/p" "/tmp/$1.log" | tail -n 1; 
 between() { [ -n "$3" ] && [ "$3" -ge "$1" ] && [ "$3" -le "$2" ]; }
 
 # vm_typed NAME TIMEOUT INPUT ARGS...: like vm, but once the guest's console
-# shows "shell ready", types the lines of file INPUT into nestvm's stdin.
+# shows "shell ready", types the lines of file INPUT into nestvm's stdin
+# (the guest's console is open by then; its tty holds what comes early, and
+# nestvm holds input while the UART's FIFO is full).
 vm_typed() {
     name=$1
     secs=$2
@@ -66,7 +98,6 @@ vm_typed() {
             sleep 1
             n=$((n + 1))
         done
-        sleep 1
         cat "$input"
     ) | ( timeout "$secs" /nestvm/nestvm run "$@"; echo $? >"/tmp/$name.rc" ) 2>&1 | tee "/tmp/$name.log"
     say "$name exited with $(cat "/tmp/$name.rc")"
@@ -93,4 +124,34 @@ wait_state() {
         n=$((n + 1))
     done
     [ "$(vm_state "$1")" = "$2" ]
+}
+
+# state_in DIR NAME: the state of managed VM NAME in state directory DIR.
+state_in() { /nestvm/nestvm --state-dir "$1" vm show "$2" --json | sed -n 's/.*"state": *"\([A-Za-z]*\)".*/\1/p'; }
+
+# wait_live DIR NAME FILE PATTERN SECS: like wait_for, but gives up as soon
+# as managed VM NAME (state directory DIR) no longer runs: what it would
+# have printed can no longer come.
+wait_live() {
+    n=0
+    until grep -q "$4" "$3" 2>/dev/null || [ $n -ge "$5" ]; do
+        case "$(state_in "$1" "$2")" in Off | Saved) break ;; esac
+        sleep 1
+        n=$((n + 1))
+    done
+    grep -q "$4" "$3" 2>/dev/null
+}
+
+# dots FILE: how many dots (a ticker's ticks) FILE holds.
+dots() { tr -cd . <"$1" | wc -c; }
+
+# dots_past FILE COUNT SECS: waits until FILE holds more than COUNT dots:
+# the ticker behind it is still running.
+dots_past() {
+    n=0
+    until [ "$(dots "$1")" -gt "$2" ] || [ $n -ge "$3" ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    [ "$(dots "$1")" -gt "$2" ]
 }

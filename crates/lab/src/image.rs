@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 
 use nestvm_guests::{hello, io_loop, ticker, Ending};
 
-/// The ticker guest's ticks ('.' on COM1) and the busy loop between them.
-pub const TICKS: u32 = 60;
-/// Iterations of the busy loop between ticks.
+/// Iterations of the tickers' busy loop between ticks ('.' on COM1).
 pub const TICK_SPIN: u32 = 10_000_000;
 /// Ticks of the long ticker (about a minute as L3), which keeps running
 /// while the level above saves and resumes the VM around it.
@@ -68,8 +66,8 @@ pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
             io_loop(0x80, 100_000, "LAB-TINY: io loop done", Ending::Reset),
         ),
         (
-            "ticker.elf",
-            ticker(TICKS, TICK_SPIN, "LAB-TINY: ticker done", Ending::Reset),
+            "halt.elf",
+            hello("LAB-TINY: halted until stopped", Ending::HaltForever),
         ),
         (
             "ticker-long.elf",

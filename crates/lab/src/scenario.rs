@@ -64,6 +64,8 @@ pub struct Report {
     pub checks: Vec<(String, bool)>,
     /// Whether L1's init finished the script (vs. a timeout or crash).
     pub completed: bool,
+    /// The `require`d check after whose failure L1 stopped the scenario.
+    pub stopped_after: Option<String>,
     /// L1's serial log.
     pub log: PathBuf,
     /// Wall time of the run.
@@ -84,17 +86,25 @@ impl Report {
     /// and a note if the run did not complete.
     pub fn problems(&self, expected: &[&str]) -> Vec<String> {
         let mut out = vec![];
-        if !self.completed {
-            out.push(format!(
+        match &self.stopped_after {
+            Some(failed) => out.push(format!(
+                "scenario stopped early after {:?}: {failed} failed, and the checks after it depend on it",
+                self.elapsed
+            )),
+            None if !self.completed => out.push(format!(
                 "scenario did not complete within its timeout ({:?})",
                 self.elapsed
-            ));
+            )),
+            None => {}
         }
         for name in expected {
-            match self.passed(name) {
-                Some(true) => {}
-                Some(false) => out.push(format!("check {name} FAILED")),
-                None => out.push(format!("check {name} was never reported")),
+            match (self.passed(name), &self.stopped_after) {
+                (Some(true), _) => {}
+                (Some(false), _) => out.push(format!("check {name} FAILED")),
+                (None, Some(failed)) => {
+                    out.push(format!("check {name} did not run (stopped after {failed})"))
+                }
+                (None, None) => out.push(format!("check {name} was never reported")),
             }
         }
         out
@@ -208,6 +218,7 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
     let deadline = start + scenario.timeout;
     let mut checks = vec![];
     let mut completed = false;
+    let mut stopped_after = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -221,6 +232,9 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
                     checks.push((name, verdict == "PASS"));
                 } else if line.starts_with("LAB-L1: done") {
                     completed = true;
+                } else if let Some(failed) = line.strip_prefix("LAB-STOP L1 after ") {
+                    say(format!("  STOP after {failed}"));
+                    stopped_after = Some(failed.trim().to_owned());
                 } else if verbose || line.starts_with("LAB-L") || line.starts_with("[qemu") {
                     say(format!("  | {line}"));
                 }
@@ -246,7 +260,47 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
         name: scenario.name.clone(),
         checks,
         completed,
+        stopped_after,
         log: log_path,
         elapsed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(checks: &[(&str, bool)], completed: bool, stopped: Option<&str>) -> Report {
+        Report {
+            name: "t".into(),
+            checks: checks.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+            completed,
+            stopped_after: stopped.map(str::to_owned),
+            log: PathBuf::from("/dev/null"),
+            elapsed: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_stopped_scenario_names_the_failed_requirement_and_what_did_not_run() {
+        let r = report(&[("a", true), ("b", false)], false, Some("b"));
+        let p = r.problems(&["a", "b", "c"]);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].contains("stopped early") && p[0].contains("b failed"),
+            "{p:?}"
+        );
+        assert_eq!(p[1], "check b FAILED");
+        assert_eq!(p[2], "check c did not run (stopped after b)");
+    }
+
+    #[test]
+    fn a_complete_run_with_every_check_passed_has_no_problem() {
+        let r = report(&[("a", true), ("b", true)], true, None);
+        assert!(r.problems(&["a", "b"]).is_empty());
+        let r = report(&[("a", true)], false, None);
+        let p = r.problems(&["a", "b"]);
+        assert!(p[0].contains("did not complete"), "{p:?}");
+        assert_eq!(p[1], "check b was never reported");
+    }
 }

@@ -82,9 +82,8 @@ impl Write for HubWriter {
             }
             inner.ring.push_back(b);
         }
-        if let Some(log) = inner.log.as_mut() {
-            let _ = log.write_all(buf);
-        }
+        // The client first, then the log: whoever sees output in the log
+        // knows the attached client has been sent it too.
         let drop_client = match inner.client.as_mut() {
             // A client that cannot keep up loses output, never stalls the guest.
             Some(c) => match c.write(buf) {
@@ -95,6 +94,9 @@ impl Write for HubWriter {
         };
         if drop_client {
             inner.client = None;
+        }
+        if let Some(log) = inner.log.as_mut() {
+            let _ = log.write_all(buf);
         }
         Ok(buf.len())
     }
