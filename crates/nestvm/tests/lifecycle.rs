@@ -153,6 +153,52 @@ fn start_list_console_pause_resume_stop_rm() {
     e.ok(&["vm", "rm", "t"]);
 }
 
+/// A vCPU state round trip (SIGUSR1) of a VM the API paused leaves it
+/// paused: it prints nothing more, says Paused, and saves.
+#[test]
+fn a_state_round_trip_keeps_a_paused_vm_paused() {
+    if !kvm_or_skip("a_state_round_trip_keeps_a_paused_vm_paused") {
+        return;
+    }
+    let e = Env::new("rtpause");
+    e.new_vm("p", ticker(u32::MAX, 2000, "never", Ending::Reset));
+    e.ok(&["vm", "start", "p"]);
+    let start = Instant::now();
+    while e.console_log("p").is_empty() {
+        assert!(start.elapsed() < T, "the ticker never ticked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    e.ok(&["vm", "pause", "p"]);
+    let frozen = e.console_log("p").len();
+    let log = e.dir.join("vms/p/vmm.log");
+    let trips = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("vCPU state round trip: vCPU 0")
+            .count()
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm_pid(&e.dir, "p")),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    while trips() == 0 {
+        assert!(start.elapsed() < T, "no round trip reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(e.state("p"), "Paused");
+    // Another API request is served after the round trip: had the vCPUs
+    // been resumed, the guest would have printed by the time the save
+    // below has paused it again.
+    assert!(e.ok(&["vm", "save", "p"]).contains("saved VM 'p'"));
+    assert_eq!(
+        e.console_log("p").len(),
+        frozen,
+        "a paused guest prints nothing"
+    );
+    e.ok(&["vm", "discard-saved", "p"]);
+}
+
 #[test]
 fn a_guest_that_powers_off_leaves_the_vm_off() {
     if !kvm_or_skip("a_guest_that_powers_off_leaves_the_vm_off") {

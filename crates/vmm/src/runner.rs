@@ -479,7 +479,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
             last_migration = Some(end_migration(o, false, opts.migration_report.as_deref()));
         }
         if round_trip.replace(false) && outcome.borrow().is_none() {
-            match state_round_trip(&handles) {
+            match state_round_trip(&handles, run_state != RunState::Paused) {
                 Ok(summary) => eprintln!("nestvm: vCPU state round trip: {summary}"),
                 Err(e) => eprintln!("nestvm: vCPU state round trip failed: {e}"),
             }
@@ -745,9 +745,10 @@ pub(crate) fn pause_all(handles: &[VcpuHandle]) {
     }
 }
 
-/// Pauses every vCPU, reads its complete state, writes it back, resumes.
-/// Returns a summary of what was carried.
-pub fn state_round_trip(handles: &[VcpuHandle]) -> Result<String, String> {
+/// Pauses every vCPU, reads its complete state, writes it back, and resumes
+/// the vCPUs if `resume` (a VM the API paused stays paused). Returns a
+/// summary of what was carried.
+pub fn state_round_trip(handles: &[VcpuHandle], resume: bool) -> Result<String, String> {
     for h in handles {
         h.send(Command::Pause);
     }
@@ -781,8 +782,8 @@ pub fn state_round_trip(handles: &[VcpuHandle]) -> Result<String, String> {
         }
         Ok(parts.join("; "))
     })();
-    for h in handles {
-        h.send(Command::Resume);
+    if resume {
+        resume_all(handles);
     }
     result
 }
