@@ -94,7 +94,7 @@ mod tests {
         let Ok(mut child) = std::process::Command::new("sh")
             .args([
                 "-c",
-                "command -v flock >/dev/null || exit 3; exec 9>\"$0\"; flock 9; exec sleep 30",
+                "command -v flock >/dev/null || exit 3; exec 9>\"$0\"; flock 9; exec sleep infinity",
             ])
             .arg(&p)
             .spawn()

@@ -183,7 +183,10 @@ fn a_vm_held_by_a_live_process_refuses_changes_and_is_off_once_it_dies() {
     e.ok(&["vm", "new", "r", "--kernel", e.kernel()]);
     let lock = e.dir.join("vms/r/run.lock");
     let mut holder = std::process::Command::new("sh")
-        .args(["-c", "exec 9>\"$0\"; flock 9; echo locked; exec sleep 60"])
+        .args([
+            "-c",
+            "exec 9>\"$0\"; flock 9; echo locked; exec sleep infinity",
+        ])
         .arg(&lock)
         .stdout(std::process::Stdio::piped())
         .spawn()
