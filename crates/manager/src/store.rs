@@ -174,6 +174,7 @@ impl Store {
 
     /// Stores a new VM.
     pub fn create(&self, name: &VmName, config: &VmConfig) -> Result<(), StoreError> {
+        let definition = self.toml(name, config)?;
         private_dir(&self.root)?;
         private_dir(&self.root.join("vms"))?;
         let dir = self.vm_dir(name);
@@ -188,7 +189,15 @@ impl Store {
         }
         std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io("chmod", &dir))?;
         let _held = lock::lock(&dir.join("lock"), true)?;
-        write_atomic(&self.definition(name), config.to_toml().as_bytes())
+        write_atomic(&self.definition(name), definition.as_bytes())
+    }
+
+    /// `config` as its definition file holds it.
+    fn toml(&self, name: &VmName, config: &VmConfig) -> Result<String, StoreError> {
+        config.to_toml().map_err(|source| StoreError::Config {
+            name: name.clone(),
+            source,
+        })
     }
 
     /// Makes the private directory of a VM that is not defined yet (one
@@ -235,7 +244,7 @@ impl Store {
     /// Writes a VM's definition; the caller holds its command lock.
     pub fn write_definition(&self, name: &VmName, config: &VmConfig) -> Result<(), StoreError> {
         self.must_exist(name)?;
-        write_atomic(&self.definition(name), config.to_toml().as_bytes())
+        write_atomic(&self.definition(name), self.toml(name, config)?.as_bytes())
     }
 
     /// Changes settings; refused while the VM runs (none of them can change live).
@@ -252,7 +261,7 @@ impl Store {
             name: name.clone(),
             source,
         })?;
-        write_atomic(&self.definition(name), next.to_toml().as_bytes())?;
+        write_atomic(&self.definition(name), self.toml(name, &next)?.as_bytes())?;
         Ok(next)
     }
 

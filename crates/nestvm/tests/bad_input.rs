@@ -45,6 +45,10 @@ fn settings_errors() {
     );
     expect_usage_error(&["run", "--kernel", k, "--memory", "1M"], "out of range");
     expect_usage_error(
+        &["run", "--kernel", k, "--memory", "65537K"],
+        "not a whole number of 4 KiB pages",
+    );
+    expect_usage_error(
         &["run", "--kernel", k, "--cpus", "256"],
         "--cpus 256 is out of range",
     );
@@ -157,4 +161,28 @@ fn disk_and_network_errors() {
         &["run", "--kernel", k, "--net", "tap=t0,mac_spoofing=maybe"],
         "invalid --net",
     );
+}
+
+/// A kernel whose path is not UTF-8 cannot go into a VM's definition (TOML):
+/// `vm new` says so and exits 2, and defines nothing.
+#[test]
+fn a_non_utf8_kernel_path_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch("non-utf8");
+    let k = dir.join(std::ffi::OsStr::from_bytes(b"kernel-\xff.elf"));
+    std::fs::write(&k, hello("x", Ending::Reset)).unwrap();
+    let state = dir.join("state");
+    let out = run_with_timeout(
+        nestvm()
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["vm", "new", "odd", "--kernel"])
+            .arg(&k),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!state.join("vms/odd").exists(), "nothing is defined");
 }

@@ -73,6 +73,25 @@ pub enum ConfigError {
         /// The VM's memory, MiB.
         memory_mib: u64,
     },
+    /// Memory that is not a whole number of pages (KVM maps only pages).
+    #[error(
+        "memory {got} bytes is not a whole number of 4 KiB pages: give it in K, M or G, e.g. 512M"
+    )]
+    MemoryAlign {
+        /// What was asked, bytes.
+        got: u64,
+    },
+    /// A path the definition file (TOML, UTF-8) cannot hold.
+    #[error("the {what} path {} is not valid UTF-8, which a VM's definition cannot hold: rename the file or give a link to it with a UTF-8 name", .path.display())]
+    NotUtf8 {
+        /// Which setting.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// The settings could not be written as TOML.
+    #[error("cannot write the settings as TOML")]
+    Serialize(#[source] toml::ser::Error),
     /// vCPU count out of range.
     #[error("--cpus {got} is out of range: give between 1 and {max}")]
     Cpus {
@@ -276,8 +295,9 @@ impl VmConfig {
         Ok(cfg)
     }
 
-    /// The settings in the file format [`VmConfig::resolve`] reads back.
-    pub fn to_toml(&self) -> String {
+    /// The settings in the file format [`VmConfig::resolve`] reads back
+    /// (fails only for settings [`VmConfig::validate`] refuses).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
         let file = FileConfig {
             kernel: Some(self.kernel.clone()),
             initrd: self.initrd.clone(),
@@ -289,7 +309,7 @@ impl VmConfig {
             net: (!self.nets.is_empty()).then(|| self.nets.clone()),
             balloon: self.balloon.clone(),
         };
-        toml::to_string(&file).expect("plain settings always serialize")
+        toml::to_string(&file).map_err(ConfigError::Serialize)
     }
 
     /// Applies `over` to these settings and validates the result.
@@ -318,6 +338,22 @@ impl VmConfig {
             return Err(ConfigError::MemoryRange {
                 got_mib: self.memory >> 20,
             });
+        }
+        if self.memory % 4096 != 0 {
+            return Err(ConfigError::MemoryAlign { got: self.memory });
+        }
+        let paths = [
+            ("kernel", Some(&self.kernel)),
+            ("initrd", self.initrd.as_ref()),
+        ];
+        let disks = self.disks.iter().map(|d| ("disk image", Some(&d.path)));
+        for (what, path) in paths.into_iter().chain(disks) {
+            if let Some(p) = path.filter(|p| p.to_str().is_none()) {
+                return Err(ConfigError::NotUtf8 {
+                    what,
+                    path: p.clone(),
+                });
+            }
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::Cpus {
@@ -418,6 +454,41 @@ mod tests {
             VmConfig::resolve(None, o),
             Err(ConfigError::BadSize(_))
         ));
+        // Not a whole number of pages: refused here, not by KVM.
+        let mut o = over_kernel();
+        o.memory = Some("65537K".into());
+        let e = VmConfig::resolve(None, o).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::MemoryAlign { got: 67_109_888 }),
+            "{e}"
+        );
+        let mut o = over_kernel();
+        o.memory = Some("65540K".into());
+        assert!(VmConfig::resolve(None, o).is_ok(), "whole pages are fine");
+    }
+
+    #[test]
+    fn paths_a_definition_cannot_hold_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/k\xff.elf"));
+        let o = Overrides {
+            kernel: Some(odd.clone()),
+            ..Default::default()
+        };
+        let e = VmConfig::resolve(None, o).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::NotUtf8 { what: "kernel", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+        // Nor can it be written, should such a config be made by hand.
+        let mut c = VmConfig::resolve(None, over_kernel()).unwrap();
+        c.initrd = Some(odd);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::NotUtf8 { what: "initrd", .. })
+        ));
+        assert!(matches!(c.to_toml(), Err(ConfigError::Serialize(_))));
     }
 
     fn write(name: &str, text: &str) -> PathBuf {
@@ -484,7 +555,7 @@ mod tests {
             }],
             balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
         };
-        let p = write("round.toml", &c.to_toml());
+        let p = write("round.toml", &c.to_toml().unwrap());
         assert_eq!(
             VmConfig::resolve(Some(&p), Overrides::default()).unwrap(),
             c

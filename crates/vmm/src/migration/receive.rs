@@ -197,7 +197,7 @@ fn take(
     let fin: Final = serde_json::from_slice(json)
         .map_err(|e| MigrationError::protocol(format!("bad state: {e}")))?;
     // The state must describe the VM that was accepted, not another one.
-    if fin.snapshot.config.to_toml() != hello.config.to_toml()
+    if fin.snapshot.config != hello.config
         || fin.snapshot.nested != hello.nested
         || fin.snapshot.cpuid != hello.cpuid
     {
