@@ -1,8 +1,9 @@
 //! Loading a Linux kernel (bzImage or ELF vmlinux), its initrd and command
 //! line, and writing `boot_params` for the 64-bit boot protocol.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -115,6 +116,24 @@ fn read_err<'a>(
     }
 }
 
+/// Opens `path` for reading if it is a regular file. The open itself never
+/// blocks (O_NONBLOCK: a FIFO would wait for a writer forever); anything but
+/// a regular file (a FIFO, a directory, a device) is refused with
+/// `InvalidInput`.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// Tells a bzImage from an ELF by their magic numbers.
 pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
     let mut head = [0u8; 0x210];
@@ -137,6 +156,51 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
     Err(BootError::NotAKernel(path.to_owned()))
 }
 
+/// Where an ELF's loadable segments end: in the file, and in memory.
+#[derive(Debug, PartialEq, Eq)]
+struct ElfExtent {
+    file_end: u64,
+    memory_end: u64,
+}
+
+/// Reads the program headers of the ELF64 in `file` (at most 256 of them).
+fn elf_extent(file: &mut File) -> std::io::Result<ElfExtent> {
+    const PT_LOAD: u32 = 1;
+    let mut eh = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut eh)?;
+    let u16_at = |b: &[u8], o: usize| u64::from(u16::from_le_bytes([b[o], b[o + 1]]));
+    let u64_at = |b: &[u8], o: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(w)
+    };
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 0x20), u16_at(&eh, 0x36), u16_at(&eh, 0x38));
+    if phentsize < 56 || phnum > 256 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "its program headers are malformed",
+        ));
+    }
+    let mut x = ElfExtent {
+        file_end: 0,
+        memory_end: 0,
+    };
+    let mut ph = [0u8; 56];
+    for i in 0..phnum {
+        file.seek(SeekFrom::Start(phoff.saturating_add(i * phentsize)))?;
+        file.read_exact(&mut ph)?;
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) != PT_LOAD {
+            continue;
+        }
+        let (offset, paddr) = (u64_at(&ph, 0x08), u64_at(&ph, 0x18));
+        let (filesz, memsz) = (u64_at(&ph, 0x20), u64_at(&ph, 0x28));
+        x.file_end = x.file_end.max(offset.saturating_add(filesz));
+        x.memory_end = x.memory_end.max(paddr.saturating_add(memsz));
+    }
+    Ok(x)
+}
+
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -154,7 +218,7 @@ pub fn load_kernel<B: Bitmap>(
     low_end: u64,
     path: &Path,
 ) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(read_err("kernel", path))?;
+    let mut file = open_regular(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
     let file_len = file.metadata().map_err(read_err("kernel", path))?.len();
     let too_small = |need: u64| BootError::TooSmall {
@@ -207,9 +271,29 @@ pub fn load_kernel<B: Bitmap>(
                 Some(GuestAddress(layout::HIMEM_START)),
             )
             .map_err(|e| match e {
+                // A segment could not be copied in: it lies past the end of
+                // the file (a truncated vmlinux), or past guest memory.
                 linux_loader::loader::Error::Elf(
                     linux_loader::loader::elf::Error::ReadKernelImage,
-                ) => too_small(file_len + layout::HIMEM_START),
+                ) => match elf_extent(&mut file) {
+                    Ok(x) if x.file_end > file_len => BootError::Read {
+                        what: "kernel",
+                        path: path.to_owned(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "its segments end at byte {}, the file at {file_len} (truncated?)",
+                                x.file_end
+                            ),
+                        ),
+                    },
+                    Ok(x) => too_small(x.memory_end),
+                    Err(source) => BootError::Read {
+                        what: "kernel",
+                        path: path.to_owned(),
+                        source,
+                    },
+                },
                 other => load_err(other),
             })?;
             Ok(LoadedKernel {
@@ -230,7 +314,7 @@ pub fn load_initrd<B: Bitmap>(
     kernel: &LoadedKernel,
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
-    let mut file = File::open(path).map_err(read_err("initrd", path))?;
+    let mut file = open_regular(path).map_err(read_err("initrd", path))?;
     let size = file.metadata().map_err(read_err("initrd", path))?.len();
     let max = kernel
         .setup_header
@@ -412,6 +496,44 @@ mod tests {
             load_kernel(&m, 16 * MIB, &path),
             Err(BootError::NotAKernel(_))
         ));
+    }
+
+    #[test]
+    fn elf_read_errors_say_what_went_wrong() {
+        let m = mem(16 * MIB);
+        // The segment says 64 bytes, the file holds 3 of them: truncated,
+        // not "memory too small".
+        let mut cut = tiny_elf(&[0xf4; 64]);
+        cut.truncate(0x1003);
+        let path = temp_file("cut.elf", &cut);
+        let err = load_kernel(&m, 16 * MIB, &path).unwrap_err();
+        assert!(matches!(err, BootError::Read { .. }), "{err}");
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("truncated"), "{chain}");
+        // A segment loaded past the end of guest memory is "too small".
+        let mut far = tiny_elf(&vec![0xf4; 2 * MIB as usize]);
+        far[64 + 24..64 + 32].copy_from_slice(&(15 * MIB).to_le_bytes());
+        let path = temp_file("far.elf", &far);
+        let err = load_kernel(&m, 16 * MIB, &path).unwrap_err();
+        assert!(
+            matches!(err, BootError::TooSmall { need_mib: 17, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_regular_files_are_opened_and_a_fifo_does_not_block() {
+        let dir = std::env::temp_dir().join(format!("nestvm-arch-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("k.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let m = mem(16 * MIB);
+        for p in [fifo.as_path(), dir.as_path()] {
+            let err = load_kernel(&m, 16 * MIB, p).unwrap_err();
+            let cause = std::error::Error::source(&err).unwrap().to_string();
+            assert!(cause.contains("not a regular file"), "{p:?}: {cause}");
+        }
     }
 
     #[test]

@@ -213,16 +213,17 @@ fn vm_name(s: &str) -> Result<VmName, Failure> {
 /// network adapter without a MAC one derived from the VM's name, stored so
 /// it never changes.
 fn checked(mut over: Overrides, name: &VmName) -> Result<Overrides, Failure> {
-    let check = |p: &Path, what: &str| -> Result<PathBuf, Failure> {
-        let abs = std::fs::canonicalize(p)
-            .map_err(|e| usage(anyhow!("cannot read {what} {}: {e}", p.display())))?;
-        std::fs::File::open(&abs)
-            .map_err(|e| usage(anyhow!("cannot read {what} {}: {e}", p.display())))?;
-        Ok(abs)
+    // A regular file that can be read (opened without blocking: a FIFO
+    // would wait for a writer forever).
+    let open = |p: &Path, what: &str| -> Result<(PathBuf, std::fs::File), Failure> {
+        let cannot = |e: std::io::Error| usage(anyhow!("cannot read {what} {}: {e}", p.display()));
+        let abs = std::fs::canonicalize(p).map_err(cannot)?;
+        let file = nestvm_arch::boot::open_regular(&abs).map_err(cannot)?;
+        Ok((abs, file))
     };
+    let check = |p: &Path, what: &str| open(p, what).map(|(abs, _)| abs);
     if let Some(k) = over.kernel.take() {
-        let abs = check(&k, "kernel")?;
-        let mut f = std::fs::File::open(&abs).map_err(runtime)?;
+        let (abs, mut f) = open(&k, "kernel")?;
         nestvm_arch::boot::detect_format(&mut f, &abs).map_err(usage)?;
         over.kernel = Some(abs);
     }

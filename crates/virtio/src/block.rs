@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::Memory;
@@ -71,6 +71,9 @@ pub enum BlockError {
         "disk image {0} is in use by another VM: stop it, or attach the image readonly=on in both"
     )]
     InUse(PathBuf),
+    /// A directory, FIFO, socket or device.
+    #[error("disk image {0} is not a regular file: give a raw image file")]
+    NotAFile(PathBuf),
     /// Smaller than one sector.
     #[error("disk image {0} is smaller than one 512-byte sector: give a raw image of at least 512 bytes")]
     TooSmall(PathBuf),
@@ -116,22 +119,23 @@ pub struct Block {
 impl Block {
     /// Opens `path` (read-only if asked), locking it against other writers.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        // Never blocks (a FIFO would wait for a peer); only files are disks.
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(BlockError::NotAFile(path.to_owned()));
+        }
         let lock = lock_image(&file, read_only).map_err(|_| BlockError::InUse(path.to_owned()))?;
-        let len = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
+        let len = meta.len();
         if len < SECTOR {
             return Err(BlockError::TooSmall(path.to_owned()));
         }

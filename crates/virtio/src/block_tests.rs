@@ -212,6 +212,22 @@ fn an_image_is_not_opened_twice_for_writing() {
 }
 
 #[test]
+fn only_a_regular_file_is_a_disk() {
+    let dir = std::env::temp_dir().join(format!("nestvm-blk-{}-notafile", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A directory read-only (opening it for writing fails anyway).
+    let e = Block::open(&dir, true).err().unwrap();
+    assert!(matches!(e, BlockError::NotAFile(_)), "{e}");
+    assert!(Block::open(&dir, false).is_err());
+    // A FIFO is refused at once, not waited on for a writer.
+    let fifo = dir.join("disk.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let e = Block::open(&fifo, true).err().unwrap();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}
+
+#[test]
 fn device_writes_mark_their_pages_dirty_for_migration() {
     use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::mmap::MmapRegion;
