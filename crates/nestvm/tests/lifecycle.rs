@@ -199,6 +199,39 @@ fn a_state_round_trip_keeps_a_paused_vm_paused() {
     e.ok(&["vm", "discard-saved", "p"]);
 }
 
+/// A checkpoint request with a missing, bad or taken name is refused
+/// before the VM is paused (it was a 500 after a pause and a capture).
+#[test]
+fn a_bad_checkpoint_name_is_refused_before_the_vm_is_paused() {
+    if !kvm_or_skip("a_bad_checkpoint_name_is_refused_before_the_vm_is_paused") {
+        return;
+    }
+    let e = Env::new("ckname");
+    e.new_vm("n", ticker(u32::MAX, 2000, "never", Ending::Reset));
+    e.ok(&["vm", "start", "n"]);
+    e.ok(&["vm", "checkpoint", "n", "--name", "a"]);
+    let control = e.dir.join("vms/n/control.sock");
+    let put = |q: &str| {
+        let path = format!("/v1/vm/checkpoint{q}");
+        nestvm_vmm::api::call(&control, "PUT", &path, T).unwrap()
+    };
+    for (q, want, says) in [
+        ("", 400, "no checkpoint name"),
+        ("?name=", 400, "invalid checkpoint name"),
+        ("?name=../x", 400, "invalid checkpoint name"),
+        ("?name=a", 409, "exists"),
+    ] {
+        let (status, body) = put(q);
+        assert_eq!(status, want, "{q}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{q}: {body}"
+        );
+        assert_eq!(e.state("n"), "Running", "{q}: never paused");
+    }
+    e.ok(&["vm", "kill", "n"]);
+}
+
 #[test]
 fn a_guest_that_powers_off_leaves_the_vm_off() {
     if !kvm_or_skip("a_guest_that_powers_off_leaves_the_vm_off") {

@@ -95,16 +95,40 @@ pub(crate) fn save_vm(
         .map_err(|e| chain_text(&e))
 }
 
+/// The checkpoint `PUT /v1/vm/checkpoint?name=N[&parent=P]` asks for under
+/// `root`, checked before the VM is paused: `Err((status, why))` refuses
+/// the request (400 for a missing or bad name, 409 for one taken).
+pub(crate) fn checkpoint_request(
+    query: &[(String, String)],
+    root: &std::path::Path,
+) -> Result<(String, Option<String>), (u16, String)> {
+    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+    let name = get("name").ok_or((400, "no checkpoint name given (name=NAME)".to_owned()))?;
+    if !crate::checkpoint::valid_name(name) {
+        return Err((
+            400,
+            format!(
+                "invalid checkpoint name '{name}': use up to 64 letters, digits, '-', '_' or '.'"
+            ),
+        ));
+    }
+    if root.join(name).exists() {
+        return Err((
+            409,
+            format!("a checkpoint named '{name}' exists: pick another name"),
+        ));
+    }
+    let parent = get("parent").filter(|p| !p.is_empty());
+    Ok((name.to_owned(), parent.map(str::to_owned)))
+}
+
 /// Takes a checkpoint of the paused VM (see [`crate::checkpoint`]).
 pub(crate) fn checkpoint_vm(
     handles: &[VcpuHandle],
     p: &SaveParts<'_>,
     root: &std::path::Path,
-    query: &[(String, String)],
+    (name, parent): (&str, Option<&str>),
 ) -> Result<serde_json::Value, String> {
-    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-    let name = get("name").ok_or("no checkpoint name given")?;
-    let parent = get("parent").filter(|p| !p.is_empty());
     let (snap, in_guest_mode) = build_snapshot(handles, p)?;
     std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let meta =

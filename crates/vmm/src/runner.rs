@@ -28,7 +28,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{Action, ApiError, ApiServer, DeviceInfo, Queue, RunState, VmInfo};
 use crate::builder::BuiltVm;
-use crate::capture::{checkpoint_vm, collect_states, save_vm, SaveParts, STATE_TIMEOUT};
+use crate::capture::{
+    checkpoint_request, checkpoint_vm, collect_states, save_vm, SaveParts, STATE_TIMEOUT,
+};
 use crate::console::ConsoleServer;
 use crate::migration::send::Outgoing;
 use crate::vcpu::{Command, Event, ExitReason, State, VcpuHandle};
@@ -581,11 +583,18 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                         );
                         continue;
                     };
+                    let (name, parent) = match checkpoint_request(&req.query, root) {
+                        Ok(asked) => asked,
+                        Err((status, error)) => {
+                            req.reply(status, &ApiError { error });
+                            continue;
+                        }
+                    };
                     let was_paused = run_state == RunState::Paused;
                     if !was_paused {
                         pause_all(&handles);
                     }
-                    let result = checkpoint_vm(&handles, &parts, root, &req.query);
+                    let result = checkpoint_vm(&handles, &parts, root, (&name, parent.as_deref()));
                     if !was_paused {
                         for h in &handles {
                             h.send(Command::Resume);
