@@ -6,7 +6,12 @@ set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-{ [ -x /bin/busybox ] && ldd /bin/busybox 2>&1 | grep -q "not a dynamic"; } || need+=(busybox-static)
+# (ldd exits 1 for a static binary: read its words, not its status, which
+# pipefail would take for the pipeline's.)
+case "$([ -x /bin/busybox ] && ldd /bin/busybox 2>&1)" in
+*"not a dynamic"*) ;;
+*) need+=(busybox-static) ;;
+esac
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 { [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; } || need+=(e2fsprogs)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
@@ -20,6 +25,26 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Python tools the tests use, from PyPI, in a venv of their own (cached
+# across clones): openapi-spec-validator checks docs/openapi.yaml.
+NESTVM_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/nestvm/venv"
+export NESTVM_VENV
+if [ ! -x "$NESTVM_VENV/bin/openapi-spec-validator" ]; then
+    echo "setup: installing Python test tools into $NESTVM_VENV (openapi-spec-validator)"
+    if ! python3 -m venv "$NESTVM_VENV" >/dev/null 2>&1; then
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "setup: python3 cannot make a venv: install python3-venv (as root)" >&2
+            exit 1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        rm -rf "$NESTVM_VENV"
+        python3 -m venv "$NESTVM_VENV"
+    fi
+    "$NESTVM_VENV/bin/pip" install -q --disable-pip-version-check "openapi-spec-validator==0.9.*"
 fi
 
 # The fuzz targets (fuzz/) build with cargo-fuzz.

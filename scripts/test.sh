@@ -14,6 +14,9 @@ if [ "${CI:-}" = "true" ]; then export NESTVM_REQUIRE_KVM=1; fi
 step "formatting (cargo fmt --check)"
 cargo fmt --all --check
 
+step "API description (openapi-spec-validator docs/openapi.yaml)"
+"$NESTVM_VENV/bin/openapi-spec-validator" docs/openapi.yaml
+
 step "lints (clippy -D warnings)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
