@@ -2,11 +2,15 @@
 //! into calls on an [`ExitHandler`].
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::kick::{ExitFlag, Kicker};
+use crate::vm::MappedMemory;
 
 /// Errors of per-vCPU KVM calls.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +93,48 @@ pub enum RunOutcome {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u32,
+    /// `immediate_exit`, shared with this vCPU's [`Kicker`]s.
+    exit: Arc<ExitFlag>,
+    /// The guest memory KVM maps for this VM: it outlives the vCPU, which
+    /// keeps the VM alive in the kernel after the `Vm` itself is dropped.
+    _memory: MappedMemory,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, id: u32) -> Self {
-        Self { fd, id }
+    pub(crate) fn new(
+        fd: VcpuFd,
+        id: u32,
+        run_size: usize,
+        memory: MappedMemory,
+    ) -> std::io::Result<Self> {
+        let exit = Arc::new(ExitFlag::map(&fd, run_size)?);
+        Ok(Self {
+            fd,
+            id,
+            exit,
+            _memory: memory,
+        })
+    }
+
+    /// What another thread holds to pull this vCPU out of `KVM_RUN`.
+    pub fn kicker(&self) -> Kicker {
+        Kicker::new(self.exit.clone())
+    }
+
+    /// Tells KVM the guest was paused (KVM_KVMCLOCK_CTRL), so that its
+    /// kvmclock-based watchdogs do not take the pause for a soft lockup.
+    /// Returns whether KVM took it: a guest that has not enabled kvmclock
+    /// (EINVAL) has no such watchdog to calm.
+    pub fn note_paused(&self) -> Result<bool, VcpuError> {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == libc::EINVAL => Ok(false),
+            Err(source) => Err(VcpuError::Ioctl {
+                id: self.id,
+                call: "KVM_KVMCLOCK_CTRL",
+                source,
+            }),
+        }
     }
 
     /// This vCPU's index (also its APIC ID).
@@ -195,13 +236,6 @@ impl Vcpu {
             .map_err(self.ioctl_err("KVM_GET_TSC_KHZ"))
     }
 
-    /// Makes this thread's vCPU the one a [`crate::kick`] signal interrupts.
-    /// Call it on the thread that will run the vCPU, before the first run.
-    pub fn bind_kick_to_this_thread(&mut self) {
-        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
-        crate::kick::bind(flag);
-    }
-
     /// Runs the guest until an exit that is not a port or MMIO access the
     /// bus can serve, or until one such access has been served.
     pub fn run(&mut self, bus: &dyn ExitHandler) -> Result<RunOutcome, VcpuError> {
@@ -259,7 +293,7 @@ impl Vcpu {
             Err(source) => return Err(VcpuError::Run { id, source }),
         };
         if outcome == RunOutcome::Interrupted {
-            self.fd.set_kvm_immediate_exit(0);
+            self.exit.set(0);
         }
         Ok(outcome)
     }
@@ -271,9 +305,9 @@ impl Vcpu {
     /// saved registers would still point at the access, and a restored guest
     /// would do it twice.
     pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
-        self.fd.set_kvm_immediate_exit(1);
+        self.exit.set(1);
         let result = self.fd.run().map(|_| ());
-        self.fd.set_kvm_immediate_exit(0);
+        self.exit.set(0);
         match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Ok(()) => Ok(()),

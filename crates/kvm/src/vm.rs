@@ -5,6 +5,9 @@ use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::Bitmap;
@@ -83,6 +86,35 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The vCPU's `kvm_run` area could not be mapped for its kicker.
+    #[error("cannot map the kvm_run area of vCPU {id}")]
+    MapRun {
+        /// The vCPU index.
+        id: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory was given twice, or dirty logging asked before any.
+    #[error("guest memory {0}")]
+    Memory(&'static str),
+}
+
+/// The memory slots KVM was given, and the guest memory behind them, kept
+/// alive by the `Vm` and every `Vcpu` (either keeps the VM alive in the
+/// kernel, so either may be the last to go).
+#[derive(Clone, Default)]
+pub(crate) struct MappedMemory(Arc<Mutex<Option<Mapped>>>);
+
+struct Mapped {
+    slots: Vec<kvm_userspace_memory_region>,
+    _keep: Box<dyn Any + Send + Sync>,
+}
+
+impl MappedMemory {
+    fn lock(&self) -> MutexGuard<'_, Option<Mapped>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The VM-wide state KVM keeps: the PICs, the IOAPIC, the PIT and kvmclock.
@@ -103,36 +135,63 @@ pub struct VmState {
 /// A KVM VM handle.
 pub struct Vm {
     fd: VmFd,
+    memory: MappedMemory,
 }
 
 impl Vm {
     pub(crate) fn new(fd: VmFd) -> Self {
-        Self { fd }
+        Self {
+            fd,
+            memory: MappedMemory::default(),
+        }
     }
 
-    /// Hands every region of `mem` to KVM as a memory slot, in order.
-    ///
-    /// The caller must keep `mem` alive (and unmoved in the address space) for
-    /// as long as this VM exists; nestvm does so by owning both in one `Vmm`
-    /// that drops the VM's vCPUs first.
-    pub fn map_memory<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>) -> Result<(), VmError> {
-        self.set_slots(mem, 0)
+    /// Hands every region of `mem` to KVM as a memory slot, in order, once.
+    /// The VM keeps (a handle to) `mem`, and so does every vCPU: the memory
+    /// KVM writes stays mapped for as long as the VM exists in the kernel.
+    pub fn map_memory<B>(&self, mem: &GuestMemoryMmap<B>) -> Result<(), VmError>
+    where
+        B: Bitmap + Send + Sync + 'static,
+    {
+        let mut slots = Vec::new();
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| VmError::Memory("has a region outside itself"))?;
+            slots.push(kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            });
+        }
+        let mut mapped = self.memory.lock();
+        if mapped.is_some() {
+            return Err(VmError::Memory("was already given to this VM"));
+        }
+        // Kept before KVM sees any slot, so a failure half-way leaves no
+        // slot pointing at memory that could go.
+        let m = mapped.insert(Mapped {
+            slots,
+            _keep: Box::new(mem.clone()),
+        });
+        self.set_slots(&m.slots, 0)
     }
 
-    /// Turns KVM's dirty-page log on or off for every slot of `mem` (which
-    /// must be the memory given to [`Vm::map_memory`]). While it is on,
-    /// [`Vm::dirty_pages`] returns the pages the vCPUs wrote.
-    pub fn log_dirty_pages<B: Bitmap>(
-        &self,
-        mem: &GuestMemoryMmap<B>,
-        on: bool,
-    ) -> Result<(), VmError> {
+    /// Turns KVM's dirty-page log on or off for every slot of the memory
+    /// given to [`Vm::map_memory`]. While it is on, [`Vm::dirty_pages`]
+    /// returns the pages the vCPUs wrote.
+    pub fn log_dirty_pages(&self, on: bool) -> Result<(), VmError> {
         let flags = if on {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
         };
-        self.set_slots(mem, flags)
+        match self.memory.lock().as_ref() {
+            Some(m) => self.set_slots(&m.slots, flags),
+            None => Err(VmError::Memory("was never given to this VM")),
+        }
     }
 
     /// The pages of slot `slot` (`size` bytes) written by vCPUs since the
@@ -143,26 +202,18 @@ impl Vm {
             .map_err(|source| VmError::DirtyLog { slot, source })
     }
 
-    fn set_slots<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>, flags: u32) -> Result<(), VmError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let host = mem
-                .get_host_address(region.start_addr())
-                .expect("a region's own start address is inside guest memory");
-            let desc = kvm_userspace_memory_region {
-                slot,
-                flags,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: `host` .. `host + len` is a live mapping owned by `mem`,
-            // which the caller keeps alive for the VM's whole life (see the doc
-            // comment above); slots do not overlap because vm-memory refuses
-            // overlapping regions.
+    /// Gives KVM `slots` (those of the memory `self.memory` keeps) with `flags`.
+    fn set_slots(&self, slots: &[kvm_userspace_memory_region], flags: u32) -> Result<(), VmError> {
+        for s in slots {
+            let desc = kvm_userspace_memory_region { flags, ..*s };
+            // SAFETY: each slot describes a region of the guest memory that
+            // `self.memory` holds a handle to, and which this VM and each of
+            // its vCPUs keep mapped until the last of them is dropped, i.e.
+            // for as long as KVM can use the slot; slots do not overlap, as
+            // vm-memory refuses overlapping regions.
             unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| {
                 VmError::MemorySlot {
-                    slot,
+                    slot: desc.slot,
                     guest_addr: desc.guest_phys_addr,
                     size: desc.memory_size,
                     source,
@@ -247,6 +298,39 @@ impl Vm {
             .fd
             .create_vcpu(id)
             .map_err(|source| VmError::CreateVcpu { id, source })?;
-        Ok(Vcpu::new(fd, id as u32))
+        Vcpu::new(fd, id as u32, self.fd.run_size(), self.memory.clone())
+            .map_err(|source| VmError::MapRun { id, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn memory_is_given_once_and_dirty_logging_needs_it() {
+        if !std::path::Path::new(crate::hypervisor::KVM_PATH).exists() {
+            eprintln!("SKIPPED memory_is_given_once_and_dirty_logging_needs_it: no /dev/kvm");
+            return;
+        }
+        let hv = crate::Hypervisor::open().unwrap();
+        let vm = hv.create_vm().unwrap();
+        assert!(matches!(vm.log_dirty_pages(true), Err(VmError::Memory(_))));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        vm.map_memory(&mem).unwrap();
+        let again = vm.map_memory(&mem).unwrap_err();
+        assert!(again.to_string().contains("already given"), "{again}");
+        vm.log_dirty_pages(true).unwrap();
+        vm.log_dirty_pages(false).unwrap();
+        // The VM holds the memory itself: dropping the caller's handle
+        // leaves the slot's pages mapped.
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        drop(mem);
+        let held = vm.memory.lock();
+        assert_eq!(
+            held.as_ref().unwrap().slots[0].userspace_addr as usize,
+            host
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use nestvm_kvm::kick;
+use nestvm_kvm::kick::Kicker;
 use nestvm_kvm::{RunOutcome, Vcpu, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -120,7 +120,16 @@ impl Machine {
         let not_paused = || format!("vCPU {} is running: pause it first", self.vcpu.id());
         match cmd {
             Command::Resume => self.enter(State::Running),
-            Command::Pause => self.enter(State::Paused),
+            Command::Pause => {
+                if self.state == State::Running {
+                    // The guest's watchdogs must not take the pause for a
+                    // lockup; a guest without kvmclock has none to calm.
+                    if let Err(e) = self.vcpu.note_paused() {
+                        log::debug!("{e}");
+                    }
+                }
+                self.enter(State::Paused)
+            }
             Command::Stop => return Some(ExitReason::Stopped),
             Command::Report(reply) => {
                 let _ = reply.send(self.state);
@@ -202,14 +211,12 @@ impl Machine {
     }
 
     fn run(mut self) {
-        self.vcpu.bind_kick_to_this_thread();
         let reason = loop {
             if let Some(reason) = self.step() {
                 break reason;
             }
         };
         self.state = State::Exited;
-        kick::unbind();
         self.report(Event::Exited(self.vcpu.id(), reason));
     }
 }
@@ -218,6 +225,7 @@ impl Machine {
 pub struct VcpuHandle {
     id: u32,
     commands: Sender<Command>,
+    kicker: Kicker,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -231,6 +239,7 @@ impl VcpuHandle {
         notify: EventFd,
     ) -> std::io::Result<Self> {
         let id = vcpu.id();
+        let kicker = vcpu.kicker();
         let (tx, rx) = std::sync::mpsc::channel();
         let machine = Machine {
             vcpu,
@@ -247,6 +256,7 @@ impl VcpuHandle {
         Ok(Self {
             id,
             commands: tx,
+            kicker,
             thread: Some(thread),
         })
     }
@@ -261,7 +271,7 @@ impl VcpuHandle {
         if self.commands.send(cmd).is_ok() {
             if let Some(t) = &self.thread {
                 if !t.is_finished() {
-                    if let Err(e) = kick::kick(t) {
+                    if let Err(e) = self.kicker.kick(t) {
                         log::warn!("cannot kick vCPU {}: {e}", self.id);
                     }
                 }
@@ -334,7 +344,7 @@ mod tests {
     #[test]
     fn paused_until_resumed_then_pause_resume_and_exit() {
         let Some(hv) = kvm() else { return };
-        kick::install().unwrap();
+        nestvm_kvm::kick::install().unwrap();
         let dir = std::env::temp_dir().join(format!("nestvm-vcpu-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let kernel = dir.join("halt.elf");

@@ -132,7 +132,7 @@ impl Outgoing {
                 let start = Instant::now();
                 let result = migrate(&job, start);
                 // Dirty logging costs the guest a fault per first write: off again.
-                if let Err(e) = job.vm.log_dirty_pages(&job.mem, false) {
+                if let Err(e) = job.vm.log_dirty_pages(false) {
                     log::warn!("migration: cannot turn dirty logging off: {e}");
                 }
                 let mut p = lock(&job.progress);
@@ -228,7 +228,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     // From here on every write is logged: by KVM for the vCPUs, by the
     // memory's bitmap for the devices. Round 1 then sends everything.
     job.vm
-        .log_dirty_pages(&job.mem, true)
+        .log_dirty_pages(true)
         .map_err(MigrationError::DirtyLog)?;
     let _ = collect_dirty(job)?;
     let all: Vec<u64> = job
