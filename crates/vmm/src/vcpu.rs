@@ -119,17 +119,19 @@ impl Machine {
     fn apply(&mut self, cmd: Command) -> Option<ExitReason> {
         let not_paused = || format!("vCPU {} is running: pause it first", self.vcpu.id());
         match cmd {
-            Command::Resume => self.enter(State::Running),
-            Command::Pause => {
-                if self.state == State::Running {
-                    // The guest's watchdogs must not take the pause for a
-                    // lockup; a guest without kvmclock has none to calm.
+            Command::Resume => {
+                if self.state == State::Paused {
+                    // As QEMU does, once the vCPU runs again after a pause
+                    // (and its state was perhaps read and written): the
+                    // guest's watchdogs must not take the pause for a lockup;
+                    // a guest without kvmclock has none to calm.
                     if let Err(e) = self.vcpu.note_paused() {
                         log::debug!("{e}");
                     }
                 }
-                self.enter(State::Paused)
+                self.enter(State::Running)
             }
+            Command::Pause => self.enter(State::Paused),
             Command::Stop => return Some(ExitReason::Stopped),
             Command::Report(reply) => {
                 let _ = reply.send(self.state);
