@@ -1,6 +1,6 @@
 //! `nestvm-lab`: builds the lab image and runs a scenario script in L1.
 //!
-//! `nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1]` prints each
+//! `nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1] [--cpus N]` prints each
 //! check and exits 0 when all passed; `nestvm-lab image` only builds.
 
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         Some("run") => {
             let path = args
                 .get(1)
-                .context("usage: nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1]")?;
+                .context("usage: nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1] [--cpus N]")?;
             let script =
                 std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
             let name = std::path::Path::new(path)
@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
                 match flag.as_str() {
                     "--timeout" => sc.timeout = Duration::from_secs(value.parse()?),
                     "--l1-nested" => sc.l1_nested = value == "1",
+                    "--cpus" => sc.cpus = value.parse()?,
                     other => bail!("unknown option {other}"),
                 }
             }
@@ -63,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: nestvm-lab image | nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1]"
+            "usage: nestvm-lab image | nestvm-lab run SCRIPT [--timeout SECS] [--l1-nested 0|1] [--cpus N]"
         ),
     }
 }
