@@ -13,6 +13,7 @@ case "$([ -x /bin/busybox ] && ldd /bin/busybox 2>&1)" in
 *) need+=(busybox-static) ;;
 esac
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+command -v socat >/dev/null 2>&1 || need+=(socat)
 { [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; } || need+=(e2fsprogs)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
 
@@ -28,11 +29,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Python tools the tests use, from PyPI, in a venv of their own (cached
-# across clones): openapi-spec-validator checks docs/openapi.yaml.
+# across clones): openapi-spec-validator checks docs/openapi.yaml, and
+# schemathesis fuzzes a live VM's API from it.
 NESTVM_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/nestvm/venv"
 export NESTVM_VENV
-if [ ! -x "$NESTVM_VENV/bin/openapi-spec-validator" ]; then
-    echo "setup: installing Python test tools into $NESTVM_VENV (openapi-spec-validator)"
+if [ ! -x "$NESTVM_VENV/bin/openapi-spec-validator" ] || [ ! -x "$NESTVM_VENV/bin/st" ]; then
+    echo "setup: installing Python test tools into $NESTVM_VENV (openapi-spec-validator, schemathesis)"
     if ! python3 -m venv "$NESTVM_VENV" >/dev/null 2>&1; then
         if [ "$(id -u)" -ne 0 ]; then
             echo "setup: python3 cannot make a venv: install python3-venv (as root)" >&2
@@ -44,7 +46,8 @@ if [ ! -x "$NESTVM_VENV/bin/openapi-spec-validator" ]; then
         rm -rf "$NESTVM_VENV"
         python3 -m venv "$NESTVM_VENV"
     fi
-    "$NESTVM_VENV/bin/pip" install -q --disable-pip-version-check "openapi-spec-validator==0.9.*"
+    "$NESTVM_VENV/bin/pip" install -q --disable-pip-version-check \
+        "openapi-spec-validator==0.9.*" "schemathesis==4.32.*"
 fi
 
 # The fuzz targets (fuzz/) build with cargo-fuzz.

@@ -220,6 +220,8 @@ fn a_bad_checkpoint_name_is_refused_before_the_vm_is_paused() {
         ("?name=", 400, "invalid checkpoint name"),
         ("?name=../x", 400, "invalid checkpoint name"),
         ("?name=a", 409, "exists"),
+        ("?name=b&parent=nope", 404, "no checkpoint named 'nope'"),
+        ("?name=b&parent=%F0%AD", 400, "invalid parent"),
     ] {
         let (status, body) = put(q);
         assert_eq!(status, want, "{q}: {body}");

@@ -227,16 +227,18 @@ pub fn route(method: &str, path: &str) -> Result<Action, Refusal> {
         "/v1/vm/memory" => Action::Memory,
         _ => return Err(Refusal::new(404, format!("no such endpoint {path}"))),
     };
-    let want = if matches!(action, Action::Info | Action::Migration | Action::Memory) {
-        "GET"
-    } else {
-        "PUT"
+    // What the path takes (the Allow header of a 405), and whether this
+    // method is one of it (/v1/vm/memory routes PUT to Resize above).
+    let (allow, ok) = match action {
+        Action::Info | Action::Migration => ("GET", method == "GET"),
+        Action::Memory | Action::Resize => ("GET, PUT", matches!(method, "GET" | "PUT")),
+        _ => ("PUT", method == "PUT"),
     };
-    if method != want {
+    if !ok {
         return Err(Refusal {
             status: 405,
-            error: format!("{path} takes {want}, not {method}"),
-            allow: Some(want),
+            error: format!("{path} takes {allow}, not {method}"),
+            allow: Some(allow),
         });
     }
     Ok(action)
@@ -345,7 +347,7 @@ mod tests {
         assert_eq!(route("GET", "/v1/vm/memory"), Ok(Action::Memory));
         assert_eq!(route("PUT", "/v1/vm/memory?size=auto"), Ok(Action::Resize));
         let refused = |m, p| route(m, p).unwrap_err();
-        assert_eq!(refused("POST", "/v1/vm/memory").status, 405);
+        assert_eq!(refused("POST", "/v1/vm/memory").allow, Some("GET, PUT"));
         assert_eq!(refused("PUT", "/v1/vm/migration").allow, Some("GET"));
         assert_eq!(refused("PUT", "/v1/vm").status, 405);
         assert_eq!(refused("GET", "/v1/vm/pause").allow, Some("PUT"));

@@ -97,7 +97,8 @@ pub(crate) fn save_vm(
 
 /// The checkpoint `PUT /v1/vm/checkpoint?name=N[&parent=P]` asks for under
 /// `root`, checked before the VM is paused: `Err((status, why))` refuses
-/// the request (400 for a missing or bad name, 409 for one taken).
+/// the request (400 for a missing or bad name, 404 for an unknown parent,
+/// 409 for a name taken).
 pub(crate) fn checkpoint_request(
     query: &[(String, String)],
     root: &std::path::Path,
@@ -119,6 +120,17 @@ pub(crate) fn checkpoint_request(
         ));
     }
     let parent = get("parent").filter(|p| !p.is_empty());
+    if let Some(p) = parent {
+        if !crate::checkpoint::valid_name(p) {
+            return Err((400, format!("invalid parent checkpoint name '{p}'")));
+        }
+        if !root.join(p).is_dir() {
+            return Err((
+                404,
+                format!("no checkpoint named '{p}' to descend from: give one 'nestvm vm checkpoints' lists"),
+            ));
+        }
+    }
     Ok((name.to_owned(), parent.map(str::to_owned)))
 }
 
