@@ -65,9 +65,20 @@ pub(crate) fn resolve_nested(
     }
 }
 
+/// Opens `path` as a kernel: a regular file (opened without blocking) that
+/// is a bzImage or an ELF vmlinux; returns the open file.
+pub(crate) fn open_kernel(path: &std::path::Path) -> Result<std::fs::File, Failure> {
+    let mut f = nestvm_arch::boot::open_regular(path)
+        .map_err(|e| usage(anyhow!("cannot read kernel {}: {e}", path.display())))?;
+    nestvm_arch::boot::detect_format(&mut f, path).map_err(usage)?;
+    Ok(f)
+}
+
 pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
     let config =
         VmConfig::resolve(args.config.as_deref(), args.settings.overrides()?).map_err(usage)?;
+    // A bad kernel is a usage error, said before KVM is even opened.
+    open_kernel(&config.kernel)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let (expose, notice) = resolve_nested(config.nested, &hv)?;
     let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout())).map_err(|e| {

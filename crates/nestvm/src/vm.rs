@@ -215,16 +215,15 @@ fn vm_name(s: &str) -> Result<VmName, Failure> {
 fn checked(mut over: Overrides, name: &VmName) -> Result<Overrides, Failure> {
     // A regular file that can be read (opened without blocking: a FIFO
     // would wait for a writer forever).
-    let open = |p: &Path, what: &str| -> Result<(PathBuf, std::fs::File), Failure> {
+    let check = |p: &Path, what: &str| -> Result<PathBuf, Failure> {
         let cannot = |e: std::io::Error| usage(anyhow!("cannot read {what} {}: {e}", p.display()));
         let abs = std::fs::canonicalize(p).map_err(cannot)?;
-        let file = nestvm_arch::boot::open_regular(&abs).map_err(cannot)?;
-        Ok((abs, file))
+        nestvm_arch::boot::open_regular(&abs).map_err(cannot)?;
+        Ok(abs)
     };
-    let check = |p: &Path, what: &str| open(p, what).map(|(abs, _)| abs);
     if let Some(k) = over.kernel.take() {
-        let (abs, mut f) = open(&k, "kernel")?;
-        nestvm_arch::boot::detect_format(&mut f, &abs).map_err(usage)?;
+        let abs = check(&k, "kernel")?;
+        crate::run::open_kernel(&abs)?;
         over.kernel = Some(abs);
     }
     if let Some(i) = over.initrd.take() {

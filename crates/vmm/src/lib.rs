@@ -11,7 +11,13 @@
 //! - [`runner`]: resumes the VM and runs the event loop (console, signals,
 //!   reset/power-off, vCPU exits) until the VM stops.
 //! - [`snapshot`]: saves a paused VM to a directory (state + memory) and
-//!   builds a VM back from one.
+//!   builds a VM back from one; [`checkpoint`]: checkpoints, each storing
+//!   only the memory pages that differ from its parent's; `capture` (inside
+//!   the crate): pausing, reading every vCPU and device, and handing the
+//!   result to a save, a checkpoint or a migration.
+//! - [`migration`]: live migration, the sending thread and the receiver.
+//! - [`balloon`]: the control API's side of virtio-balloon (memory target,
+//!   the guest's statistics, the automatic policy).
 //! - [`terminal`]: raw mode for an interactive console, always restored.
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
