@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use nestvm_kvm::{Hypervisor, HypervisorError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The state of `/dev/kvm` for this user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvmDevice {
     /// Not there.
@@ -19,8 +19,9 @@ pub enum KvmDevice {
     Usable,
 }
 
-/// What the host is, as read from it.
-#[derive(Debug, Clone, Serialize)]
+/// What the host is, as read from it (or recorded on another host: `host
+/// check --json` prints them as `facts`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostFacts {
     /// CPU vendor id (GenuineIntel, AuthenticAMD, ...).
     pub vendor: String,

@@ -16,16 +16,24 @@ fn is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-#[test]
-fn host_check_on_a_pvm_host_says_no_and_why() {
-    if !kvm_or_skip("host_check_on_a_pvm_host_says_no_and_why") {
-        return;
-    }
-    if !is_pvm() {
-        eprintln!("SKIPPED host_check_on_a_pvm_host_says_no_and_why: this host's KVM is not PVM");
-        return;
-    }
-    let out = run_with_timeout(nestvm().args(["host", "check"]), T);
+/// The facts `nestvm --json host check` recorded on one of these machines
+/// (PVM, 2026-12-01): the verdict on them is checked on any host.
+const PVM_FACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pvm-host-facts.json");
+
+/// `host check`, as text and JSON, on a PVM host: NO, naming PVM, with a fix.
+fn assert_pvm_verdict(facts: Option<&str>) {
+    let cmd = |json: bool| {
+        let mut c = nestvm();
+        if json {
+            c.arg("--json");
+        }
+        c.args(["host", "check"]);
+        if let Some(f) = facts {
+            c.env("NESTVM_HOST_FACTS", f);
+        }
+        run_with_timeout(&mut c, T)
+    };
+    let out = cmd(false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("Verdict: NO"), "{text}");
@@ -44,10 +52,11 @@ fn host_check_on_a_pvm_host_says_no_and_why() {
         assert!(text.contains(row), "missing row {row}: {text}");
     }
 
-    let out = run_with_timeout(nestvm().args(["--json", "host", "check"]), T);
+    let out = cmd(true);
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(v["can_nest"], false);
+    assert_eq!(v["facts"]["kvm_module"], "kvm_pvm", "the facts it judged");
     let module = v["checks"]
         .as_array()
         .unwrap()
@@ -57,6 +66,38 @@ fn host_check_on_a_pvm_host_says_no_and_why() {
     assert_eq!(module["value"], "kvm_pvm");
     assert_eq!(module["status"], "fail");
     assert!(module["fix"].as_str().unwrap().contains("VT-x/AMD-V"));
+}
+
+#[test]
+fn host_check_judges_recorded_pvm_facts_on_any_host() {
+    assert_pvm_verdict(Some(PVM_FACTS));
+}
+
+#[test]
+fn recorded_facts_that_are_not_facts_are_a_usage_error() {
+    let bad = common::scratch("facts").join("bad.json");
+    std::fs::write(&bad, "{\"vendor\": 7}").unwrap();
+    let out = run_with_timeout(
+        nestvm()
+            .args(["host", "check"])
+            .env("NESTVM_HOST_FACTS", &bad),
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("NESTVM_HOST_FACTS"), "{err}");
+}
+
+#[test]
+fn host_check_on_this_pvm_host_says_no_and_why() {
+    if !kvm_or_skip("host_check_on_this_pvm_host_says_no_and_why") {
+        return;
+    }
+    if !is_pvm() {
+        eprintln!("SKIPPED host_check_on_this_pvm_host_says_no_and_why: this host's KVM is not PVM (the recorded-facts test covers the verdict)");
+        return;
+    }
+    assert_pvm_verdict(None);
 }
 
 #[test]
