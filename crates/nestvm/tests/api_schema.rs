@@ -66,8 +66,19 @@ fn every_documented_route_answers_as_its_schema_says() {
         return;
     };
     let env = StateEnv::new("api-schema");
-    let k = guest("api-schema.elf", ticker(u32::MAX, 3000, "never", Ending::Reset));
-    env.ok(&["vm", "new", "a", "--kernel", k.to_str().unwrap(), "--memory", "16M"]);
+    let k = guest(
+        "api-schema.elf",
+        ticker(u32::MAX, 3000, "never", Ending::Reset),
+    );
+    env.ok(&[
+        "vm",
+        "new",
+        "a",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "16M",
+    ]);
     env.ok(&["vm", "start", "a"]);
     let control = env.dir.join("vms/a/control.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -84,7 +95,14 @@ fn every_documented_route_answers_as_its_schema_says() {
         .arg(&spec)
         .args(["--url", &format!("http://127.0.0.1:{port}")])
         .args(["--checks", "all", "--workers", "1", "--no-color"])
-        .args(["--seed", "7", "--max-examples", "200", "--generation-database", "none"])
+        .args([
+            "--seed",
+            "7",
+            "--max-examples",
+            "200",
+            "--generation-database",
+            "none",
+        ])
         .args(["--request-timeout", "20"])
         .args([
             "--exclude-path",
@@ -100,10 +118,16 @@ fn every_documented_route_answers_as_its_schema_says() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "schemathesis found failures:\n{said}");
-    assert!(said.contains("Tested: 7"), "every included route was tested:\n{said}");
+    assert!(
+        said.contains("Tested: 7"),
+        "every included route was tested:\n{said}"
+    );
     // The VMM survived all of it and still answers as it should.
     let (status, body) = nestvm_vmm::api::call(&control, "GET", "/v1/vm", T).unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(matches!(body["state"].as_str(), Some("Running" | "Paused")), "{body}");
+    assert!(
+        matches!(body["state"].as_str(), Some("Running" | "Paused")),
+        "{body}"
+    );
     env.ok(&["vm", "kill", "a"]);
 }

@@ -18,7 +18,10 @@ fn is_pvm() -> bool {
 
 /// The facts `nestvm --json host check` recorded on one of these machines
 /// (PVM, 2026-12-01): the verdict on them is checked on any host.
-const PVM_FACTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pvm-host-facts.json");
+const PVM_FACTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/pvm-host-facts.json"
+);
 
 /// `host check`, as text and JSON, on a PVM host: NO, naming PVM, with a fix.
 fn assert_pvm_verdict(facts: Option<&str>) {
