@@ -6,9 +6,23 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Most virtio devices (disks plus adapters) a VM can have: one interrupt
-/// line each from [`nestvm_arch::layout::VIRTIO_GSIS`].
-pub const MAX_DEVICES: usize = nestvm_arch::layout::VIRTIO_GSIS.len();
+/// Most virtio devices (disks, adapters, the balloon) a VM can have: the
+/// machine has one interrupt line for each (nestvm-arch's `VIRTIO_GSIS`,
+/// which the VMM checks has this many).
+pub const MAX_DEVICES: usize = 16;
+
+/// Longest Linux interface name (`IFNAMSIZ` less the NUL).
+pub const MAX_TAP_NAME: usize = 15;
+
+/// Whether `name` can be a TAP: a Linux interface name of letters, digits,
+/// '-', '_' and '.'.
+pub fn valid_tap_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TAP_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
 
 /// Errors in disk and adapter settings.
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +78,14 @@ fn default_balloon_min() -> String {
 impl BalloonConfig {
     /// `min` in bytes.
     pub fn min_bytes(&self) -> Result<u64, AdapterError> {
-        crate::config::parse_size(&self.min).map_err(|_| AdapterError::BadBalloon(self.min.clone()))
+        crate::parse_size(&self.min).map_err(|_| AdapterError::BadBalloon(self.min.clone()))
     }
 
     /// `start` in bytes, if set.
     pub fn start_bytes(&self) -> Result<Option<u64>, AdapterError> {
         self.start
             .as_ref()
-            .map(|s| crate::config::parse_size(s).map_err(|_| AdapterError::BadBalloon(s.clone())))
+            .map(|s| crate::parse_size(s).map_err(|_| AdapterError::BadBalloon(s.clone())))
             .transpose()
     }
 }
@@ -89,11 +103,11 @@ pub fn parse_balloon(s: &str) -> Result<BalloonConfig, AdapterError> {
             None if i == 0 && on_off(part) == Some(true) => {}
             Some(("dynamic", v)) => b.dynamic = on_off(v).ok_or_else(bad)?,
             Some(("min", v)) => {
-                crate::config::parse_size(v).map_err(|_| bad())?;
+                crate::parse_size(v).map_err(|_| bad())?;
                 v.clone_into(&mut b.min);
             }
             Some(("start", v)) => {
-                crate::config::parse_size(v).map_err(|_| bad())?;
+                crate::parse_size(v).map_err(|_| bad())?;
                 b.start = Some(v.to_owned());
             }
             _ => return Err(bad()),
@@ -207,7 +221,7 @@ pub fn validate(
         return Err(AdapterError::TooMany(total));
     }
     for (i, n) in nets.iter().enumerate() {
-        if !nestvm_kvm::tap::valid_name(&n.tap) {
+        if !valid_tap_name(&n.tap) {
             return Err(AdapterError::BadTap(n.tap.clone()));
         }
         if let Some(mac) = &n.mac {
@@ -303,6 +317,10 @@ mod tests {
             validate(&[], &[n("bad name")], None),
             Err(AdapterError::BadTap(_))
         ));
+        assert!(valid_tap_name("tap0") && valid_tap_name("nv-web.1_x"));
+        for bad in ["", "a/b", "sixteen-chars-xx", "tap 0", "t\u{e9}"] {
+            assert!(!valid_tap_name(bad), "{bad:?}");
+        }
         let many: Vec<_> = (0..=MAX_DEVICES).map(|i| d(&format!("/d{i}"))).collect();
         assert!(matches!(
             validate(&many, &[], None),

@@ -1,10 +1,17 @@
-//! A VM's settings: read from a TOML file, overridden by flags, validated.
+//! A VM's definition: its settings read from a TOML file, overridden by
+//! flags, validated. It knows nothing of KVM or devices, so the VMM and the
+//! store of VMs (nestvm-manager) share it and nothing else.
+//!
+//! - this module: [`VmConfig`], [`Overrides`], sizes, [`NestedMode`];
+//! - [`adapters`]: disks, network adapters and the balloon.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::{self, AdapterError, BalloonConfig, DiskConfig, NetConfig};
+pub mod adapters;
+
+use crate::adapters::{AdapterError, BalloonConfig, DiskConfig, NetConfig};
 
 /// Default guest memory: 512 MiB.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use nestvm_vmm::config::{ConfigError, Overrides, VmConfig};
+use nestvm_config::{ConfigError, Overrides, VmConfig};
 use serde::Serialize;
 
 use crate::lock::{self, Held, LockError};
@@ -312,7 +312,7 @@ fn nonempty(p: PathBuf) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nestvm_vmm::config::NestedMode;
+    use nestvm_config::NestedMode;
 
     fn store(tag: &str) -> Store {
         let root = std::env::temp_dir().join(format!("nestvm-store-{}-{tag}", std::process::id()));

@@ -22,13 +22,11 @@
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
 
-pub mod adapters;
 pub mod api;
 pub mod balloon;
 pub mod builder;
 mod capture;
 pub mod checkpoint;
-pub mod config;
 pub mod console;
 pub mod migration;
 pub mod runner;
@@ -36,6 +34,13 @@ pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
+
+/// The VM's definition, from its own crate (the VM store reads it too).
+pub use nestvm_config as config;
+pub use nestvm_config::adapters;
+
+// The machine has one interrupt line for each device a definition may hold.
+const _: () = assert!(adapters::MAX_DEVICES == nestvm_arch::layout::VIRTIO_GSIS.len());
 
 pub use builder::{build, BuildError, BuiltVm};
 pub use config::{ConfigError, VmConfig};
