@@ -1,6 +1,10 @@
 //! The control API of a running VMM: HTTP/1.1 with JSON bodies on a Unix
-//! socket (described in `docs/openapi.yaml`). The server side queues each
-//! request for the run loop, which owns the vCPUs; [`call`] is the client.
+//! socket (described in `docs/openapi.yaml`). The server reads and routes
+//! requests on a thread of its own — each within a deadline and a size
+//! limit, so no client can hold up the event loop, and a slow one holds up
+//! other clients for [`REQUEST_DEADLINE`] at most — and hands each valid one
+//! to the run loop, which owns the vCPUs, over a channel (an eventfd wakes
+//! it). [`call`] is the client.
 //!
 //! | method | path | does |
 //! |---|---|---|
@@ -16,13 +20,17 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Longest request head we read.
 const MAX_REQUEST: usize = 8 << 10;
+/// How long a client has to send its whole request head.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
 /// What a VM is doing, as its VMM reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,17 +161,35 @@ fn write_response(
     w.flush()
 }
 
-/// Reads a request head; returns (method, path).
-fn read_request(stream: &mut UnixStream) -> Result<(String, String), String> {
+/// Reads a request head, all of it before `deadline`; returns (method, path).
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, String), String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > MAX_REQUEST {
             return Err("request head too large".into());
         }
+        // One deadline for the whole head, not one per read: a client
+        // sending a byte at a time gets no longer than a fast one.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(format!(
+                "the request did not arrive within {REQUEST_DEADLINE:?}"
+            ));
+        }
         match stream.read(&mut chunk) {
             Ok(0) => return Err("connection closed before the request ended".into()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "the request did not arrive within {REQUEST_DEADLINE:?}"
+                ))
+            }
             Err(e) => return Err(format!("cannot read the request: {e}")),
         }
     }
@@ -244,50 +270,80 @@ pub fn route(method: &str, path: &str) -> Result<Action, Refusal> {
     Ok(action)
 }
 
-/// Accepts API connections and queues their requests.
+/// The control API's server: a thread that accepts and reads requests, and
+/// the event loop's side, which moves them into the run loop's [`Queue`].
 pub struct ApiServer {
-    listener: UnixListener,
+    inbox: Receiver<Pending>,
+    wake: EventFd,
     queue: Queue,
 }
 
 const TOKEN_API: u32 = 30;
 
 impl ApiServer {
-    /// A server on `listener` feeding `queue`.
-    pub fn new(listener: UnixListener, queue: Queue) -> Self {
-        Self { listener, queue }
+    /// Serves `listener` on a thread of its own, feeding `queue`. The
+    /// thread ends at the first connection after this side is dropped.
+    pub fn start(listener: UnixListener, queue: Queue) -> std::io::Result<Self> {
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let (tx, inbox) = channel();
+        let signal = wake.try_clone()?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&listener, &tx, &signal))?;
+        Ok(Self { inbox, wake, queue })
+    }
+}
+
+/// The API thread: one connection at a time, each given at most
+/// [`REQUEST_DEADLINE`]; refusals are answered here, the rest handed over.
+fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
+    if let Err(e) = listener.set_nonblocking(false) {
+        log::error!("control API: cannot wait on its socket: {e}");
+        return;
+    }
+    for conn in listener.incoming() {
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("control API: cannot accept: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+        let routed = read_request(&mut stream, Instant::now() + REQUEST_DEADLINE)
+            .map_err(|e| Refusal::new(400, e))
+            .and_then(|(m, p)| route(&m, &p).map(|a| (a, p)));
+        match routed {
+            Ok((action, path)) => {
+                let pending = Pending {
+                    action,
+                    query: parse_query(&path),
+                    stream,
+                };
+                if tx.send(pending).is_err() {
+                    return; // the VMM is done with its API
+                }
+                let _ = wake.write(1);
+            }
+            Err(r) => {
+                let body = serde_json::to_vec(&ApiError { error: r.error }).unwrap_or_default();
+                let _ = write_response(&mut stream, r.status, r.allow, &body);
+            }
+        }
     }
 }
 
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
-        let _ = self.listener.set_nonblocking(true);
-        if let Err(e) = ops.add(Events::with_data(&self.listener, TOKEN_API, EventSet::IN)) {
-            log::error!("control API: cannot watch the socket: {e:?}");
+        if let Err(e) = ops.add(Events::with_data(&self.wake, TOKEN_API, EventSet::IN)) {
+            log::error!("control API: cannot watch its eventfd: {e:?}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        while let Ok((mut stream, _)) = self.listener.accept() {
-            // Clients are local and short; a stuck one costs at most this.
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-            let routed = read_request(&mut stream)
-                .map_err(|e| Refusal::new(400, e))
-                .and_then(|(m, p)| route(&m, &p).map(|a| (a, p)));
-            match routed {
-                Ok((action, path)) => self.queue.borrow_mut().push_back(Pending {
-                    action,
-                    query: parse_query(&path),
-                    stream,
-                }),
-                Err(r) => {
-                    let body = serde_json::to_vec(&ApiError { error: r.error }).unwrap_or_default();
-                    let _ = write_response(&mut stream, r.status, r.allow, &body);
-                }
-            }
-        }
+        let _ = self.wake.read();
+        let mut queue = self.queue.borrow_mut();
+        queue.extend(self.inbox.try_iter());
     }
 }
 
@@ -364,10 +420,9 @@ mod tests {
         let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
         let mut em =
             event_manager::EventManager::<Rc<RefCell<dyn MutEventSubscriber>>>::new().unwrap();
-        em.add_subscriber(Rc::new(RefCell::new(ApiServer::new(
-            UnixListener::bind(&sock).unwrap(),
-            queue.clone(),
-        ))));
+        em.add_subscriber(Rc::new(RefCell::new(
+            ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
+        )));
         let serve_until = |em: &mut event_manager::EventManager<_>, done: &dyn Fn() -> bool| {
             let start = std::time::Instant::now();
             while !done() {
@@ -453,6 +508,105 @@ mod tests {
 }
 
 #[cfg(test)]
+mod slow_clients {
+    use super::*;
+    use event_manager::SubscriberOps;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Counts its events: stands for a virtio queue or the console.
+    struct Device(EventFd, Rc<RefCell<u32>>);
+
+    impl MutEventSubscriber for Device {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.0.read();
+            *self.1.borrow_mut() += 1;
+        }
+    }
+
+    /// A client that sends its request a byte every 50 ms holds neither the
+    /// event loop (another device is served meanwhile) nor, past the
+    /// deadline, the API (it is cut off; the next client is answered).
+    #[test]
+    fn a_trickling_client_stalls_nothing_and_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("nestvm-api-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
+        let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
+        let mut em =
+            event_manager::EventManager::<Rc<RefCell<dyn MutEventSubscriber>>>::new().unwrap();
+        em.add_subscriber(Rc::new(RefCell::new(
+            ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
+        )));
+        let served = Rc::new(RefCell::new(0));
+        let dev = EventFd::new(EFD_NONBLOCK).unwrap();
+        em.add_subscriber(Rc::new(RefCell::new(Device(
+            dev.try_clone().unwrap(),
+            served.clone(),
+        ))));
+
+        let trickling = Arc::new(AtomicBool::new(true));
+        let started = Arc::new(AtomicBool::new(false));
+        let (sock2, still, began) = (sock.clone(), trickling.clone(), started.clone());
+        let slow = std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock2).unwrap();
+            let mut answer = String::new();
+            let head = b"GET /v1/vm HTTP/1.1\r\nHost: x\r\nX-Padding: ";
+            for b in head.iter().cycle().take(2000) {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                began.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = s.read_to_string(&mut answer);
+            still.store(false, Ordering::SeqCst);
+            answer
+        });
+        while !started.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The loop turns with the slow request pending (a server on the
+        // loop's thread would sit in it now), then a device event comes:
+        // it is served while the client still trickles (for 100 s).
+        em.run_with_timeout(50).unwrap();
+        dev.write(1).unwrap();
+        while *served.borrow() == 0 {
+            em.run_with_timeout(50).unwrap();
+        }
+        assert!(
+            trickling.load(Ordering::SeqCst),
+            "served while the client trickled"
+        );
+        // The API cut it off at its deadline, and answers the next client.
+        let sock2 = sock.clone();
+        let next =
+            std::thread::spawn(move || call(&sock2, "GET", "/v1/vm", Duration::from_secs(30)));
+        let start = Instant::now();
+        while queue.borrow().is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the next client was never read"
+            );
+            em.run_with_timeout(50).unwrap();
+        }
+        queue
+            .borrow_mut()
+            .pop_front()
+            .unwrap()
+            .reply(200, &ApiError { error: "ok".into() });
+        assert_eq!(next.join().unwrap().unwrap().0, 200);
+        let cut = slow.join().unwrap();
+        assert!(cut.starts_with("HTTP/1.1 400"), "{cut}");
+        assert!(cut.contains("did not arrive within"), "{cut}");
+    }
+}
+
+#[cfg(test)]
 mod hostile {
     use super::*;
 
@@ -481,7 +635,7 @@ mod hostile {
                 let _ = a.write_all(&bytes);
                 drop(a);
             });
-            let result = read_request(&mut b);
+            let result = read_request(&mut b, Instant::now() + REQUEST_DEADLINE);
             writer.join().unwrap();
             // Random bytes are no request line (the seed is fixed: this
             // holds for every run), and an oversized head is cut off.

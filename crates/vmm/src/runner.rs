@@ -437,10 +437,9 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     }
     let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
     if let Some(listener) = opts.api {
-        em.add_subscriber(Rc::new(RefCell::new(ApiServer::new(
-            listener,
-            queue.clone(),
-        ))));
+        let server =
+            ApiServer::start(listener, queue.clone()).map_err(setup("control API thread"))?;
+        em.add_subscriber(Rc::new(RefCell::new(server)));
     }
     // What saves and checkpoints capture besides the vCPUs.
     let parts = SaveParts {
