@@ -119,6 +119,16 @@ qemu_start() {
     cat /tmp/$name.out >/tmp/$name.log &
 }
 hmp() { echo "$2" >/tmp/$1.in; }
+# qemu_wait_status NAME PATTERN: asks "info status" until the monitor's
+# answer matches PATTERN (grep -E), for up to a minute.
+qemu_wait_status() {
+    n=0
+    until grep -Eq "$2" /tmp/$1.log || [ $n -ge 600 ]; do
+        hmp "$1" "info status"
+        sleep 0.1
+        n=$((n + 1))
+    done
+}
 # qemu_wait_migrated NAME: polls "info migrate" until completed (or failed).
 qemu_wait_migrated() {
     n=0
@@ -145,24 +155,14 @@ qemu_moves() {
     : >/tmp/qr.console
     qemu_start qr -incoming "exec:cat /tmp/qemu.state"
     # Loaded once it is plainly paused (no longer "paused (inmigrate)").
-    n=0
-    until grep -Eq "VM status: paused.?$" /tmp/qr.log || [ $n -ge 600 ]; do
-        hmp qr "info status"
-        sleep 0.05
-        n=$((n + 1))
-    done
+    qemu_wait_status qr "VM status: paused.?$"
     hmp qr "cont"
     t2=$(now)
     hmp qr "info status"
     : >/tmp/qd.console
     qemu_start qd -incoming tcp:127.0.0.1:4444
     # It listens once its monitor answers (QEMU binds -incoming before that).
-    n=0
-    until grep -q "inmigrate" /tmp/qd.log || [ $n -ge 600 ]; do
-        hmp qd "info status"
-        sleep 0.1
-        n=$((n + 1))
-    done
+    qemu_wait_status qd "inmigrate"
     hmp qr "migrate_set_parameter downtime-limit 50"
     hmp qr "migrate -d tcp:127.0.0.1:4444"
     qemu_wait_migrated qr
