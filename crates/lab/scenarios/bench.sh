@@ -119,24 +119,21 @@ qemu_start() {
     cat /tmp/$name.out >/tmp/$name.log &
 }
 hmp() { echo "$2" >/tmp/$1.in; }
-# qemu_wait_status NAME PATTERN: asks "info status" until the monitor's
-# answer matches PATTERN (grep -E), for up to a minute.
-qemu_wait_status() {
+# qemu_poll NAME COMMAND PATTERN TRIES: sends monitor COMMAND every 0.1 s
+# until the monitor's output matches PATTERN (grep -E), TRIES times at most.
+qemu_poll() {
     n=0
-    until grep -Eq "$2" /tmp/$1.log || [ $n -ge 600 ]; do
-        hmp "$1" "info status"
+    until grep -Eq "$3" /tmp/$1.log || [ $n -ge "$4" ]; do
+        hmp "$1" "$2"
         sleep 0.1
         n=$((n + 1))
     done
 }
+# qemu_wait_status NAME PATTERN: until "info status" matches (a minute at most).
+qemu_wait_status() { qemu_poll "$1" "info status" "$2" 600; }
 # qemu_wait_migrated NAME: polls "info migrate" until completed (or failed).
 qemu_wait_migrated() {
-    n=0
-    until grep -q "Migration status: \(completed\|failed\)" /tmp/$1.log || [ $n -ge 3000 ]; do
-        hmp "$1" "info migrate"
-        sleep 0.1
-        n=$((n + 1))
-    done
+    qemu_poll "$1" "info migrate" "Migration status: (completed|failed)" 3000
     grep -q "Migration status: completed" /tmp/$1.log
 }
 

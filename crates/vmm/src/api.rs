@@ -388,10 +388,33 @@ pub fn call(
     Ok((status, json))
 }
 
+/// A server on a fresh socket (`tag` names it), its queue, and an event
+/// loop that runs it.
+#[cfg(test)]
+fn test_server(
+    tag: &str,
+) -> (
+    std::path::PathBuf,
+    Queue,
+    event_manager::EventManager<Rc<RefCell<dyn MutEventSubscriber>>>,
+) {
+    use event_manager::SubscriberOps;
+    let dir = std::env::temp_dir().join(format!("nestvm-api-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("control.sock");
+    let _ = std::fs::remove_file(&sock);
+    let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
+    let mut em = event_manager::EventManager::new().unwrap();
+    let server: Rc<RefCell<dyn MutEventSubscriber>> = Rc::new(RefCell::new(
+        ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
+    ));
+    em.add_subscriber(server);
+    (sock, queue, em)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use event_manager::SubscriberOps;
 
     #[test]
     fn routes() {
@@ -413,16 +436,7 @@ mod tests {
 
     #[test]
     fn server_queues_good_requests_and_answers_bad_ones() {
-        let dir = std::env::temp_dir().join(format!("nestvm-api-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("control.sock");
-        let _ = std::fs::remove_file(&sock);
-        let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
-        let mut em =
-            event_manager::EventManager::<Rc<RefCell<dyn MutEventSubscriber>>>::new().unwrap();
-        em.add_subscriber(Rc::new(RefCell::new(
-            ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
-        )));
+        let (sock, queue, mut em) = test_server("queue");
         let serve_until = |em: &mut event_manager::EventManager<_>, done: &dyn Fn() -> bool| {
             let start = std::time::Instant::now();
             while !done() {
@@ -517,16 +531,7 @@ mod slow_clients {
     /// deadline, the API (it is cut off; the next client is answered).
     #[test]
     fn a_trickling_client_stalls_nothing_and_is_cut_off() {
-        let dir = std::env::temp_dir().join(format!("nestvm-api-slow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("control.sock");
-        let _ = std::fs::remove_file(&sock);
-        let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
-        let mut em =
-            event_manager::EventManager::<Rc<RefCell<dyn MutEventSubscriber>>>::new().unwrap();
-        em.add_subscriber(Rc::new(RefCell::new(
-            ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
-        )));
+        let (sock, queue, mut em) = test_server("slow");
         let served = Rc::new(RefCell::new(0));
         let dev = EventFd::new(EFD_NONBLOCK).unwrap();
         em.add_subscriber(Rc::new(RefCell::new(Device(
