@@ -105,20 +105,11 @@ pub(crate) fn checkpoint_request(
 ) -> Result<(String, Option<String>), (u16, String)> {
     let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
     let name = get("name").ok_or((400, "no checkpoint name given (name=NAME)".to_owned()))?;
-    if !crate::checkpoint::valid_name(name) {
-        return Err((
-            400,
-            format!(
-                "invalid checkpoint name '{name}': use up to 64 letters, digits, '-', '_' or '.'"
-            ),
-        ));
-    }
-    if root.join(name).exists() {
-        return Err((
-            409,
-            format!("a checkpoint named '{name}' exists: pick another name"),
-        ));
-    }
+    use crate::checkpoint::NameRefusal;
+    crate::checkpoint::check_new_name(root, name).map_err(|r| match r {
+        NameRefusal::Invalid(_) => (400, r.to_string()),
+        NameRefusal::Taken(_) => (409, r.to_string()),
+    })?;
     let parent = get("parent").filter(|p| !p.is_empty());
     if let Some(p) = parent {
         if !crate::checkpoint::valid_name(p) {

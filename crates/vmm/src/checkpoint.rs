@@ -259,6 +259,40 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Why `name` cannot be a new checkpoint under `root`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameRefusal {
+    /// It is not a checkpoint name at all.
+    Invalid(String),
+    /// A checkpoint of that name exists.
+    Taken(String),
+}
+
+impl std::fmt::Display for NameRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameRefusal::Invalid(n) => write!(
+                f,
+                "invalid checkpoint name '{n}': use up to 64 letters, digits, '-', '_' or '.'"
+            ),
+            NameRefusal::Taken(n) => {
+                write!(f, "a checkpoint named '{n}' exists: pick another name")
+            }
+        }
+    }
+}
+
+/// Checks that `name` can be a new checkpoint under `root`.
+pub fn check_new_name(root: &Path, name: &str) -> Result<(), NameRefusal> {
+    if !valid_name(name) {
+        return Err(NameRefusal::Invalid(name.to_owned()));
+    }
+    if root.join(name).exists() {
+        return Err(NameRefusal::Taken(name.to_owned()));
+    }
+    Ok(())
+}
+
 /// Takes checkpoint `name` of the paused VM described by `snap` with memory
 /// `mem`, as a child of `parent`, under `root`: written into `NAME.tmp`,
 /// fsynced, then published in one rename.
@@ -269,17 +303,8 @@ pub fn take(
     name: &str,
     parent: Option<&str>,
 ) -> Result<Meta, SnapshotError> {
-    if !valid_name(name) {
-        return Err(SnapshotError::Incompatible(format!(
-            "invalid checkpoint name '{name}': use up to 64 letters, digits, '-', '_' or '.'"
-        )));
-    }
+    check_new_name(root, name).map_err(|r| SnapshotError::Incompatible(r.to_string()))?;
     let dir = root.join(name);
-    if dir.exists() {
-        return Err(SnapshotError::Incompatible(format!(
-            "a checkpoint named '{name}' exists: pick another name"
-        )));
-    }
     let chain = match parent {
         Some(p) => chain(root, p)?,
         None => Vec::new(),
