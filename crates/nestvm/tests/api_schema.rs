@@ -92,11 +92,7 @@ fn every_documented_route_answers_as_its_schema_says() {
     env.ok(&["vm", "start", "a"]);
     let _vm = KillOnDrop(&env, "a");
     let control = env.dir.join("vms/a/control.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let _bridge = bridge(port, &control);
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.yaml");
     // A fixed seed and a fixed number of cases: the same requests each run.

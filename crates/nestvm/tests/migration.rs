@@ -28,12 +28,7 @@ impl Hosts {
         let dst = StateEnv::new(&format!("mig-{tag}-dst"));
         std::fs::create_dir_all(&src.dir).unwrap();
         let token = src.dir.join("token");
-        // A free port on loopback.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         Self {
             src,
             dst,

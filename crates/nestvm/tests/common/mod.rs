@@ -118,6 +118,16 @@ impl StateEnv {
     }
 }
 
+/// A TCP port on loopback that was free a moment ago.
+#[allow(dead_code)] // not every test binary listens
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The pid of the VMM running managed VM `name` in `state_dir`.
 pub fn vmm_pid(state_dir: &Path, name: &str) -> i32 {
     std::fs::read_to_string(state_dir.join("vms").join(name).join("vmm.pid"))
