@@ -13,8 +13,8 @@ use nestvm_manager::lock;
 use nestvm_manager::{Store, VmName, VmState};
 use nestvm_vmm::api::call;
 use nestvm_vmm::console::{ConsoleHub, ConsoleServer};
-use nestvm_vmm::runner::{Console, RunOptions};
 use nestvm_vmm::{build, run, VmOutcome};
+use nestvm_vmm::{Console, RunOptions};
 
 use crate::run::{cannot_run_vms, resolve_nested};
 use crate::vm::store_err;

@@ -6,9 +6,9 @@ use std::os::fd::AsFd;
 use anyhow::{anyhow, Context};
 use nestvm_kvm::Hypervisor;
 use nestvm_vmm::config::NestedMode;
-use nestvm_vmm::runner::{Console, RunOptions};
 use nestvm_vmm::terminal::RawModeGuard;
 use nestvm_vmm::{build, run, VmConfig, VmOutcome};
+use nestvm_vmm::{Console, RunOptions};
 
 use crate::{runtime, usage, Failure, RunArgs};
 

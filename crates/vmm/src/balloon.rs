@@ -4,12 +4,12 @@
 //! range its definition allows, or hands the size to the automatic policy.
 
 use nestvm_virtio::balloon::Control;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiError, Pending};
+use crate::api::Refusal;
 
 /// What `GET /v1/vm/memory` answers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryInfo {
     /// The VM's RAM: the most it can have, bytes.
     pub max: u64,
@@ -43,55 +43,35 @@ fn info(c: &Control) -> MemoryInfo {
     }
 }
 
-/// Serves a memory request for a VM whose balloon is `balloon`.
-pub(crate) fn serve(req: Pending, balloon: Option<&Control>, memory: u64) {
-    let Some(c) = balloon else {
-        req.reply(
-            409,
-            &ApiError {
-                error: format!(
-                    "this VM has no balloon, so its {} MiB cannot change while it runs: 'nestvm vm set NAME --balloon on' adds one at its next start",
-                    memory >> 20
-                ),
-            },
-        );
-        return;
-    };
-    if req.action == crate::api::Action::Memory {
-        req.reply(200, &info(c));
-        return;
-    }
-    let size = req
-        .query
-        .iter()
-        .find(|(k, _)| k == "size")
-        .map(|(_, v)| v.clone());
-    let target = match size.as_deref() {
-        Some("auto") => None,
-        Some(v) => match v.parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                req.reply(
-                    400,
-                    &ApiError {
-                        error: format!("size={v} is not a number of bytes or auto"),
-                    },
-                );
-                return;
-            }
-        },
-        None => {
-            req.reply(
-                400,
-                &ApiError {
-                    error: "no size given (size=BYTES or size=auto)".into(),
-                },
-            );
-            return;
-        }
-    };
-    match c.set_target(target) {
-        Ok(()) => req.reply(200, &info(c)),
-        Err(e) => req.reply(409, &ApiError { error: e }),
-    }
+/// The balloon's controls, or why this VM of `memory` bytes has none (409).
+fn control(balloon: Option<&Control>, memory: u64) -> Result<&Control, Refusal> {
+    balloon.ok_or_else(|| Refusal {
+        status: 409,
+        error: format!(
+            "this VM has no balloon, so its {} MiB cannot change while it runs: 'nestvm vm set NAME --balloon on' adds one at its next start",
+            memory >> 20
+        ),
+        allow: None,
+    })
+}
+
+/// `GET /v1/vm/memory`.
+pub(crate) fn memory(balloon: Option<&Control>, memory: u64) -> Result<MemoryInfo, Refusal> {
+    control(balloon, memory).map(info)
+}
+
+/// `PUT /v1/vm/memory?size=`: `target` bytes, or `None` for the automatic
+/// policy; a size outside the definition's range is refused (409).
+pub(crate) fn resize(
+    balloon: Option<&Control>,
+    memory: u64,
+    target: Option<u64>,
+) -> Result<MemoryInfo, Refusal> {
+    let c = control(balloon, memory)?;
+    c.set_target(target).map_err(|e| Refusal {
+        status: 409,
+        error: e.to_string(),
+        allow: None,
+    })?;
+    Ok(info(c))
 }

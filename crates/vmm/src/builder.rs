@@ -3,20 +3,21 @@
 //! PIT, the devices on their buses (virtio disks and adapters through
 //! [`crate::virtio`]), and every vCPU with CPUID, MSRs, LAPIC and
 //! (for the boot vCPU) the 64-bit entry registers. Nothing runs until
-//! [`crate::runner::run`] resumes it.
+//! [`crate::event_loop::run`] resumes it.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use nestvm_arch::{acpi, boot, cpuid, layout, regs};
 use nestvm_devices::acpi_pm::AcpiPm;
-use nestvm_devices::bus::{Bus, BusError};
+use nestvm_devices::bus::BusError;
 use nestvm_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use nestvm_devices::serial::{SerialPort, SERIAL_PORT_LEN};
 use nestvm_devices::EventTrigger;
-use nestvm_kvm::{ExitHandler, Hypervisor, HypervisorError, Vcpu, VcpuError, VmError};
+use nestvm_kvm::{Hypervisor, HypervisorError, Vcpu, VcpuError, VmError};
 use nestvm_virtio::Memory;
 
+use crate::bus::Buses;
 use crate::config::VmConfig;
 use crate::vcpu::StateContext;
 
@@ -100,38 +101,6 @@ impl BuildError {
                     | B::Load { .. }
             ),
             _ => false,
-        }
-    }
-}
-
-/// Port I/O and MMIO buses; the vCPU exit handler.
-#[derive(Default)]
-pub struct Buses {
-    /// Port I/O.
-    pub pio: Bus,
-    /// MMIO outside guest RAM and the in-kernel APICs.
-    pub mmio: Bus,
-}
-
-impl ExitHandler for Buses {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if !self.pio.read(u64::from(port), data) {
-            log::trace!("unclaimed port read {port:#x}/{}", data.len());
-        }
-    }
-    fn pio_write(&self, port: u16, data: &[u8]) {
-        if !self.pio.write(u64::from(port), data) {
-            log::trace!("unclaimed port write {port:#x} {data:x?}");
-        }
-    }
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if !self.mmio.read(addr, data) {
-            log::debug!("unclaimed MMIO read {addr:#x}/{}", data.len());
-        }
-    }
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if !self.mmio.write(addr, data) {
-            log::debug!("unclaimed MMIO write {addr:#x} {data:x?}");
         }
     }
 }

@@ -1,21 +1,44 @@
 //! Capturing a paused VM: every vCPU's state (nested state included), KVM's
 //! VM-wide state, the devices and the CPUID tables, as a
-//! [`crate::snapshot::VmSnapshot`] that a save ([`crate::snapshot`]) or a
-//! checkpoint ([`crate::checkpoint`]) then writes with the VM's memory.
+//! [`crate::snapshot::VmSnapshot`] that a save ([`crate::snapshot`]), a
+//! checkpoint ([`crate::checkpoint`]) or a migration then writes with the
+//! VM's memory.
 
-use std::sync::mpsc::channel;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use nestvm_devices::serial::SerialPort;
-
-use crate::vcpu::{Command, VcpuHandle};
 use nestvm_virtio::Memory;
+use serde::{Deserialize, Serialize};
 
-/// How long a paused vCPU may take to hand over its state.
-pub(crate) const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::checkpoint::Meta;
+use crate::snapshot::{SaveSummary, SnapshotError, VmSnapshot};
+use crate::vcpus::{VcpuSet, VcpuSetError};
 
-/// What a save needs besides the vCPUs.
+/// Errors while capturing, saving or checkpointing a paused VM.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// A vCPU did not hand over its state.
+    #[error(transparent)]
+    Vcpus(#[from] VcpuSetError),
+    /// KVM did not hand over the VM-wide state (clock, irqchip, PIT).
+    #[error("cannot read the VM's own state")]
+    Vm(#[source] nestvm_kvm::VmError),
+    /// Writing the saved VM or the checkpoint.
+    #[error(transparent)]
+    Write(#[from] SnapshotError),
+    /// The checkpoints folder could not be made.
+    #[error("cannot create {}", path.display())]
+    Folder {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a capture needs besides the vCPUs.
 pub(crate) struct SaveParts<'a> {
     pub config: &'a crate::config::VmConfig,
     pub cpuid: &'a [Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>],
@@ -26,36 +49,32 @@ pub(crate) struct SaveParts<'a> {
     pub virtio: &'a [Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>],
 }
 
-/// Asks every paused vCPU for its complete state.
-pub(crate) fn collect_states(handles: &[VcpuHandle]) -> Result<Vec<nestvm_kvm::VcpuState>, String> {
-    let mut states = Vec::with_capacity(handles.len());
-    for h in handles {
-        let (tx, rx) = channel();
-        h.send(Command::Save(tx));
-        let state = rx
-            .recv_timeout(STATE_TIMEOUT)
-            .map_err(|_| format!("vCPU {} did not answer", h.id()))??;
-        states.push(state);
-    }
-    Ok(states)
+/// The body of a successful `PUT /v1/vm/checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointReply {
+    /// The checkpoint as its metadata file records it.
+    #[serde(flatten)]
+    pub meta: Meta,
+    /// How many vCPUs were running a guest of their own.
+    pub vcpus_in_guest_mode: usize,
 }
 
 /// The paused VM as a snapshot (memory excepted), and how many vCPUs were
 /// running a guest of their own (their nested state is in it).
 pub(crate) fn build_snapshot(
-    handles: &[VcpuHandle],
+    vcpus: &VcpuSet,
     p: &SaveParts<'_>,
-) -> Result<(crate::snapshot::VmSnapshot, usize), String> {
-    let vcpus = collect_states(handles)?;
-    let in_guest_mode = vcpus
+) -> Result<(VmSnapshot, usize), CaptureError> {
+    let states = vcpus.save()?;
+    let in_guest_mode = states
         .iter()
         .filter(|v| v.nested.as_ref().is_some_and(|n| n.guest_mode()))
         .count();
-    let snap = crate::snapshot::VmSnapshot {
+    let snap = VmSnapshot {
         config: p.config.clone(),
         nested: p.nested,
-        vm: p.vm.save_state().map_err(|e| e.to_string())?,
-        vcpus,
+        vm: p.vm.save_state().map_err(CaptureError::Vm)?,
+        vcpus: states,
         cpuid: p.cpuid.to_vec(),
         serial: p
             .serial
@@ -85,32 +104,47 @@ pub(crate) fn chain_text(e: &dyn std::error::Error) -> String {
 
 /// Saves the paused VM into `dir` (see [`crate::snapshot`]).
 pub(crate) fn save_vm(
-    handles: &[VcpuHandle],
+    vcpus: &VcpuSet,
     p: &SaveParts<'_>,
-    dir: &std::path::Path,
-) -> Result<(crate::snapshot::SaveSummary, usize), String> {
-    let (snap, in_guest_mode) = build_snapshot(handles, p)?;
-    crate::snapshot::save(snap, p.memory, dir)
-        .map(|s| (s, in_guest_mode))
-        .map_err(|e| chain_text(&e))
+    dir: &Path,
+) -> Result<(SaveSummary, usize), CaptureError> {
+    let (snap, in_guest_mode) = build_snapshot(vcpus, p)?;
+    Ok((crate::snapshot::save(snap, p.memory, dir)?, in_guest_mode))
 }
 
-/// The checkpoint `PUT /v1/vm/checkpoint?name=N[&parent=P]` asks for under
-/// `root`, checked before the VM is paused: `Err((status, why))` refuses
-/// the request (400 for a missing or bad name, 404 for an unknown parent,
-/// 409 for a name taken).
-pub(crate) fn checkpoint_request(
-    query: &[(String, String)],
-    root: &std::path::Path,
-) -> Result<(String, Option<String>), (u16, String)> {
-    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-    let name = get("name").ok_or((400, "no checkpoint name given (name=NAME)".to_owned()))?;
+/// Takes checkpoint `name` (after `parent`) of the paused VM under `root`
+/// (see [`crate::checkpoint`]).
+pub(crate) fn checkpoint_vm(
+    vcpus: &VcpuSet,
+    p: &SaveParts<'_>,
+    root: &Path,
+    (name, parent): (&str, Option<&str>),
+) -> Result<CheckpointReply, CaptureError> {
+    let (snap, vcpus_in_guest_mode) = build_snapshot(vcpus, p)?;
+    std::fs::create_dir_all(root).map_err(|source| CaptureError::Folder {
+        path: root.to_owned(),
+        source,
+    })?;
+    let meta = crate::checkpoint::take(snap, p.memory, root, name, parent)?;
+    Ok(CheckpointReply {
+        meta,
+        vcpus_in_guest_mode,
+    })
+}
+
+/// Whether checkpoint `name` may be taken after `parent` under `root`,
+/// checked before the VM is paused: `Err((status, why))` refuses it (400
+/// for a bad name, 404 for an unknown parent, 409 for a name taken).
+pub(crate) fn check_checkpoint(
+    root: &Path,
+    name: &str,
+    parent: Option<&str>,
+) -> Result<(), (u16, String)> {
     use crate::checkpoint::NameRefusal;
     crate::checkpoint::check_new_name(root, name).map_err(|r| match r {
         NameRefusal::Invalid(_) => (400, r.to_string()),
         NameRefusal::Taken(_) => (409, r.to_string()),
     })?;
-    let parent = get("parent").filter(|p| !p.is_empty());
     if let Some(p) = parent {
         if !crate::checkpoint::valid_name(p) {
             return Err((400, format!("invalid parent checkpoint name '{p}'")));
@@ -122,21 +156,5 @@ pub(crate) fn checkpoint_request(
             ));
         }
     }
-    Ok((name.to_owned(), parent.map(str::to_owned)))
-}
-
-/// Takes a checkpoint of the paused VM (see [`crate::checkpoint`]).
-pub(crate) fn checkpoint_vm(
-    handles: &[VcpuHandle],
-    p: &SaveParts<'_>,
-    root: &std::path::Path,
-    (name, parent): (&str, Option<&str>),
-) -> Result<serde_json::Value, String> {
-    let (snap, in_guest_mode) = build_snapshot(handles, p)?;
-    std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let meta =
-        crate::checkpoint::take(snap, p.memory, root, name, parent).map_err(|e| chain_text(&e))?;
-    let mut v = serde_json::to_value(&meta).map_err(|e| e.to_string())?;
-    v["vcpus_in_guest_mode"] = in_guest_mode.into();
-    Ok(v)
+    Ok(())
 }

@@ -1,17 +1,20 @@
 //! The serial console of a detached VM: output goes to a ring buffer (what a
 //! newly attached client sees first), a log file, and the attached client;
 //! input comes from the attached client. One client at a time: a new attach
-//! replaces the old one.
+//! replaces the old one. [`SerialFeeder`] moves input, from a client or
+//! from nestvm's own stdin, into the guest's UART without dropping any.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-
-use crate::runner::SerialFeeder;
+use nestvm_devices::serial::SerialPort;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// How much recent output a new client is shown.
 pub const REPLAY_BYTES: usize = 16 << 10;
@@ -225,5 +228,61 @@ impl MutEventSubscriber for ConsoleServer {
             f.flush();
         }
         self.rewatch(ops);
+    }
+}
+
+/// Moves input into the guest's UART. When the UART's receive FIFO is full,
+/// input waits in `pending` and a timer retries, so pasted text is never
+/// dropped; while anything is pending the source is not read.
+pub(crate) struct SerialFeeder {
+    serial: Arc<Mutex<SerialPort>>,
+    pending: Vec<u8>,
+    retry: TimerFd,
+}
+
+impl SerialFeeder {
+    /// A feeder for `serial`, with its retry timer.
+    pub(crate) fn new(serial: Arc<Mutex<SerialPort>>) -> std::io::Result<Self> {
+        Ok(Self {
+            serial,
+            pending: Vec::new(),
+            retry: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+        })
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Moves what the UART can take from `pending` into it.
+    pub(crate) fn flush(&mut self) {
+        let mut uart = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let n = uart.queue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+
+    /// Nothing waits: the source may be read.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Starts (every 5 ms) or stops the retry timer.
+    pub(crate) fn arm_retry(&mut self, on: bool) {
+        let d = if on {
+            Duration::from_millis(5)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(e) = self.retry.reset(d, Some(d).filter(|d| !d.is_zero())) {
+            log::warn!("console: cannot arm the retry timer: {e}");
+        }
+    }
+
+    pub(crate) fn ack_retry(&mut self) {
+        let _ = self.retry.wait();
+    }
+
+    pub(crate) fn retry_fd(&self) -> RawFd {
+        self.retry.as_raw_fd()
     }
 }

@@ -6,10 +6,15 @@
 //! - [`builder`]: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
 //!   paused, so nothing runs until everything exists.
 //! - [`virtio`]: attaches disks and adapters as virtio-mmio devices.
+//! - `bus`: the port I/O and MMIO buses, the vCPUs' exit handler.
 //! - [`vcpu`]: one thread per vCPU, an explicit Paused/Running/Exited state
-//!   machine driven by commands, reporting exits as events.
-//! - [`runner`]: resumes the VM and runs the event loop (console, signals,
-//!   reset/power-off, vCPU exits) until the VM stops.
+//!   machine driven by commands, reporting exits as events; `vcpus`: the
+//!   set of them, paused, resumed, read and written together, failing
+//!   loudly with the vCPU that did not follow.
+//! - `controller`: the one owner of a running VM, one method per action.
+//! - [`event_loop`]: wires the event sources (console, signals,
+//!   reset/power-off, vCPU exits, virtio workers, the API) to the
+//!   controller until the VM stops; `outcome`: how it ended.
 //! - [`snapshot`]: saves a paused VM to a directory (state + memory) and
 //!   builds a VM back from one; [`checkpoint`]: checkpoints, each storing
 //!   only the memory pages that differ from its parent's; `capture` (inside
@@ -19,20 +24,25 @@
 //! - [`balloon`]: the control API's side of virtio-balloon (memory target,
 //!   the guest's statistics, the automatic policy).
 //! - [`terminal`]: raw mode for an interactive console, always restored.
-//! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix socket).
+//! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix
+//!   socket): server thread, typed requests, client.
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
 
 pub mod api;
 pub mod balloon;
 pub mod builder;
+mod bus;
 mod capture;
 pub mod checkpoint;
 pub mod console;
+mod controller;
+pub mod event_loop;
 pub mod migration;
-pub mod runner;
+mod outcome;
 pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
+mod vcpus;
 pub mod virtio;
 
 /// The VM's definition, from its own crate (the VM store reads it too).
@@ -44,7 +54,8 @@ const _: () = assert!(adapters::MAX_DEVICES == nestvm_arch::layout::VIRTIO_GSIS.
 
 pub use builder::{build, BuildError, BuiltVm};
 pub use config::{ConfigError, VmConfig};
-pub use runner::{run, RunError, VmOutcome};
+pub use event_loop::{run, Console, RunError, RunOptions};
+pub use outcome::VmOutcome;
 
 /// The guest console's default writer: nestvm's stdout, flushed after every
 /// write so interactive prompts show at once.

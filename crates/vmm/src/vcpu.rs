@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nestvm_kvm::kick::Kicker;
-use nestvm_kvm::{RunOutcome, Vcpu, VcpuState};
+use nestvm_kvm::{RunOutcome, Vcpu, VcpuError, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::Buses;
+use crate::bus::Buses;
 
 /// KVM system event types (`KVM_SYSTEM_EVENT_*`).
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -38,9 +38,44 @@ pub enum Command {
     /// Answer with the vCPU's state once every earlier command is served.
     Report(Sender<State>),
     /// Read the vCPU's complete state (only while Paused).
-    Save(Sender<Result<VcpuState, String>>),
+    Save(Sender<Result<VcpuState, StateError>>),
     /// Write the vCPU's complete state (only while Paused).
-    Restore(Box<VcpuState>, Sender<Result<(), String>>),
+    Restore(Box<VcpuState>, Sender<Result<(), StateError>>),
+}
+
+/// Why a vCPU's state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The vCPU was not paused.
+    #[error("vCPU {0} is running: pause it first")]
+    NotPaused(u32),
+    /// The exit it was in could not be completed first.
+    #[error("vCPU {id} cannot complete its pending I/O exit")]
+    PendingIo {
+        /// The vCPU.
+        id: u32,
+        /// KVM's error.
+        #[source]
+        source: VcpuError,
+    },
+    /// KVM refused to hand over part of the state.
+    #[error("cannot read vCPU {id}'s state")]
+    Save {
+        /// The vCPU.
+        id: u32,
+        /// KVM's error.
+        #[source]
+        source: VcpuError,
+    },
+    /// KVM refused part of the state.
+    #[error("cannot write vCPU {id}'s state")]
+    Restore {
+        /// The vCPU.
+        id: u32,
+        /// KVM's error.
+        #[source]
+        source: VcpuError,
+    },
 }
 
 /// What saving a vCPU's state needs to know about the host.
@@ -117,7 +152,6 @@ impl Machine {
 
     /// Applies one command; returns an exit reason if it ends the thread.
     fn apply(&mut self, cmd: Command) -> Option<ExitReason> {
-        let not_paused = || format!("vCPU {} is running: pause it first", self.vcpu.id());
         match cmd {
             Command::Resume => {
                 if self.state == State::Paused {
@@ -137,33 +171,38 @@ impl Machine {
                 let _ = reply.send(self.state);
             }
             Command::Save(reply) => {
-                let result = if self.state == State::Paused {
-                    self.vcpu
-                        .complete_pending_io()
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| {
-                            VcpuState::save(
-                                &self.vcpu,
-                                &self.state_ctx.msr_indices,
-                                self.state_ctx.nested_state,
-                            )
-                            .map_err(|e| e.to_string())
-                        })
-                } else {
-                    Err(not_paused())
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.save());
             }
             Command::Restore(state, reply) => {
+                let id = self.vcpu.id();
                 let result = if self.state == State::Paused {
-                    state.restore(&self.vcpu).map_err(|e| e.to_string())
+                    state
+                        .restore(&self.vcpu)
+                        .map_err(|source| StateError::Restore { id, source })
                 } else {
-                    Err(not_paused())
+                    Err(StateError::NotPaused(id))
                 };
                 let _ = reply.send(result);
             }
         }
         None
+    }
+
+    /// The paused vCPU's complete state.
+    fn save(&mut self) -> Result<VcpuState, StateError> {
+        let id = self.vcpu.id();
+        if self.state != State::Paused {
+            return Err(StateError::NotPaused(id));
+        }
+        self.vcpu
+            .complete_pending_io()
+            .map_err(|source| StateError::PendingIo { id, source })?;
+        VcpuState::save(
+            &self.vcpu,
+            &self.state_ctx.msr_indices,
+            self.state_ctx.nested_state,
+        )
+        .map_err(|source| StateError::Save { id, source })
     }
 
     /// One step of the machine.
@@ -219,6 +258,9 @@ impl Machine {
             }
         };
         self.state = State::Exited;
+        // No command is taken from here on: senders learn it at once
+        // (before the exit is reported), not by waiting for an answer.
+        self.commands = std::sync::mpsc::channel().1;
         self.report(Event::Exited(self.vcpu.id(), reason));
     }
 }
@@ -269,16 +311,19 @@ impl VcpuHandle {
     }
 
     /// Sends a command and kicks the thread out of `KVM_RUN` to see it.
-    pub fn send(&self, cmd: Command) {
-        if self.commands.send(cmd).is_ok() {
-            if let Some(t) = &self.thread {
-                if !t.is_finished() {
-                    if let Err(e) = self.kicker.kick(t) {
-                        log::warn!("cannot kick vCPU {}: {e}", self.id);
-                    }
+    /// Returns false when the thread has ended and cannot take it.
+    pub fn send(&self, cmd: Command) -> bool {
+        if self.commands.send(cmd).is_err() {
+            return false;
+        }
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                if let Err(e) = self.kicker.kick(t) {
+                    log::warn!("cannot kick vCPU {}: {e}", self.id);
                 }
             }
         }
+        true
     }
 
     /// Stops the thread and waits for it.
@@ -393,7 +438,7 @@ mod tests {
         // State can be read and written only while paused.
         let (stx, srx) = channel();
         handle.send(Command::Save(stx));
-        assert!(srx.recv().unwrap().unwrap_err().contains("pause it first"));
+        assert!(matches!(srx.recv().unwrap(), Err(StateError::NotPaused(0))));
         handle.send(Command::Pause);
         assert_eq!(next_event(&rx), Event::State(0, State::Paused));
         let (stx, srx) = channel();

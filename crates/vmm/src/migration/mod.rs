@@ -80,8 +80,8 @@ pub enum MigrationError {
     #[error("KVM dirty-page logging failed")]
     DirtyLog(#[source] nestvm_kvm::VmError),
     /// The source VM could not be paused and captured for the final copy.
-    #[error("cannot capture the VM for the final copy: {0}")]
-    Capture(String),
+    #[error("cannot capture the VM for the final copy")]
+    Capture(#[source] Box<crate::capture::CaptureError>),
     /// The VM ended (or the VMM is stopping) while it was being migrated.
     #[error("the VM stopped during the migration")]
     Cancelled,

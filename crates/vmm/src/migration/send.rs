@@ -21,12 +21,12 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::throttle::{Throttle, MIN_BANDWIDTH};
+use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
-use crate::capture::SaveParts;
+use crate::capture::{CaptureError, SaveParts};
 use crate::snapshot::VmSnapshot;
-use crate::vcpu::VcpuHandle;
+use crate::vcpus::VcpuSet;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the peer may stay silent (it may be building the VM).
@@ -45,7 +45,7 @@ pub(crate) struct Captured {
 }
 
 /// The thread's request: stop the VM and capture it.
-pub(crate) struct Stop(Sender<Result<Captured, String>>);
+pub(crate) struct Stop(Sender<Result<Captured, CaptureError>>);
 
 /// The final message: the state and whether to resume it.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -72,6 +72,18 @@ pub struct Request {
     /// Have the receiver check a digest of all memory before it resumes
     /// the VM (costs downtime: for tests and the suspicious).
     pub verify: bool,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token: requests end up in logs.
+        f.debug_struct("Request")
+            .field("to", &self.to)
+            .field("max_downtime", &self.max_downtime)
+            .field("max_bandwidth", &self.max_bandwidth)
+            .field("verify", &self.verify)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything the thread uses.
@@ -169,7 +181,7 @@ impl Outgoing {
     }
 
     /// The thread's pending stop request, if any.
-    pub(crate) fn stop_request(&self) -> Option<Sender<Result<Captured, String>>> {
+    pub(crate) fn stop_request(&self) -> Option<Sender<Result<Captured, CaptureError>>> {
         self.requests.try_recv().ok().map(|Stop(reply)| reply)
     }
 
@@ -278,7 +290,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     let _ = job.wake.write(1);
     let captured = match rx.recv_timeout(CAPTURE_TIMEOUT) {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(MigrationError::Capture(e)),
+        Ok(Err(e)) => return Err(MigrationError::Capture(Box::new(e))),
         Err(_) => return Err(MigrationError::Cancelled),
     };
     let captured_at = Instant::now();
@@ -397,49 +409,15 @@ pub(crate) fn hello(
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(900);
 
 impl Outgoing {
-    /// Starts a migration as `PUT /v1/vm/migrate?to=&token=&max_downtime_ms=
-    /// &max_bandwidth=` asks, or says what is wrong with the request.
-    pub(crate) fn from_query(
-        query: &[(String, String)],
+    /// Starts the migration `req` of the VM `parts` describe.
+    pub(crate) fn begin(
+        req: Request,
         parts: &SaveParts<'_>,
         vm: Arc<Vm>,
         wake: EventFd,
-    ) -> Result<Outgoing, String> {
-        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-        let to = get("to").ok_or("no destination given (to=HOST:PORT)")?;
-        let token = get("token")
-            .and_then(hex_decode)
-            .filter(|t| !t.is_empty())
-            .ok_or("no migration token given (token=HEX)")?;
-        let max_downtime = match get("max_downtime_ms") {
-            None => super::DEFAULT_MAX_DOWNTIME,
-            Some(v) => Duration::from_millis(
-                v.parse()
-                    .map_err(|_| format!("max_downtime_ms={v} is not a number of milliseconds"))?,
-            ),
-        };
-        let max_bandwidth = match get("max_bandwidth") {
-            None => None,
-            Some(v) => match v.parse::<u64>() {
-                Ok(0) => None,
-                Ok(b) if b >= MIN_BANDWIDTH => Some(b),
-                _ => {
-                    return Err(format!(
-                        "max_bandwidth={v} is not a rate: give bytes per second, at least {MIN_BANDWIDTH} (0 for no cap)"
-                    ))
-                }
-            },
-        };
-        let req = Request {
-            to: to.to_owned(),
-            token,
-            max_downtime,
-            max_bandwidth,
-            verify: get("verify") == Some("1"),
-        };
+    ) -> std::io::Result<Outgoing> {
         let hello = hello(parts.config, parts.nested, parts.cpuid);
         Outgoing::start(req, hello, vm, parts.memory.clone(), wake)
-            .map_err(|e| format!("cannot start the migration thread: {e}"))
     }
 
     /// Serves the thread's stop request: pauses the vCPUs (if `running`),
@@ -448,27 +426,30 @@ impl Outgoing {
     /// `true` once the VM runs at the destination; otherwise everything is
     /// taken back and the VM runs (or stays paused) here as before.
     pub(crate) fn hand_over(
-        reply: Sender<Result<Captured, String>>,
-        handles: &[VcpuHandle],
+        reply: Sender<Result<Captured, CaptureError>>,
+        vcpus: &VcpuSet,
         parts: &SaveParts<'_>,
         running: bool,
     ) -> bool {
-        if running {
-            crate::runner::pause_all(handles);
-        }
         let (verdict, wait) = channel();
-        let captured = crate::capture::build_snapshot(handles, parts).map(|(snapshot, _)| {
-            for d in parts.virtio {
-                if let Err(e) = lock(d).release() {
-                    log::warn!("migration: {e}");
+        let paused = match running {
+            true => vcpus.pause().map_err(CaptureError::from),
+            false => Ok(()),
+        };
+        let captured = paused
+            .and_then(|()| crate::capture::build_snapshot(vcpus, parts))
+            .map(|(snapshot, _)| {
+                for d in parts.virtio {
+                    if let Err(e) = lock(d).release() {
+                        log::warn!("migration: {e}");
+                    }
                 }
-            }
-            Captured {
-                snapshot,
-                running,
-                verdict,
-            }
-        });
+                Captured {
+                    snapshot,
+                    running,
+                    verdict,
+                }
+            });
         let handed = captured.is_ok();
         let migrated = reply.send(captured).is_ok()
             && handed
@@ -482,19 +463,11 @@ impl Outgoing {
                 }
             }
             if running {
-                crate::runner::resume_all(handles);
+                if let Err(e) = vcpus.resume() {
+                    log::error!("migration failed, and the VM cannot resume: {e}");
+                }
             }
         }
         migrated
     }
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }

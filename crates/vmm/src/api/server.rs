@@ -1,129 +1,55 @@
-//! The control API of a running VMM: HTTP/1.1 with JSON bodies on a Unix
-//! socket (described in `docs/openapi.yaml`). The server reads and routes
-//! requests on a thread of its own — each within a deadline and a size
-//! limit, so no client can hold up the event loop, and a slow one holds up
-//! other clients for [`REQUEST_DEADLINE`] at most — and hands each valid one
-//! to the run loop, which owns the vCPUs, over a channel (an eventfd wakes
-//! it). [`call`] is the client.
-//!
-//! | method | path | does |
-//! |---|---|---|
-//! | GET | /v1/vm | the VM's state |
-//! | PUT | /v1/vm/pause | pause every vCPU |
-//! | PUT | /v1/vm/resume | resume every vCPU |
-//! | PUT | /v1/vm/power-button | press the ACPI power button (the guest shuts down) |
-//! | PUT | /v1/vm/kill | stop the VM at once |
+//! The API's server: a thread that accepts one connection at a time and
+//! reads its request head within [`REQUEST_DEADLINE`] and [`MAX_REQUEST`]
+//! bytes, answers refusals itself, and hands each well-formed [`Request`]
+//! over; [`ApiServer`] is the event loop's side, moving them into the
+//! controller's [`Queue`].
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{parse_query, route, ApiError, Refusal, Request};
 
 /// Longest request head we read.
 const MAX_REQUEST: usize = 8 << 10;
 /// How long a client has to send its whole request head.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
-/// What a VM is doing, as its VMM reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RunState {
-    /// Built, vCPUs not yet resumed.
-    Starting,
-    /// Running guest code.
-    Running,
-    /// Every vCPU paused.
-    Paused,
-    /// Asked to power off; waiting for the guest.
-    Stopping,
-}
-
-/// The body of GET /v1/vm and of successful actions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmInfo {
-    /// The state.
-    pub state: RunState,
-    /// The VMM's process id.
-    pub pid: u32,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Whether VT-x/AMD-V are exposed to the guest.
-    pub nested: bool,
-    /// Disks and network adapters, with their counters.
-    #[serde(default)]
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// A virtio device in [`VmInfo`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceInfo {
-    /// "block" or "net".
-    pub kind: String,
-    /// The image or TAP (and MAC and policy) it is attached to.
-    pub attached: String,
-    /// Whether the guest's driver started it.
-    pub active: bool,
-    /// Request and frame counters.
-    pub counters: std::collections::BTreeMap<String, u64>,
-}
-
-/// An error body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiError {
-    /// What went wrong.
-    pub error: String,
-}
-
-/// An action the run loop carries out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// GET /v1/vm.
-    Info,
-    /// PUT /v1/vm/pause.
-    Pause,
-    /// PUT /v1/vm/resume.
-    Resume,
-    /// PUT /v1/vm/power-button.
-    PowerButton,
-    /// PUT /v1/vm/kill.
-    Kill,
-    /// PUT /v1/vm/save: pause, save state and memory, stop.
-    Save,
-    /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
-    /// carry on as before.
-    Checkpoint,
-    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N][&max_bandwidth=B]: start
-    /// a live migration.
-    Migrate,
-    /// GET /v1/vm/migration: the current or last migration's progress.
-    Migration,
-    /// GET /v1/vm/memory: the balloon's policy, state and guest statistics.
-    Memory,
-    /// PUT /v1/vm/memory?size=BYTES (or ?size=auto): resize the VM's memory.
-    Resize,
-}
-
-/// A request waiting for the run loop.
+/// A request waiting for the controller.
 pub struct Pending {
     /// What to do.
-    pub action: Action,
-    /// The query string's `key=value` pairs.
-    pub query: Vec<(String, String)>,
-    stream: UnixStream,
+    pub request: Request,
+    reply: Responder,
 }
 
 impl Pending {
     /// Answers with `status` and a JSON body.
-    pub fn reply(mut self, status: u16, body: &impl Serialize) {
+    pub fn reply(self, status: u16, body: &impl Serialize) {
+        self.reply.send(status, body)
+    }
+
+    /// The request, and where its answer goes.
+    pub fn into_parts(self) -> (Request, Responder) {
+        (self.request, self.reply)
+    }
+}
+
+/// Where a request's answer goes (its connection).
+pub struct Responder(UnixStream);
+
+impl Responder {
+    /// Answers with `status` and a JSON body.
+    pub fn send(mut self, status: u16, body: &impl Serialize) {
         let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-        let _ = write_response(&mut self.stream, status, None, &body);
+        let _ = write_response(&mut self.0, status, None, &body);
     }
 }
 
@@ -161,24 +87,42 @@ fn write_response(
     w.flush()
 }
 
+/// Why a request head could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// More than [`MAX_REQUEST`] bytes without the end of the head.
+    #[error("request head too large (the limit is {MAX_REQUEST} bytes)")]
+    TooLarge,
+    /// The deadline passed first.
+    #[error("the request did not arrive within {REQUEST_DEADLINE:?}")]
+    Late,
+    /// The client hung up first.
+    #[error("connection closed before the request ended")]
+    Closed,
+    /// Reading failed.
+    #[error("cannot read the request")]
+    Read(#[source] std::io::Error),
+    /// The first line is no HTTP/1 request line.
+    #[error("not an HTTP request line: {0:?}")]
+    NotHttp(String),
+}
+
 /// Reads a request head, all of it before `deadline`; returns (method, path).
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, String), String> {
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, String), HeadError> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() > MAX_REQUEST {
-            return Err("request head too large".into());
+            return Err(HeadError::TooLarge);
         }
         // One deadline for the whole head, not one per read: a client
         // sending a byte at a time gets no longer than a fast one.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Err(format!(
-                "the request did not arrive within {REQUEST_DEADLINE:?}"
-            ));
+            return Err(HeadError::Late);
         }
         match stream.read(&mut chunk) {
-            Ok(0) => return Err("connection closed before the request ended".into()),
+            Ok(0) => return Err(HeadError::Closed),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
@@ -186,11 +130,9 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, S
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!(
-                    "the request did not arrive within {REQUEST_DEADLINE:?}"
-                ))
+                return Err(HeadError::Late)
             }
-            Err(e) => return Err(format!("cannot read the request: {e}")),
+            Err(e) => return Err(HeadError::Read(e)),
         }
     }
     let head = String::from_utf8_lossy(&buf);
@@ -198,76 +140,8 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, S
     let mut parts = line.split_whitespace();
     match (parts.next(), parts.next(), parts.next()) {
         (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/1.") => Ok((m.to_owned(), p.to_owned())),
-        _ => Err(format!("not an HTTP request line: {line:?}")),
+        _ => Err(HeadError::NotHttp(line.chars().take(80).collect())),
     }
-}
-
-/// The `key=value` pairs after `?` in `path` (no percent-decoding: names
-/// nestvm passes are plain).
-pub fn parse_query(path: &str) -> Vec<(String, String)> {
-    path.split_once('?')
-        .map(|(_, q)| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Why the server itself refused a request, before the run loop saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// The HTTP status.
-    pub status: u16,
-    /// The message.
-    pub error: String,
-    /// For 405: the method the path takes.
-    pub allow: Option<&'static str>,
-}
-
-impl Refusal {
-    fn new(status: u16, error: String) -> Self {
-        Refusal {
-            status,
-            error,
-            allow: None,
-        }
-    }
-}
-
-/// Maps a method and path to an action, or a refusal.
-pub fn route(method: &str, path: &str) -> Result<Action, Refusal> {
-    let path = path.split('?').next().unwrap_or_default();
-    let action = match path {
-        "/v1/vm" => Action::Info,
-        "/v1/vm/pause" => Action::Pause,
-        "/v1/vm/resume" => Action::Resume,
-        "/v1/vm/power-button" => Action::PowerButton,
-        "/v1/vm/kill" => Action::Kill,
-        "/v1/vm/save" => Action::Save,
-        "/v1/vm/checkpoint" => Action::Checkpoint,
-        "/v1/vm/migrate" => Action::Migrate,
-        "/v1/vm/migration" => Action::Migration,
-        "/v1/vm/memory" if method == "PUT" => Action::Resize,
-        "/v1/vm/memory" => Action::Memory,
-        _ => return Err(Refusal::new(404, format!("no such endpoint {path}"))),
-    };
-    // What the path takes (the Allow header of a 405), and whether this
-    // method is one of it (/v1/vm/memory routes PUT to Resize above).
-    let (allow, ok) = match action {
-        Action::Info | Action::Migration => ("GET", method == "GET"),
-        Action::Memory | Action::Resize => ("GET, PUT", matches!(method, "GET" | "PUT")),
-        _ => ("PUT", method == "PUT"),
-    };
-    if !ok {
-        return Err(Refusal {
-            status: 405,
-            error: format!("{path} takes {allow}, not {method}"),
-            allow: Some(allow),
-        });
-    }
-    Ok(action)
 }
 
 /// The control API's server: a thread that accepts and reads requests, and
@@ -311,14 +185,16 @@ fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
         };
         let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
         let routed = read_request(&mut stream, Instant::now() + REQUEST_DEADLINE)
-            .map_err(|e| Refusal::new(400, e))
-            .and_then(|(m, p)| route(&m, &p).map(|a| (a, p)));
+            .map_err(|e| Refusal::new(400, e.to_string()))
+            .and_then(|(m, p)| {
+                let action = route(&m, &p)?;
+                Request::parse(action, &parse_query(&p))
+            });
         match routed {
-            Ok((action, path)) => {
+            Ok(request) => {
                 let pending = Pending {
-                    action,
-                    query: parse_query(&path),
-                    stream,
+                    request,
+                    reply: Responder(stream),
                 };
                 if tx.send(pending).is_err() {
                     return; // the VMM is done with its API
@@ -345,47 +221,6 @@ impl MutEventSubscriber for ApiServer {
         let mut queue = self.queue.borrow_mut();
         queue.extend(self.inbox.try_iter());
     }
-}
-
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    /// No VMM answers on the socket.
-    #[error("no VMM answers on {0}")]
-    Unreachable(String, #[source] std::io::Error),
-    /// The answer was not HTTP/JSON.
-    #[error("bad answer from the VMM: {0}")]
-    Protocol(String),
-}
-
-/// Calls the API at `socket`; returns the status and the JSON body.
-pub fn call(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(u16, serde_json::Value), CallError> {
-    let unreachable = |e| CallError::Unreachable(socket.display().to_string(), e);
-    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
-    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\nContent-Length: 0\r\n\r\n"
-    )
-    .map_err(unreachable)?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(unreachable)?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| CallError::Protocol("no header end".into()))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| CallError::Protocol(format!("bad status line {:?}", head.lines().next())))?;
-    let json = serde_json::from_str(body).map_err(|e| CallError::Protocol(e.to_string()))?;
-    Ok((status, json))
 }
 
 /// A server on a fresh socket (`tag` names it), its queue, and an event
@@ -415,24 +250,7 @@ fn test_server(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes() {
-        assert_eq!(route("GET", "/v1/vm"), Ok(Action::Info));
-        assert_eq!(route("PUT", "/v1/vm/pause"), Ok(Action::Pause));
-        assert_eq!(route("PUT", "/v1/vm/kill"), Ok(Action::Kill));
-        assert_eq!(route("PUT", "/v1/vm/migrate?to=a:1"), Ok(Action::Migrate));
-        assert_eq!(route("GET", "/v1/vm/migration"), Ok(Action::Migration));
-        assert_eq!(route("GET", "/v1/vm/memory"), Ok(Action::Memory));
-        assert_eq!(route("PUT", "/v1/vm/memory?size=auto"), Ok(Action::Resize));
-        let refused = |m, p| route(m, p).unwrap_err();
-        assert_eq!(refused("POST", "/v1/vm/memory").allow, Some("GET, PUT"));
-        assert_eq!(refused("PUT", "/v1/vm/migration").allow, Some("GET"));
-        assert_eq!(refused("PUT", "/v1/vm").status, 405);
-        assert_eq!(refused("GET", "/v1/vm/pause").allow, Some("PUT"));
-        let missing = refused("GET", "/etc/passwd");
-        assert_eq!((missing.status, missing.allow), (404, None));
-    }
+    use crate::api::{call, RunState, VmInfo};
 
     #[test]
     fn server_queues_good_requests_and_answers_bad_ones() {
@@ -454,7 +272,7 @@ mod tests {
             std::thread::spawn(move || call(&sock2, "GET", "/v1/vm", Duration::from_secs(5)));
         serve_until(&mut em, &|| !queue.borrow().is_empty());
         let pending = queue.borrow_mut().pop_front().unwrap();
-        assert_eq!(pending.action, Action::Info);
+        assert!(matches!(pending.request, Request::Info));
         pending.reply(
             200,
             &VmInfo {
@@ -509,6 +327,7 @@ mod tests {
 #[cfg(test)]
 mod slow_clients {
     use super::*;
+    use crate::api::call;
     use event_manager::SubscriberOps;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -630,8 +449,8 @@ mod hostile {
             // Random bytes are no request line (the seed is fixed: this
             // holds for every run), and an oversized head is cut off.
             match (round % 3, result) {
-                (1, Err(e)) => assert!(e.contains("too large"), "round {round}: {e}"),
-                (_, Err(e)) => assert!(!e.is_empty()),
+                (1, Err(e)) => assert!(matches!(e, HeadError::TooLarge), "round {round}: {e}"),
+                (_, Err(_)) => {}
                 (_, Ok(r)) => panic!("round {round}: random bytes parsed as {r:?}"),
             }
         }

@@ -1,0 +1,48 @@
+//! The control API's client: one request per connection, the JSON answer
+//! and its status back.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No VMM answers on the socket.
+    #[error("no VMM answers on {0}")]
+    Unreachable(String, #[source] std::io::Error),
+    /// The answer was not HTTP/JSON.
+    #[error("bad answer from the VMM: {0}")]
+    Protocol(String),
+}
+
+/// Calls the API at `socket`; returns the status and the JSON body.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), CallError> {
+    let unreachable = |e| CallError::Unreachable(socket.display().to_string(), e);
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
+    s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(unreachable)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(unreachable)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| CallError::Protocol("no header end".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| CallError::Protocol(format!("bad status line {:?}", head.lines().next())))?;
+    let json = serde_json::from_str(body).map_err(|e| CallError::Protocol(e.to_string()))?;
+    Ok((status, json))
+}

@@ -1,0 +1,296 @@
+//! Turning a request line into a typed [`Request`]: the method and path
+//! pick an [`Action`] (or a 404/405 [`Refusal`]), and the query string is
+//! parsed into the action's parameters (or a 400). Runs on the API thread,
+//! so the controller only ever sees well-formed requests.
+
+use std::time::Duration;
+
+use crate::migration::send::Request as MigrateRequest;
+use crate::migration::throttle::MIN_BANDWIDTH;
+use crate::migration::DEFAULT_MAX_DOWNTIME;
+
+/// An action the run loop carries out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// GET /v1/vm.
+    Info,
+    /// PUT /v1/vm/pause.
+    Pause,
+    /// PUT /v1/vm/resume.
+    Resume,
+    /// PUT /v1/vm/power-button.
+    PowerButton,
+    /// PUT /v1/vm/kill.
+    Kill,
+    /// PUT /v1/vm/save: pause, save state and memory, stop.
+    Save,
+    /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
+    /// carry on as before.
+    Checkpoint,
+    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N][&max_bandwidth=B]: start
+    /// a live migration.
+    Migrate,
+    /// GET /v1/vm/migration: the current or last migration's progress.
+    Migration,
+    /// GET /v1/vm/memory: the balloon's policy, state and guest statistics.
+    Memory,
+    /// PUT /v1/vm/memory?size=BYTES (or ?size=auto): resize the VM's memory.
+    Resize,
+}
+
+/// A well-formed request for the controller.
+#[derive(Debug)]
+pub enum Request {
+    /// GET /v1/vm.
+    Info,
+    /// PUT /v1/vm/pause.
+    Pause,
+    /// PUT /v1/vm/resume.
+    Resume,
+    /// PUT /v1/vm/power-button.
+    PowerButton,
+    /// PUT /v1/vm/kill.
+    Kill,
+    /// PUT /v1/vm/save.
+    Save,
+    /// PUT /v1/vm/checkpoint?name=C[&parent=P].
+    Checkpoint {
+        /// The new checkpoint's name (checked against the tree by the
+        /// controller, which knows where it is).
+        name: String,
+        /// The checkpoint it descends from, if any.
+        parent: Option<String>,
+    },
+    /// PUT /v1/vm/migrate?to=&token=[&max_downtime_ms=][&max_bandwidth=][&verify=1].
+    Migrate(MigrateRequest),
+    /// GET /v1/vm/migration.
+    Migration,
+    /// GET /v1/vm/memory.
+    Memory,
+    /// PUT /v1/vm/memory?size=BYTES|auto (`None`: the automatic policy).
+    Resize(Option<u64>),
+}
+
+impl Request {
+    /// The request `action` with the query's `key=value` pairs, or a 400.
+    pub fn parse(action: Action, query: &[(String, String)]) -> Result<Self, Refusal> {
+        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+        let bad = |why: String| Refusal::new(400, why);
+        Ok(match action {
+            Action::Info => Self::Info,
+            Action::Pause => Self::Pause,
+            Action::Resume => Self::Resume,
+            Action::PowerButton => Self::PowerButton,
+            Action::Kill => Self::Kill,
+            Action::Save => Self::Save,
+            Action::Migration => Self::Migration,
+            Action::Memory => Self::Memory,
+            Action::Checkpoint => Self::Checkpoint {
+                name: get("name")
+                    .ok_or_else(|| bad("no checkpoint name given (name=NAME)".into()))?
+                    .to_owned(),
+                parent: get("parent").filter(|p| !p.is_empty()).map(str::to_owned),
+            },
+            Action::Resize => Self::Resize(match get("size") {
+                Some("auto") => None,
+                Some(v) => Some(
+                    v.parse()
+                        .map_err(|_| bad(format!("size={v} is not a number of bytes or auto")))?,
+                ),
+                None => return Err(bad("no size given (size=BYTES or size=auto)".into())),
+            }),
+            Action::Migrate => Self::Migrate(migrate(&get).map_err(bad)?),
+        })
+    }
+}
+
+/// The parameters of `PUT /v1/vm/migrate`.
+fn migrate<'a>(get: &dyn Fn(&str) -> Option<&'a str>) -> Result<MigrateRequest, String> {
+    let to = get("to").ok_or("no destination given (to=HOST:PORT)")?;
+    let token = get("token")
+        .and_then(hex_decode)
+        .filter(|t| !t.is_empty())
+        .ok_or("no migration token given (token=HEX)")?;
+    let max_downtime = match get("max_downtime_ms") {
+        None => DEFAULT_MAX_DOWNTIME,
+        Some(v) => Duration::from_millis(
+            v.parse()
+                .map_err(|_| format!("max_downtime_ms={v} is not a number of milliseconds"))?,
+        ),
+    };
+    let max_bandwidth = match get("max_bandwidth").map(str::parse::<u64>) {
+        None | Some(Ok(0)) => None,
+        Some(Ok(b)) if b >= MIN_BANDWIDTH => Some(b),
+        Some(_) => {
+            return Err(format!(
+                "max_bandwidth={} is not a rate: give bytes per second, at least {MIN_BANDWIDTH} (0 for no cap)",
+                get("max_bandwidth").unwrap_or_default()
+            ))
+        }
+    };
+    Ok(MigrateRequest {
+        to: to.to_owned(),
+        token,
+        max_downtime,
+        max_bandwidth,
+        verify: get("verify") == Some("1"),
+    })
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The `key=value` pairs after `?` in `path` (no percent-decoding: names
+/// nestvm passes are plain).
+pub fn parse_query(path: &str) -> Vec<(String, String)> {
+    path.split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Why the server itself refused a request, before the run loop saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: u16,
+    /// The message.
+    pub error: String,
+    /// For 405: the method the path takes.
+    pub allow: Option<&'static str>,
+}
+
+impl Refusal {
+    pub(crate) fn new(status: u16, error: String) -> Self {
+        Refusal {
+            status,
+            error,
+            allow: None,
+        }
+    }
+}
+
+/// Maps a method and path to an action, or a refusal.
+pub fn route(method: &str, path: &str) -> Result<Action, Refusal> {
+    let path = path.split('?').next().unwrap_or_default();
+    let action = match path {
+        "/v1/vm" => Action::Info,
+        "/v1/vm/pause" => Action::Pause,
+        "/v1/vm/resume" => Action::Resume,
+        "/v1/vm/power-button" => Action::PowerButton,
+        "/v1/vm/kill" => Action::Kill,
+        "/v1/vm/save" => Action::Save,
+        "/v1/vm/checkpoint" => Action::Checkpoint,
+        "/v1/vm/migrate" => Action::Migrate,
+        "/v1/vm/migration" => Action::Migration,
+        "/v1/vm/memory" if method == "PUT" => Action::Resize,
+        "/v1/vm/memory" => Action::Memory,
+        _ => return Err(Refusal::new(404, format!("no such endpoint {path}"))),
+    };
+    // What the path takes (the Allow header of a 405), and whether this
+    // method is one of it (/v1/vm/memory routes PUT to Resize above).
+    let (allow, ok) = match action {
+        Action::Info | Action::Migration => ("GET", method == "GET"),
+        Action::Memory | Action::Resize => ("GET, PUT", matches!(method, "GET" | "PUT")),
+        _ => ("PUT", method == "PUT"),
+    };
+    if !ok {
+        return Err(Refusal {
+            status: 405,
+            error: format!("{path} takes {allow}, not {method}"),
+            allow: Some(allow),
+        });
+    }
+    Ok(action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(action: Action, query: &str) -> Result<Request, Refusal> {
+        Request::parse(action, &parse_query(&format!("/x?{query}")))
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET", "/v1/vm"), Ok(Action::Info));
+        assert_eq!(route("PUT", "/v1/vm/pause"), Ok(Action::Pause));
+        assert_eq!(route("PUT", "/v1/vm/kill"), Ok(Action::Kill));
+        assert_eq!(route("PUT", "/v1/vm/migrate?to=a:1"), Ok(Action::Migrate));
+        assert_eq!(route("GET", "/v1/vm/migration"), Ok(Action::Migration));
+        assert_eq!(route("GET", "/v1/vm/memory"), Ok(Action::Memory));
+        assert_eq!(route("PUT", "/v1/vm/memory?size=auto"), Ok(Action::Resize));
+        let refused = |m, p| route(m, p).unwrap_err();
+        assert_eq!(refused("POST", "/v1/vm/memory").allow, Some("GET, PUT"));
+        assert_eq!(refused("PUT", "/v1/vm/migration").allow, Some("GET"));
+        assert_eq!(refused("PUT", "/v1/vm").status, 405);
+        assert_eq!(refused("GET", "/v1/vm/pause").allow, Some("PUT"));
+        let missing = refused("GET", "/etc/passwd");
+        assert_eq!((missing.status, missing.allow), (404, None));
+    }
+
+    #[test]
+    fn queries_become_typed_requests_or_400() {
+        assert!(matches!(
+            parse(Action::Checkpoint, "name=a&parent="),
+            Ok(Request::Checkpoint { name, parent: None }) if name == "a"
+        ));
+        assert!(matches!(
+            parse(Action::Checkpoint, "name=a&parent=b"),
+            Ok(Request::Checkpoint { parent: Some(p), .. }) if p == "b"
+        ));
+        assert!(matches!(
+            parse(Action::Resize, "size=auto"),
+            Ok(Request::Resize(None))
+        ));
+        assert!(matches!(
+            parse(Action::Resize, "size=1048576"),
+            Ok(Request::Resize(Some(1048576)))
+        ));
+        let Ok(Request::Migrate(m)) = parse(
+            Action::Migrate,
+            "to=h:1&token=00ff&max_downtime_ms=9&max_bandwidth=0&verify=1",
+        ) else {
+            panic!("a good migrate request refused")
+        };
+        assert_eq!((m.to.as_str(), m.token.as_slice()), ("h:1", &[0, 0xff][..]));
+        assert_eq!(
+            (m.max_downtime, m.max_bandwidth, m.verify),
+            (Duration::from_millis(9), None, true)
+        );
+        for (action, query, says) in [
+            (Action::Checkpoint, "parent=b", "no checkpoint name"),
+            (Action::Resize, "", "no size"),
+            (Action::Resize, "size=-1", "is not a number"),
+            (Action::Migrate, "token=00", "no destination"),
+            (Action::Migrate, "to=h:1&token=0g", "no migration token"),
+            (Action::Migrate, "to=h:1&token=", "no migration token"),
+            (
+                Action::Migrate,
+                "to=h:1&token=00&max_downtime_ms=x",
+                "milliseconds",
+            ),
+            (
+                Action::Migrate,
+                "to=h:1&token=00&max_bandwidth=5",
+                "at least",
+            ),
+        ] {
+            let r = parse(action, query).unwrap_err();
+            assert_eq!(r.status, 400, "{query}");
+            assert!(r.error.contains(says), "{query}: {}", r.error);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The VM's vCPUs as one set: started together (paused), paused, resumed,
+//! read and written together, stopped together. Each operation waits for
+//! every vCPU's answer, within [`STATE_TIMEOUT`], and fails loudly with the
+//! vCPU that did not follow, so a caller never goes on believing a VM is
+//! paused (and its state consistent) when one vCPU still runs.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nestvm_kvm::{Vcpu, VcpuState};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Buses;
+use crate::vcpu::{Command, Event, State, StateContext, StateError, VcpuHandle};
+
+/// How long a vCPU may take to answer a pause or hand over its state.
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the vCPU set.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuSetError {
+    /// A vCPU thread could not be started.
+    #[error("cannot start the thread of vCPU {id}")]
+    Spawn {
+        /// The vCPU.
+        id: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The eventfd the threads report on could not be shared.
+    #[error("cannot share the vCPU notify eventfd")]
+    Notify(#[source] std::io::Error),
+    /// A vCPU thread has ended and takes no command.
+    #[error("vCPU {0} has stopped")]
+    Gone(u32),
+    /// A vCPU did not answer in time.
+    #[error("vCPU {id} did not answer within {} s", STATE_TIMEOUT.as_secs())]
+    NoAnswer {
+        /// The vCPU.
+        id: u32,
+    },
+    /// A vCPU answered a pause in another state.
+    #[error("vCPU {id} did not pause (it is {state:?})")]
+    NotPaused {
+        /// The vCPU.
+        id: u32,
+        /// What it reported.
+        state: State,
+    },
+    /// Reading or writing a vCPU's state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A state to restore does not fit this VM.
+    #[error("{given} vCPU states for a VM of {have} vCPUs")]
+    Count {
+        /// States given.
+        given: usize,
+        /// vCPUs here.
+        have: usize,
+    },
+}
+
+/// Every vCPU thread of a VM.
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+}
+
+impl VcpuSet {
+    /// Starts one thread per vCPU, each Paused; they report on `events` and
+    /// write `notify` after each report.
+    pub fn spawn(
+        vcpus: Vec<Vcpu>,
+        buses: &Arc<Buses>,
+        ctx: &StateContext,
+        events: &Sender<Event>,
+        notify: &EventFd,
+    ) -> Result<Self, VcpuSetError> {
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            let n = notify.try_clone().map_err(VcpuSetError::Notify)?;
+            let h = VcpuHandle::spawn(vcpu, buses.clone(), ctx.clone(), events.clone(), n)
+                .map_err(|source| VcpuSetError::Spawn { id, source })?;
+            handles.push(h);
+        }
+        Ok(Self { handles })
+    }
+
+    /// How many vCPUs.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    fn send_all(&self, cmd: impl Fn() -> Command) -> Result<(), VcpuSetError> {
+        let mut result = Ok(());
+        for h in &self.handles {
+            // Every vCPU gets the command even when one is gone.
+            if !h.send(cmd()) && result.is_ok() {
+                result = Err(VcpuSetError::Gone(h.id()));
+            }
+        }
+        result
+    }
+
+    /// Asks `h` a question and waits for its answer.
+    fn ask<T>(
+        h: &VcpuHandle,
+        question: impl FnOnce(Sender<T>) -> Command,
+    ) -> Result<T, VcpuSetError> {
+        let (tx, rx) = channel();
+        if !h.send(question(tx)) {
+            return Err(VcpuSetError::Gone(h.id()));
+        }
+        rx.recv_timeout(STATE_TIMEOUT).map_err(|e| match e {
+            // The thread dropped the question unanswered: it has ended.
+            std::sync::mpsc::RecvTimeoutError::Disconnected => VcpuSetError::Gone(h.id()),
+            std::sync::mpsc::RecvTimeoutError::Timeout => VcpuSetError::NoAnswer { id: h.id() },
+        })
+    }
+
+    /// Pauses every vCPU and waits until each confirms it is paused.
+    pub fn pause(&self) -> Result<(), VcpuSetError> {
+        self.send_all(|| Command::Pause)?;
+        for h in &self.handles {
+            // Commands are served in order: the state reported after the
+            // Pause is Paused, unless the thread ended.
+            match Self::ask(h, Command::Report)? {
+                State::Paused => {}
+                state => return Err(VcpuSetError::NotPaused { id: h.id(), state }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) -> Result<(), VcpuSetError> {
+        self.send_all(|| Command::Resume)
+    }
+
+    /// The complete state of every (paused) vCPU, in order.
+    pub fn save(&self) -> Result<Vec<VcpuState>, VcpuSetError> {
+        let mut states = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            states.push(Self::ask(h, Command::Save)??);
+        }
+        Ok(states)
+    }
+
+    /// Writes `states` back into the (paused) vCPUs, in order.
+    pub fn restore(&self, states: Vec<VcpuState>) -> Result<(), VcpuSetError> {
+        if states.len() != self.handles.len() {
+            return Err(VcpuSetError::Count {
+                given: states.len(),
+                have: self.handles.len(),
+            });
+        }
+        for (h, state) in self.handles.iter().zip(states) {
+            Self::ask(h, |tx| Command::Restore(Box::new(state), tx))??;
+        }
+        Ok(())
+    }
+
+    /// The vCPUs' indices, in order.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.handles.iter().map(VcpuHandle::id)
+    }
+
+    /// Stops every thread and waits for each.
+    pub fn stop(self) {
+        let _ = self.send_all(|| Command::Stop);
+        for mut h in self.handles {
+            h.stop_and_join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    use nestvm_guests::{hello, Ending};
+    use nestvm_kvm::Hypervisor;
+
+    use crate::config::{NestedMode, VmConfig};
+    use crate::vcpu::ExitReason;
+
+    /// A vCPU whose thread has ended (its guest triple-faulted) makes a
+    /// pause, a state read and a resume fail with that vCPU named, instead
+    /// of the VM being taken for paused.
+    #[test]
+    fn a_vcpu_that_is_gone_fails_pause_save_and_resume() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            assert!(std::env::var_os("NESTVM_REQUIRE_KVM").is_none());
+            eprintln!("SKIPPED: /dev/kvm is not available on this machine");
+            return;
+        }
+        let hv = Hypervisor::open().unwrap();
+        nestvm_kvm::kick::install().unwrap();
+        let dir = std::env::temp_dir().join(format!("nestvm-vcpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("fault.elf");
+        std::fs::write(&kernel, hello("", Ending::TripleFault)).unwrap();
+        let config = VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 16 << 20,
+            nested: NestedMode::Off,
+            disks: vec![],
+            nets: vec![],
+            balloon: None,
+        };
+        let vm = crate::builder::build(&config, &hv, false, Box::new(std::io::sink())).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let notify = EventFd::new(0).unwrap();
+        let set = VcpuSet::spawn(vm.vcpus, &vm.buses, &vm.state_ctx, &tx, &notify).unwrap();
+        set.pause().expect("a live paused vCPU confirms its pause");
+        set.resume().unwrap();
+        let start = Instant::now();
+        loop {
+            let left = Duration::from_secs(20).saturating_sub(start.elapsed());
+            match rx.recv_timeout(left).expect("the vCPU reports its crash") {
+                Event::Exited(0, ExitReason::Crashed { .. }) => break,
+                _ => continue,
+            }
+        }
+        assert!(matches!(set.pause(), Err(VcpuSetError::Gone(0))));
+        assert!(matches!(set.save(), Err(VcpuSetError::Gone(0))));
+        assert!(matches!(set.resume(), Err(VcpuSetError::Gone(0))));
+        set.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
