@@ -442,8 +442,9 @@ impl Skeleton {
         } = self;
         let serial = &snap.serial;
         let devices = attach_devices(&snap.config, &vm, &memory, |irq| {
-            SerialPort::from_snapshot(serial, irq, console)
-                .map_err(|e| BuildError::from(SnapshotError::Incompatible(e)))
+            SerialPort::from_snapshot(serial, irq, console).map_err(|e| {
+                BuildError::from(SnapshotError::Incompatible(crate::capture::chain_text(&e)))
+            })
         })?;
         for (dev, s) in devices.virtio.inspect.iter().zip(&snap.virtio) {
             dev.lock()
