@@ -92,6 +92,11 @@ pub(crate) fn serve(req: Pending, balloon: Option<&Control>, memory: u64) {
     };
     match c.set_target(target) {
         Ok(()) => req.reply(200, &info(c)),
-        Err(e) => req.reply(409, &ApiError { error: e }),
+        Err(e) => req.reply(
+            409,
+            &ApiError {
+                error: e.to_string(),
+            },
+        ),
     }
 }

@@ -460,7 +460,7 @@ impl Outgoing {
         let captured = crate::capture::build_snapshot(handles, parts).map(|(snapshot, _)| {
             for d in parts.virtio {
                 if let Err(e) = lock(d).release() {
-                    log::warn!("migration: {e}");
+                    log::warn!("migration: {}", crate::capture::chain_text(&e));
                 }
             }
             Captured {
@@ -477,7 +477,7 @@ impl Outgoing {
             if handed {
                 for d in parts.virtio {
                     if let Err(e) = lock(d).reclaim() {
-                        log::warn!("migration failed, and {e}");
+                        log::warn!("migration failed, and {}", crate::capture::chain_text(&e));
                     }
                 }
             }
