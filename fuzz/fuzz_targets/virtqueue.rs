@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use nestvm_devices::EventTrigger;
 use nestvm_virtio::mmio::MmioDevice;
-use nestvm_virtio::{drain_queue, features, Backend, Chain};
+use nestvm_virtio::{drain_queue, features, Backend, BackendError, Chain};
 
 mod common;
 
@@ -32,7 +32,7 @@ impl Backend for Sink {
     fn config(&self) -> Vec<u8> {
         Vec::new()
     }
-    fn activate(&mut self, _: u64) -> Result<(), String> {
+    fn activate(&mut self, _: u64) -> Result<(), BackendError> {
         Ok(())
     }
     fn process_queue(

@@ -14,6 +14,15 @@ use crate::EventTrigger;
 /// Number of registers.
 pub const SERIAL_PORT_LEN: u64 = 8;
 
+/// Errors restoring a UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// vm-superio refused the saved state (an oversized input buffer) or
+    /// could not raise the interrupt it implies.
+    #[error("the saved serial port state is invalid")]
+    State(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
 /// A 16550 UART on the port bus.
 pub struct SerialPort {
     uart: Serial<EventTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -72,7 +81,7 @@ impl SerialPort {
         snap: &SerialSnapshot,
         irq: EventTrigger,
         out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SerialError> {
         let state = SerialState {
             baud_divisor_low: snap.divisor[0],
             baud_divisor_high: snap.divisor[1],
@@ -85,8 +94,7 @@ impl SerialPort {
             scratch: snap.scratch,
             in_buffer: snap.input.clone(),
         };
-        let uart = Serial::from_state(&state, irq, NoEvents, out)
-            .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        let uart = Serial::from_state(&state, irq, NoEvents, out).map_err(SerialError::State)?;
         Ok(Self { uart })
     }
 
@@ -211,6 +219,28 @@ mod tests {
         s.read(0, &mut b);
         assert_eq!(b[0], b'x');
         assert_eq!(s.input_room(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_comes_back_and_an_oversized_one_is_refused() {
+        let mut s = SerialPort::new(EventTrigger::new().unwrap(), Box::new(std::io::sink()));
+        s.write(3, &[0x03]); // 8 data bits
+        assert_eq!(s.queue_input(b"ab"), 2);
+        let snap = s.snapshot();
+        let irq = EventTrigger::new().unwrap();
+        let back = SerialPort::from_snapshot(&snap, irq, Box::new(std::io::sink())).unwrap();
+        let again = back.snapshot();
+        assert_eq!((again.lcr, again.input), (0x03, b"ab".to_vec()));
+        let mut bad = snap;
+        bad.input = vec![0; 1 << 16];
+        let irq = EventTrigger::new().unwrap();
+        let e = SerialPort::from_snapshot(&bad, irq, Box::new(std::io::sink()))
+            .err()
+            .unwrap();
+        assert!(matches!(
+            e,
+            SerialError::State(vm_superio::serial::Error::FullFifo)
+        ));
     }
 
     #[test]

@@ -29,7 +29,8 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
-use crate::{features, Backend, Chain, Memory};
+use crate::state::{check_version, DeviceState, StateError};
+use crate::{features, Backend, BackendError, Chain, Memory};
 
 /// virtio device ID of a balloon.
 pub const DEVICE_TYPE: u32 = 5;
@@ -62,8 +63,41 @@ const STAT_NAMES: [&str; 11] = [
     "oom_kills",
 ];
 
+/// Errors of a balloon.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    /// A target outside the VM's range.
+    #[error("{} MiB is outside this VM's range of {} to {} MiB", .target >> 20, .min >> 20, .max >> 20)]
+    Target {
+        /// The target asked for, bytes.
+        target: u64,
+        /// The least the VM may have, bytes.
+        min: u64,
+        /// The VM's RAM, bytes.
+        max: u64,
+    },
+    /// A saved target outside the VM's range.
+    #[error("the balloon's saved target of {} MiB is outside the VM's range of {} to {} MiB", .target >> 20, .min >> 20, .max >> 20)]
+    SavedTarget {
+        /// The saved target, bytes.
+        target: u64,
+        /// The least the VM may have, bytes.
+        min: u64,
+        /// The VM's RAM, bytes.
+        max: u64,
+    },
+    /// More handed over than the VM has.
+    #[error("the balloon's saved state says the guest handed over {} MiB of {} MiB", .ballooned >> 20, .max >> 20)]
+    SavedBallooned {
+        /// The saved amount, bytes.
+        ballooned: u64,
+        /// The VM's RAM, bytes.
+        max: u64,
+    },
+}
+
 /// What the VMM sees of a balloon and may change.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// The VM's RAM (the most it can have), bytes.
     pub max: u64,
@@ -128,16 +162,15 @@ impl Control {
 
     /// Sets the memory the guest should have (`None`: follow its demand),
     /// and tells the device at once. Refuses sizes outside [min, max].
-    pub fn set_target(&self, target: Option<u64>) -> Result<(), String> {
+    pub fn set_target(&self, target: Option<u64>) -> Result<(), BalloonError> {
         let mut s = lock(&self.status);
         match target {
             Some(t) if t < s.policy.min || t > s.policy.max => {
-                return Err(format!(
-                    "{} MiB is outside this VM's range of {} to {} MiB",
-                    t >> 20,
-                    s.policy.min >> 20,
-                    s.policy.max >> 20
-                ))
+                return Err(BalloonError::Target {
+                    target: t,
+                    min: s.policy.min,
+                    max: s.policy.max,
+                })
             }
             Some(t) => {
                 s.policy.target = t & !(PAGE - 1);
@@ -169,12 +202,24 @@ fn arm(timer: &TimerFd, first: Duration) {
     }
 }
 
-/// What the saved state of a balloon holds.
-#[derive(Serialize, Deserialize)]
-struct Saved {
-    policy: Policy,
-    ballooned: u64,
-    stats_head: Option<u16>,
+/// A balloon's saved state ([`DeviceState::Balloon`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    /// Its layout's version, [`BalloonState::VERSION`] when saved by this
+    /// build.
+    pub version: u16,
+    /// The policy when saved (only the target and `auto` come back: the
+    /// range is the definition's).
+    pub policy: Policy,
+    /// Bytes the guest had handed over.
+    pub ballooned: u64,
+    /// The statistics buffer the driver had left with the device.
+    pub stats_head: Option<u16>,
+}
+
+impl BalloonState {
+    /// The version this build writes and reads.
+    pub const VERSION: u16 = 1;
 }
 
 /// A balloon's range, bytes: the VM's memory (`max`), the least it may be
@@ -190,7 +235,7 @@ pub struct Range {
 }
 
 /// Frees guest memory on the host: (guest address, length).
-pub type Discard = Box<dyn Fn(u64, u64) -> Result<(), String> + Send>;
+pub type Discard = Box<dyn Fn(u64, u64) -> std::io::Result<()> + Send>;
 
 /// A virtio-balloon device.
 pub struct Balloon {
@@ -404,7 +449,7 @@ impl Backend for Balloon {
         self.announced = now;
         changed
     }
-    fn activate(&mut self, features: u64) -> Result<(), String> {
+    fn activate(&mut self, features: u64) -> Result<(), BackendError> {
         // Linux numbers only the queues that exist, in this order.
         let mut next = 2;
         self.stats_queue = (features & F_STATS_VQ != 0).then(|| {
@@ -460,23 +505,37 @@ impl Backend for Balloon {
             ("malformed", s.malformed),
         ]
     }
-    fn save_state(&self) -> Option<serde_json::Value> {
+    fn save_state(&self) -> Option<DeviceState> {
         let s = lock(&self.status);
-        serde_json::to_value(Saved {
+        Some(DeviceState::Balloon(BalloonState {
+            version: BalloonState::VERSION,
             policy: s.policy.clone(),
             ballooned: s.ballooned,
             stats_head: self.stats_head,
-        })
-        .ok()
+        }))
     }
-    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let saved: Saved = serde_json::from_value(state.clone())
-            .map_err(|e| format!("the balloon's saved state is not readable: {e}"))?;
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), BackendError> {
+        let saved = match state {
+            Some(DeviceState::Balloon(saved)) => saved,
+            None => {
+                return Err(StateError::Missing {
+                    device: self.kind(),
+                }
+                .into())
+            }
+        };
+        check_version(self.kind(), saved.version, BalloonState::VERSION)?;
         let mut s = lock(&self.status);
         // The definition's range stays; the target and what was handed over
         // come back, so the guest keeps its balloon.
-        if !(s.policy.min..=s.policy.max).contains(&saved.policy.target) {
-            return Err("the balloon's saved target is outside the VM's range".into());
+        let (min, max) = (s.policy.min, s.policy.max);
+        if !(min..=max).contains(&saved.policy.target) {
+            let target = saved.policy.target;
+            return Err(BalloonError::SavedTarget { target, min, max }.into());
+        }
+        if saved.ballooned > max {
+            let ballooned = saved.ballooned;
+            return Err(BalloonError::SavedBallooned { ballooned, max }.into());
         }
         s.policy.target = saved.policy.target;
         s.policy.auto = saved.policy.auto;

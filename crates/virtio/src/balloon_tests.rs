@@ -1,10 +1,11 @@
 //! The balloon driven through its registers by the test driver: inflate and
 //! deflate, hostile page numbers, statistics, free page reporting, targets
-//! and the automatic policy, and its saved state.
+//! and the automatic policy, and its typed saved state.
 
 use super::*;
 use crate::driver::{self, Buf, QueueDriver};
-use crate::mmio::{Inspect, MmioDevice};
+use crate::mmio::{Inspect, MmioDevice, MmioError, MmioSnapshot};
+use crate::state::StateError;
 use crate::testing::memory;
 use nestvm_devices::bus::BusDevice;
 use nestvm_devices::EventTrigger;
@@ -20,15 +21,17 @@ struct Rig {
     discarded: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
-/// A balloon for a 1 MiB "VM" (the test memory) that may shrink to 256 KiB.
-fn rig() -> Rig {
-    let mem = memory();
+type Discarded = Arc<Mutex<Vec<(u64, u64)>>>;
+
+/// A balloon for a 1 MiB "VM" (the test memory) that may shrink to 256 KiB,
+/// and the ranges it freed.
+fn balloon() -> (Balloon, Control, Discarded) {
     let discarded = Arc::new(Mutex::new(Vec::new()));
     let log = discarded.clone();
     let size = 1 << 20;
     let discard: Discard = Box::new(move |addr, len| {
         if addr + len > size {
-            return Err("outside".into());
+            return Err(std::io::Error::other("outside"));
         }
         log.lock().unwrap().push((addr, len));
         Ok(())
@@ -39,6 +42,13 @@ fn rig() -> Rig {
         start: size,
     };
     let (b, control) = Balloon::new(range, false, discard).unwrap();
+    (b, control, discarded)
+}
+
+/// That balloon started by the driver with every feature.
+fn rig() -> Rig {
+    let mem = memory();
+    let (b, control, discarded) = balloon();
     let mut dev = MmioDevice::new(b, mem.clone(), EventTrigger::new().unwrap()).unwrap();
     let offered = driver::offered_features(&mut dev);
     assert_eq!(
@@ -159,8 +169,10 @@ fn statistics_are_kept_and_asked_for_again_and_drive_the_policy() {
         s.policy.target, MIB,
         "64 MiB of buffer is more than this VM"
     );
-    let saved = r.dev.backend().save_state().unwrap();
-    assert_eq!(saved["policy"]["auto"], true);
+    let Some(DeviceState::Balloon(saved)) = r.dev.backend().save_state() else {
+        panic!("a balloon has state");
+    };
+    assert!(saved.policy.auto);
 }
 
 #[test]
@@ -187,16 +199,111 @@ fn reported_free_ranges_are_freed_and_checked() {
     assert_eq!((s.reported, s.malformed), (0x8000, 1));
 }
 
-#[test]
-fn saved_state_brings_back_the_target_and_what_was_handed_over() {
+/// A fresh balloon built from `snap`, and its controls.
+fn restored(snap: &MmioSnapshot) -> Result<(MmioDevice<Balloon>, Control), MmioError> {
+    let (b, control, _) = balloon();
+    let dev = MmioDevice::restore(b, memory(), EventTrigger::new().unwrap(), snap)?;
+    Ok((dev, control))
+}
+
+/// A snapshot of a balloon whose guest holds 64 pages, target 768 KiB.
+fn ballooned_snapshot() -> MmioSnapshot {
     let mut r = rig();
     r.control.set_target(Some(768 << 10)).unwrap();
     r.dev.backend_event();
     r.dev.write(0x104, &64u32.to_le_bytes());
-    let snap = Inspect::snapshot(&r.dev);
-    let mut fresh = rig();
-    Inspect::restore(&mut fresh.dev, &snap).unwrap();
-    assert_eq!(fresh.config_u32(0), 64);
-    assert_eq!(fresh.config_u32(4), 64);
-    assert_eq!(fresh.control.status().policy.target, 768 << 10);
+    Inspect::snapshot(&r.dev)
+}
+
+/// The balloon's state in `snap`.
+fn state_of(snap: &mut MmioSnapshot) -> &mut BalloonState {
+    match snap.backend.as_mut() {
+        Some(DeviceState::Balloon(s)) => s,
+        None => panic!("a balloon has state"),
+    }
+}
+
+#[test]
+fn saved_state_brings_back_the_target_and_what_was_handed_over() {
+    let mut snap = ballooned_snapshot();
+    let state = state_of(&mut snap).clone();
+    assert_eq!(state.version, BalloonState::VERSION);
+    assert_eq!(
+        (state.policy.target, state.ballooned),
+        (768 << 10, 64 * PAGE)
+    );
+    // Through JSON, tagged with its device, as snapshots carry it.
+    let json = serde_json::to_value(&snap).unwrap();
+    assert_eq!(json["backend"]["device"], "balloon");
+    assert_eq!(json["backend"]["version"], 1);
+    let snap: MmioSnapshot = serde_json::from_value(json).unwrap();
+    assert_eq!(snap.backend, Some(DeviceState::Balloon(state.clone())));
+    let (mut dev, control) = restored(&snap).unwrap();
+    let mut cfg = |at: u64| {
+        let mut b = [0u8; 4];
+        dev.read(0x100 + at, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(cfg(0), 64);
+    assert_eq!(cfg(4), 64);
+    assert_eq!(control.status().policy.target, 768 << 10);
+    assert_eq!(
+        dev.backend().save_state(),
+        Some(DeviceState::Balloon(state)),
+        "saved again, the same"
+    );
+}
+
+#[test]
+fn a_saved_state_of_another_version_or_none_is_refused() {
+    let mut snap = ballooned_snapshot();
+    state_of(&mut snap).version = BalloonState::VERSION + 1;
+    let e = restored(&snap).err().unwrap();
+    assert!(
+        matches!(
+            &e,
+            MmioError::Backend {
+                kind: "balloon",
+                source: BackendError::State(StateError::Version {
+                    found: 2,
+                    supported: 1,
+                    ..
+                })
+            }
+        ),
+        "{e}"
+    );
+    snap.backend = None;
+    let e = restored(&snap).err().unwrap();
+    assert!(matches!(
+        &e,
+        MmioError::Backend {
+            source: BackendError::State(StateError::Missing { device: "balloon" }),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_saved_state_outside_the_range_is_refused() {
+    let mut snap = ballooned_snapshot();
+    state_of(&mut snap).policy.target = 2 * MIB;
+    let e = restored(&snap).err().unwrap();
+    assert!(matches!(
+        &e,
+        MmioError::Backend {
+            source: BackendError::Balloon(BalloonError::SavedTarget { .. }),
+            ..
+        }
+    ));
+    let mut snap = ballooned_snapshot();
+    state_of(&mut snap).ballooned = u64::MAX;
+    let e = restored(&snap).err().unwrap();
+    assert!(matches!(
+        &e,
+        MmioError::Backend {
+            source: BackendError::Balloon(BalloonError::SavedBallooned { .. }),
+            ..
+        }
+    ));
 }

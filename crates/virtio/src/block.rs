@@ -17,7 +17,7 @@ use crate::Memory;
 use nix::fcntl::{Flock, FlockArg};
 use virtio_queue::Queue;
 
-use crate::{drain_queue, features, Backend, Chain};
+use crate::{drain_queue, features, Backend, BackendError, Chain};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
@@ -54,7 +54,7 @@ pub const F_SEG_MAX: u64 = 1 << 2;
 /// Feature: the device has a write cache and honours FLUSH.
 pub const F_FLUSH: u64 = 1 << 9;
 
-/// Errors opening a disk image.
+/// Errors opening a disk image, and giving back or taking back its lock.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The file cannot be opened.
@@ -77,6 +77,24 @@ pub enum BlockError {
     /// Smaller than one sector.
     #[error("disk image {0} is smaller than one 512-byte sector: give a raw image of at least 512 bytes")]
     TooSmall(PathBuf),
+    /// Its lock cannot be given up (for a migration on this host).
+    #[error("cannot unlock disk image {path}")]
+    Unlock {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Its lock cannot be taken back (after a failed migration).
+    #[error("cannot lock disk image {path} again")]
+    Relock {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Request counters.
@@ -289,20 +307,24 @@ impl Backend for Block {
     fn device_type(&self) -> u32 {
         2
     }
-    fn release(&mut self) -> Result<(), String> {
+    fn release(&mut self) -> Result<(), BackendError> {
         if let Some(lock) = self.lock.take() {
-            lock.unlock()
-                .map_err(|(_, e)| format!("cannot unlock {}: {e}", self.path.display()))?;
+            lock.unlock().map_err(|(_, e)| BlockError::Unlock {
+                path: self.path.clone(),
+                source: e.into(),
+            })?;
         }
         Ok(())
     }
 
-    fn reclaim(&mut self) -> Result<(), String> {
+    fn reclaim(&mut self) -> Result<(), BackendError> {
         if self.lock.is_none() {
-            self.lock = Some(
-                lock_image(&self.file, self.read_only)
-                    .map_err(|e| format!("cannot lock {} again: {e}", self.path.display()))?,
-            );
+            let lock =
+                lock_image(&self.file, self.read_only).map_err(|source| BlockError::Relock {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.lock = Some(lock);
         }
         Ok(())
     }
@@ -332,7 +354,7 @@ impl Backend for Block {
         c.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         c
     }
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
+    fn activate(&mut self, _features: u64) -> Result<(), BackendError> {
         Ok(())
     }
     fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::driver::{self, Buf, QueueDriver};
-use crate::mmio::MmioDevice;
+use crate::mmio::{MmioDevice, MmioError, MmioSnapshot};
 use crate::testing::memory;
 use nestvm_devices::bus::BusDevice;
 use nestvm_devices::EventTrigger;
@@ -297,18 +297,32 @@ fn a_snapshot_carries_the_queue_to_a_new_device() {
     // stopped.
     let copy = r.path.with_extension("copy");
     std::fs::copy(&r.path, &copy).unwrap();
-    let block = Block::open(&copy, false).unwrap();
-    let mut dev = MmioDevice::new(block, r.mem.clone(), EventTrigger::new().unwrap()).unwrap();
-    dev.restore(&snap).unwrap();
+    let mem = r.mem.clone();
+    let restore = |path: &Path, snap: &MmioSnapshot| {
+        let block = Block::open(path, false).unwrap();
+        MmioDevice::restore(block, mem.clone(), EventTrigger::new().unwrap(), snap)
+    };
+    let dev = restore(&copy, &snap).unwrap();
     assert!(dev.is_active());
+    assert!(
+        dev.snapshot().backend.is_none(),
+        "a disk has no state of its own"
+    );
     drop(std::mem::replace(&mut r.dev, dev));
     assert_eq!(r.request(request::IN, 2, 512, true), (513, status::OK));
-    // A snapshot that does not fit this device is refused.
+    // A snapshot that does not fit this device is refused (the original
+    // image is free again: its device is gone).
     let mut bad = snap.clone();
     bad.queues.push(bad.queues[0].clone());
-    assert!(r.dev.restore(&bad).is_err());
+    let e = restore(&r.path, &bad).err().unwrap();
+    assert!(matches!(e, MmioError::QueueCount { saved: 2, .. }), "{e}");
     let mut bad = snap.clone();
     bad.queues[0].desc_table = 0xffff_ffff_0000;
-    assert!(r.dev.restore(&bad).is_err());
+    let e = restore(&r.path, &bad).err().unwrap();
+    assert!(matches!(e, MmioError::QueueOutsideMemory { index: 0, .. }));
+    let mut bad = snap.clone();
+    bad.device_type = 1;
+    let e = restore(&r.path, &bad).err().unwrap();
+    assert!(matches!(e, MmioError::DeviceType { saved: 1, .. }));
     let _ = std::fs::remove_file(copy);
 }

@@ -8,6 +8,9 @@
 //! - [`block`]: virtio-blk on a raw image file.
 //! - [`net`]: virtio-net on a TAP (through [`net::FrameIo`]), with the
 //!   MAC-spoofing policy.
+//! - [`balloon`]: virtio-balloon, dynamic memory and runtime resize.
+//! - [`state`]: the typed, versioned state a backend carries in snapshots
+//!   ([`state::DeviceState`], one variant per device that has one).
 //! - [`worker`]: the event-loop side: queue notifications (ioeventfds) and
 //!   backend file descriptors, served off the vCPU threads.
 //!
@@ -20,7 +23,10 @@ pub mod block;
 pub mod driver;
 pub mod mmio;
 pub mod net;
+pub mod state;
 pub mod worker;
+
+use state::{DeviceState, StateError};
 
 pub use virtio_queue::Queue;
 use virtio_queue::{DescriptorChain, QueueT};
@@ -41,6 +47,24 @@ pub mod features {
 
 /// A descriptor chain borrowed from guest memory.
 pub type Chain<'a> = DescriptorChain<&'a Memory>;
+
+/// Errors of a backend: starting it, giving back or taking back what it
+/// holds on the host, taking back its saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A disk.
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+    /// A network adapter.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// A balloon.
+    #[error(transparent)]
+    Balloon(#[from] balloon::BalloonError),
+    /// A saved state that does not fit the device.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 /// A virtio device behind a transport.
 pub trait Backend: Send {
@@ -65,24 +89,32 @@ pub trait Backend: Send {
         false
     }
     /// State of its own that snapshots and migration must carry.
-    fn save_state(&self) -> Option<serde_json::Value> {
+    fn save_state(&self) -> Option<DeviceState> {
         None
     }
-    /// Takes back what [`Backend::save_state`] gave.
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
-        Ok(())
+    /// Takes back what [`Backend::save_state`] gave (`None`: nothing was
+    /// saved). A device without state of its own refuses any state.
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), BackendError> {
+        match state {
+            None => Ok(()),
+            Some(s) => Err(StateError::WrongDevice {
+                device: self.kind(),
+                found: s.kind(),
+            }
+            .into()),
+        }
     }
     /// The driver finished set-up with `features` acknowledged.
-    fn activate(&mut self, features: u64) -> Result<(), String>;
+    fn activate(&mut self, features: u64) -> Result<(), BackendError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// Lets another process take what it holds exclusively on the host (a
     /// disk image's lock), for a migration to a VMM on this same host.
-    fn release(&mut self) -> Result<(), String> {
+    fn release(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
     /// Takes back what [`Backend::release`] let go (a failed migration).
-    fn reclaim(&mut self) -> Result<(), String> {
+    fn reclaim(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
     /// The guest notified `queue`; returns true when it should be interrupted.

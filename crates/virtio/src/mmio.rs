@@ -8,6 +8,10 @@
 //! Queue notifications normally reach [`crate::worker`] through an ioeventfd
 //! that KVM signals without leaving the kernel; a write that does arrive here
 //! (no ioeventfd) signals the same eventfd.
+//!
+//! A device is snapshotted into an [`MmioSnapshot`] (versioned, with the
+//! backend's typed [`DeviceState`]) and built again from one with
+//! [`MmioDevice::restore`], which checks it like guest input.
 
 use crate::Memory;
 use nestvm_devices::bus::BusDevice;
@@ -15,7 +19,8 @@ use nestvm_devices::EventTrigger;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use crate::{features, Backend};
+use crate::state::DeviceState;
+use crate::{features, Backend, BackendError};
 
 /// Size of a device's MMIO window.
 pub const WINDOW_LEN: u64 = 0x1000;
@@ -47,7 +52,7 @@ pub mod status {
 const INT_USED_RING: u32 = 1;
 const INT_CONFIG: u32 = 2;
 
-/// Errors creating a transport.
+/// Errors creating a transport or restoring one from a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     /// An eventfd could not be made.
@@ -56,6 +61,86 @@ pub enum MmioError {
     /// A backend asked for an impossible queue.
     #[error("invalid virtio queue size {0}")]
     QueueSize(u16),
+    /// A snapshot layout this build does not read.
+    #[error("the saved {kind} device is in snapshot version {found}; this nestvm reads version {supported}")]
+    Version {
+        /// The device restored.
+        kind: &'static str,
+        /// The saved version.
+        found: u16,
+        /// The one this build reads.
+        supported: u16,
+    },
+    /// The snapshot of another kind of device.
+    #[error("a saved virtio device of type {saved} cannot be restored into the {kind} device (type {device})")]
+    DeviceType {
+        /// The device restored.
+        kind: &'static str,
+        /// The saved device ID.
+        saved: u32,
+        /// This device's ID.
+        device: u32,
+    },
+    /// Not as many queues as the device has.
+    #[error("{saved} queues in the snapshot, the {kind} device has {device}")]
+    QueueCount {
+        /// The device restored.
+        kind: &'static str,
+        /// Queues saved.
+        saved: usize,
+        /// Queues it has.
+        device: usize,
+    },
+    /// The guest uses features the device no longer offers.
+    #[error("the {kind} device no longer offers features the guest uses ({unoffered:#x})")]
+    Features {
+        /// The device restored.
+        kind: &'static str,
+        /// The accepted features it does not offer.
+        unoffered: u64,
+    },
+    /// A queue of another size than the device's.
+    #[error(
+        "queue {index} of the {kind} device is {device} entries at most, {saved} in the snapshot"
+    )]
+    QueueMaxSize {
+        /// The device restored.
+        kind: &'static str,
+        /// The queue.
+        index: usize,
+        /// The saved maximum.
+        saved: u16,
+        /// The device's maximum.
+        device: u16,
+    },
+    /// A queue state virtio-queue refuses (its size, its alignment).
+    #[error("queue {index} of the saved {kind} device is invalid")]
+    Queue {
+        /// The device restored.
+        kind: &'static str,
+        /// The queue.
+        index: usize,
+        /// What virtio-queue said.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A running queue's rings are not in guest memory.
+    #[error("queue {index} of the saved {kind} device lies outside guest memory")]
+    QueueOutsideMemory {
+        /// The device restored.
+        kind: &'static str,
+        /// The queue.
+        index: usize,
+    },
+    /// The backend refused its saved state or could not start again.
+    #[error("the saved {kind} device cannot be restored")]
+    Backend {
+        /// The device restored.
+        kind: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
 }
 
 /// One queue's state in a snapshot.
@@ -81,11 +166,18 @@ pub struct QueueSnapshot {
     pub event_idx: bool,
 }
 
-/// A transport's registers and queues, for snapshots. The backend's own
-/// state is not in it: disks have none beyond their image, and a network
-/// adapter loses at most the one frame it was holding, like a lost packet.
+/// A transport's registers and queues, and its backend's own state, for
+/// snapshots. Disks have no state beyond their image, and a network adapter
+/// loses at most the one frame it was holding, like a lost packet.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MmioSnapshot {
+    /// Its layout's version, [`MmioSnapshot::VERSION`] when saved by this
+    /// build (0 when absent: a snapshot from before versions, refused).
+    #[serde(default)]
+    pub version: u16,
+    /// The virtio device ID of the device saved.
+    #[serde(default)]
+    pub device_type: u32,
     /// Device status register.
     pub status: u32,
     /// Features the driver accepted.
@@ -104,7 +196,12 @@ pub struct MmioSnapshot {
     pub queues: Vec<QueueSnapshot>,
     /// The backend's own state, for devices that have one (the balloon).
     #[serde(default)]
-    pub backend: Option<serde_json::Value>,
+    pub backend: Option<DeviceState>,
+}
+
+impl MmioSnapshot {
+    /// The version this build writes and reads.
+    pub const VERSION: u16 = 1;
 }
 
 /// A virtio device on the MMIO bus.
@@ -153,6 +250,8 @@ impl<B: Backend> MmioDevice<B> {
     /// Its registers and queues (with the VM paused).
     pub fn snapshot(&self) -> MmioSnapshot {
         MmioSnapshot {
+            version: MmioSnapshot::VERSION,
+            device_type: self.backend.device_type(),
             status: self.status,
             driver_features: self.driver_features,
             features_sel: [self.device_features_sel, self.driver_features_sel],
@@ -182,61 +281,57 @@ impl<B: Backend> MmioDevice<B> {
         }
     }
 
-    /// Puts this (new) device in the state `snap` describes and, if it was
-    /// running, starts the backend again with the same features. The
-    /// snapshot is checked like guest input: queue counts and sizes must be
-    /// what this backend offers and active queues must lie in guest memory.
-    pub fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String> {
-        if snap.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{} queues in the snapshot, the {} device has {}",
-                snap.queues.len(),
-                self.backend.kind(),
-                self.queues.len()
-            ));
-        }
-        if snap.driver_features & !self.backend.features() != 0 {
-            return Err(format!(
-                "the {} device no longer offers features the guest uses ({:#x})",
-                self.backend.kind(),
-                snap.driver_features & !self.backend.features()
-            ));
-        }
-        for (q, s) in self.queues.iter_mut().zip(&snap.queues) {
-            if s.max_size != q.max_size() {
-                return Err("queue sizes differ from the snapshot's".into());
-            }
-            let state = QueueState {
-                max_size: s.max_size,
-                next_avail: s.next_avail,
-                next_used: s.next_used,
-                event_idx_enabled: s.event_idx,
-                size: s.size,
-                ready: s.ready,
-                desc_table: s.desc_table,
-                avail_ring: s.avail_ring,
-                used_ring: s.used_ring,
-            };
-            *q = Queue::try_from(state).map_err(|e| format!("invalid queue state: {e}"))?;
-            if snap.active && q.ready() && !q.is_valid(&self.mem) {
-                return Err("a queue lies outside guest memory".into());
-            }
-        }
-        self.status = snap.status;
-        self.driver_features = snap.driver_features;
-        self.device_features_sel = snap.features_sel[0];
-        self.driver_features_sel = snap.features_sel[1];
-        self.queue_sel = snap.queue_sel;
-        self.interrupt_status = snap.interrupt_status;
-        self.config_generation = snap.config_generation;
-        if let Some(state) = &snap.backend {
-            self.backend.restore_state(state)?;
-        }
+    /// The device `backend` was when `snap` was taken: its registers and
+    /// queues, its own state, and, if it was running, started again with the
+    /// same features. The snapshot is checked like guest input: its version
+    /// and device type, queue counts and sizes must be what this backend
+    /// offers, the features the guest accepted must still be offered, and
+    /// running queues must lie in guest memory.
+    pub fn restore(
+        backend: B,
+        mem: Memory,
+        irq: EventTrigger,
+        snap: &MmioSnapshot,
+    ) -> Result<Self, MmioError> {
+        let kind = backend.kind();
+        check_fits(&backend, snap)?;
+        let queues = snap
+            .queues
+            .iter()
+            .zip(backend.queue_sizes())
+            .enumerate()
+            .map(|(index, (s, &max))| restore_queue(kind, index, s, max, &mem, snap.active))
+            .collect::<Result<Vec<_>, _>>()?;
+        let notify = queues
+            .iter()
+            .map(|_| EventTrigger::new().map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut dev = Self {
+            backend,
+            mem,
+            queues,
+            notify,
+            irq,
+            interrupt_status: snap.interrupt_status,
+            status: snap.status,
+            device_features_sel: snap.features_sel[0],
+            driver_features_sel: snap.features_sel[1],
+            driver_features: snap.driver_features,
+            queue_sel: snap.queue_sel,
+            config_generation: snap.config_generation,
+            active: false,
+        };
+        let backend_failed = |source| MmioError::Backend { kind, source };
+        dev.backend
+            .restore_state(snap.backend.as_ref())
+            .map_err(backend_failed)?;
         if snap.active {
-            self.backend.activate(snap.driver_features)?;
-            self.active = true;
+            dev.backend
+                .activate(snap.driver_features)
+                .map_err(backend_failed)?;
+            dev.active = true;
         }
-        Ok(())
+        Ok(dev)
     }
 
     /// The per-queue notification eventfds, in queue order.
@@ -340,7 +435,7 @@ impl<B: Backend> MmioDevice<B> {
 
     fn activate(&mut self) {
         if self.status & status::FEATURES_OK == 0 {
-            return self.fail("DRIVER_OK before FEATURES_OK".into());
+            return self.fail("DRIVER_OK before FEATURES_OK");
         }
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
@@ -350,7 +445,7 @@ impl<B: Backend> MmioDevice<B> {
             q.set_event_idx(event_idx);
         }
         if let Err(e) = self.backend.activate(self.driver_features) {
-            return self.fail(e);
+            return self.fail(ErrorChain(&e));
         }
         self.active = true;
         // Buffers the driver queued before DRIVER_OK (network receive
@@ -360,7 +455,7 @@ impl<B: Backend> MmioDevice<B> {
         }
     }
 
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, why: impl std::fmt::Display) {
         log::warn!(
             "virtio {} ({}): {why}; the device needs a reset",
             self.backend.kind(),
@@ -447,6 +542,93 @@ impl<B: Backend> MmioDevice<B> {
     }
 }
 
+/// Refuses a snapshot of another version or device, or whose queues or
+/// features this backend does not have.
+fn check_fits<B: Backend>(backend: &B, snap: &MmioSnapshot) -> Result<(), MmioError> {
+    let kind = backend.kind();
+    if snap.version != MmioSnapshot::VERSION {
+        return Err(MmioError::Version {
+            kind,
+            found: snap.version,
+            supported: MmioSnapshot::VERSION,
+        });
+    }
+    if snap.device_type != backend.device_type() {
+        return Err(MmioError::DeviceType {
+            kind,
+            saved: snap.device_type,
+            device: backend.device_type(),
+        });
+    }
+    if snap.queues.len() != backend.queue_sizes().len() {
+        return Err(MmioError::QueueCount {
+            kind,
+            saved: snap.queues.len(),
+            device: backend.queue_sizes().len(),
+        });
+    }
+    let unoffered = snap.driver_features & !backend.features();
+    if unoffered != 0 {
+        return Err(MmioError::Features { kind, unoffered });
+    }
+    Ok(())
+}
+
+/// Queue `index` as `s` saved it, if it fits a queue of `max` entries (and,
+/// on a running device, lies in `mem`).
+fn restore_queue(
+    kind: &'static str,
+    index: usize,
+    s: &QueueSnapshot,
+    max: u16,
+    mem: &Memory,
+    active: bool,
+) -> Result<Queue, MmioError> {
+    if s.max_size != max {
+        return Err(MmioError::QueueMaxSize {
+            kind,
+            index,
+            saved: s.max_size,
+            device: max,
+        });
+    }
+    let state = QueueState {
+        max_size: s.max_size,
+        next_avail: s.next_avail,
+        next_used: s.next_used,
+        event_idx_enabled: s.event_idx,
+        size: s.size,
+        ready: s.ready,
+        desc_table: s.desc_table,
+        avail_ring: s.avail_ring,
+        used_ring: s.used_ring,
+    };
+    let q = Queue::try_from(state).map_err(|source| MmioError::Queue {
+        kind,
+        index,
+        source,
+    })?;
+    if active && q.ready() && !q.is_valid(mem) {
+        return Err(MmioError::QueueOutsideMemory { kind, index });
+    }
+    Ok(q)
+}
+
+/// An error and its causes, `: `-separated, for a log line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 /// What a device reports about itself (for `GET /v1/vm` and `status`).
 #[derive(Debug, Clone)]
 pub struct DeviceReport {
@@ -461,31 +643,27 @@ pub struct DeviceReport {
 }
 
 /// What the VMM does with a device, whatever its backend: report on it,
-/// snapshot it, restore it.
+/// snapshot it, let go of its host resources and take them back. (A device
+/// is restored by building it from its snapshot: [`MmioDevice::restore`].)
 pub trait Inspect: Send {
     /// Its report.
     fn report(&self) -> DeviceReport;
-    /// Its transport state.
+    /// Its transport and backend state.
     fn snapshot(&self) -> MmioSnapshot;
-    /// Puts it in a saved state.
-    fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String>;
     /// See [`Backend::release`].
-    fn release(&mut self) -> Result<(), String>;
+    fn release(&mut self) -> Result<(), BackendError>;
     /// See [`Backend::reclaim`].
-    fn reclaim(&mut self) -> Result<(), String>;
+    fn reclaim(&mut self) -> Result<(), BackendError>;
 }
 
 impl<B: Backend> Inspect for MmioDevice<B> {
     fn snapshot(&self) -> MmioSnapshot {
         MmioDevice::snapshot(self)
     }
-    fn restore(&mut self, snap: &MmioSnapshot) -> Result<(), String> {
-        MmioDevice::restore(self, snap)
-    }
-    fn release(&mut self) -> Result<(), String> {
+    fn release(&mut self) -> Result<(), BackendError> {
         self.backend.release()
     }
-    fn reclaim(&mut self) -> Result<(), String> {
+    fn reclaim(&mut self) -> Result<(), BackendError> {
         self.backend.reclaim()
     }
     fn report(&self) -> DeviceReport {
@@ -537,104 +715,5 @@ impl<B: Backend> BusDevice for MmioDevice<B> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{driver_setup, TestBackend};
-
-    #[test]
-    fn identifies_itself() {
-        let (mut dev, _mem) = TestBackend::device();
-        let mut r = |off: u64| {
-            let mut b = [0u8; 4];
-            dev.read(off, &mut b);
-            u32::from_le_bytes(b)
-        };
-        assert_eq!(r(0), MAGIC);
-        assert_eq!(r(4), 2);
-        assert_eq!(r(8), 42);
-        assert_eq!(r(0x34), 16, "queue 0 max size");
-    }
-
-    #[test]
-    fn negotiation_and_activation() {
-        let (mut dev, _mem) = TestBackend::device();
-        driver_setup(&mut dev, features::VERSION_1);
-        assert!(dev.is_active());
-        assert_eq!(dev.status() & status::NEEDS_RESET, 0);
-        // Reset returns to square one.
-        dev.write(0x70, &0u32.to_le_bytes());
-        assert!(!dev.is_active());
-        assert_eq!(dev.status(), 0);
-    }
-
-    #[test]
-    fn features_not_offered_are_refused() {
-        let (mut dev, _mem) = TestBackend::device();
-        let w =
-            |dev: &mut MmioDevice<TestBackend>, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
-        w(&mut dev, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        w(&mut dev, 0x24, 0);
-        w(&mut dev, 0x20, 1 << 3); // never offered
-        w(&mut dev, 0x24, 1);
-        w(&mut dev, 0x20, 1);
-        w(
-            &mut dev,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_eq!(dev.status() & status::FEATURES_OK, 0);
-        // Without VERSION_1 too.
-        w(&mut dev, 0x70, 0);
-        w(
-            &mut dev,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_eq!(dev.status() & status::FEATURES_OK, 0);
-    }
-
-    #[test]
-    fn queue_outside_memory_needs_reset_not_a_crash() {
-        let (mut dev, _mem) = TestBackend::device();
-        let w =
-            |dev: &mut MmioDevice<TestBackend>, off: u64, v: u32| dev.write(off, &v.to_le_bytes());
-        w(&mut dev, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        w(&mut dev, 0x24, 1);
-        w(&mut dev, 0x20, 1);
-        w(
-            &mut dev,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        w(&mut dev, 0x30, 0);
-        w(&mut dev, 0x38, 16);
-        w(&mut dev, 0x80, 0xffff_f000);
-        w(&mut dev, 0x84, 0xffff);
-        w(&mut dev, 0x44, 1);
-        w(&mut dev, 0x70, 0xf);
-        assert!(!dev.is_active());
-        assert_ne!(dev.status() & status::NEEDS_RESET, 0);
-        let mut b = [0u8; 4];
-        dev.read(0x60, &mut b);
-        assert_eq!(u32::from_le_bytes(b) & INT_CONFIG, INT_CONFIG);
-    }
-
-    #[test]
-    fn odd_accesses_are_harmless() {
-        let (mut dev, _mem) = TestBackend::device();
-        for off in [0u64, 1, 2, 3, 0x50, 0x51, 0xff, 0x100, 0x1ff, 0xfff] {
-            for len in [1usize, 2, 4, 8] {
-                let mut b = vec![0u8; len];
-                dev.read(off, &mut b);
-                dev.write(off, &b);
-            }
-        }
-        // Out-of-range queue selections read as absent and write nowhere.
-        dev.write(0x30, &7u32.to_le_bytes());
-        dev.write(0x38, &8u32.to_le_bytes());
-        let mut b = [0u8; 4];
-        dev.read(0x34, &mut b);
-        assert_eq!(u32::from_le_bytes(b), 0);
-        dev.write(QUEUE_NOTIFY, &u32::MAX.to_le_bytes());
-    }
-}
+#[path = "mmio_tests.rs"]
+mod tests;

@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use crate::Memory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use crate::{drain_queue, features, Backend, Chain};
+use crate::{drain_queue, features, Backend, BackendError, Chain};
 
 /// Entries in each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -55,6 +55,20 @@ pub mod feature {
     pub const MRG_RXBUF: u64 = 1 << 15;
     /// `status` in config is valid.
     pub const STATUS: u64 = 1 << 16;
+}
+
+/// Errors of a network adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP refused the offloads the driver accepted.
+    #[error("cannot set the offloads of {tap}")]
+    Offload {
+        /// The TAP's name.
+        tap: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The host side of the adapter: a TAP, or anything that moves whole frames
@@ -306,7 +320,7 @@ impl Backend for Net {
         c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
         c
     }
-    fn activate(&mut self, f: u64) -> Result<(), String> {
+    fn activate(&mut self, f: u64) -> Result<(), BackendError> {
         use feature::*;
         self.mergeable = f & MRG_RXBUF != 0;
         let csum = f & GUEST_CSUM != 0;
@@ -316,7 +330,13 @@ impl Backend for Net {
                 csum && f & GUEST_TSO4 != 0,
                 csum && f & GUEST_TSO6 != 0,
             )
-            .map_err(|e| format!("cannot set TAP offloads: {e}"))
+            .map_err(|source| {
+                NetError::Offload {
+                    tap: self.io.name(),
+                    source,
+                }
+                .into()
+            })
     }
     fn reset(&mut self) {
         self.rx_pending = 0;

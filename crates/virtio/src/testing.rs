@@ -7,7 +7,7 @@ use vm_memory::GuestAddress;
 
 use crate::driver::{self, QueueDriver};
 use crate::mmio::MmioDevice;
-use crate::{drain_queue, features, Backend};
+use crate::{drain_queue, features, Backend, BackendError};
 
 /// Guest memory for tests: 1 MiB at 0.
 pub fn memory() -> Memory {
@@ -36,7 +36,7 @@ impl Backend for TestBackend {
     fn config(&self) -> Vec<u8> {
         vec![1, 2, 3, 4]
     }
-    fn activate(&mut self, _features: u64) -> Result<(), String> {
+    fn activate(&mut self, _features: u64) -> Result<(), BackendError> {
         Ok(())
     }
     fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {

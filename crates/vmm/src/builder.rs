@@ -155,7 +155,7 @@ pub fn build(
     let vm = hv.create_vm()?;
     vm.setup_irqchip_and_pit()?;
     vm.map_memory(&memory.0)?;
-    let devices = attach_devices(config, &vm, &memory.0, |irq| {
+    let devices = attach_devices(config, &vm, &memory.0, None, |irq| {
         Ok(SerialPort::new(irq, console))
     })?;
 
@@ -258,11 +258,12 @@ pub(crate) struct Devices {
 /// Puts every device on the buses and wires its interrupts: the UART
 /// (`make_serial` gets its interrupt line: a new UART, or one restored from
 /// a snapshot), the reset and ACPI registers, the power button, and the
-/// virtio disks and adapters.
+/// virtio devices (new, or built from `saved_virtio`).
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &nestvm_kvm::Vm,
     memory: &Memory,
+    saved_virtio: Option<&[nestvm_virtio::mmio::MmioSnapshot]>,
     make_serial: impl FnOnce(EventTrigger) -> Result<SerialPort, BuildError>,
 ) -> Result<Devices, BuildError> {
     let serial_irq = event("the serial interrupt")?;
@@ -274,7 +275,7 @@ pub(crate) fn attach_devices(
     let power_button = event("the power button")?;
     vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
     let mut buses = Buses::default();
-    let virtio = crate::virtio::attach(config, vm, memory, &mut buses.mmio)?;
+    let virtio = crate::virtio::attach(config, vm, memory, &mut buses.mmio, saved_virtio)?;
     buses
         .pio
         .insert(serial.clone(), u64::from(acpi::COM1_PORT), SERIAL_PORT_LEN)?;

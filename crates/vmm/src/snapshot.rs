@@ -441,16 +441,11 @@ impl Skeleton {
             vcpus, vm, memory, ..
         } = self;
         let serial = &snap.serial;
-        let devices = attach_devices(&snap.config, &vm, &memory, |irq| {
-            SerialPort::from_snapshot(serial, irq, console)
-                .map_err(|e| BuildError::from(SnapshotError::Incompatible(e)))
+        let devices = attach_devices(&snap.config, &vm, &memory, Some(&snap.virtio), |irq| {
+            SerialPort::from_snapshot(serial, irq, console).map_err(|e| {
+                BuildError::from(SnapshotError::Incompatible(crate::capture::chain_text(&e)))
+            })
         })?;
-        for (dev, s) in devices.virtio.inspect.iter().zip(&snap.virtio) {
-            dev.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore(s)
-                .map_err(|e| BuildError::from(SnapshotError::Incompatible(e)))?;
-        }
         vm.restore_state(&snap.vm)?;
         for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
             state.restore(vcpu)?;

@@ -1,7 +1,9 @@
 //! Attaches a VM's disks, network adapters and balloon: each becomes a virtio-mmio
 //! device in its own window with its own interrupt line (both declared to the
 //! guest in the DSDT), its queue-notify register wired to ioeventfds and its
-//! interrupt to an irqfd, and an event-loop worker that does its I/O.
+//! interrupt to an irqfd, and an event-loop worker that does its I/O. A
+//! restored VM's devices are built from their saved transport and backend
+//! state (checked like guest input) instead of fresh.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +14,7 @@ use nestvm_devices::bus::Bus;
 use nestvm_kvm::tap::{offload, Tap};
 use nestvm_virtio::balloon;
 use nestvm_virtio::block::Block;
-use nestvm_virtio::mmio::{Inspect, MmioDevice, QUEUE_NOTIFY};
+use nestvm_virtio::mmio::{Inspect, MmioDevice, MmioSnapshot, QUEUE_NOTIFY};
 use nestvm_virtio::net::{derived_mac, FrameIo, Net};
 use nestvm_virtio::worker::Worker;
 use nestvm_virtio::Backend;
@@ -21,6 +23,7 @@ use nestvm_virtio::Memory;
 use crate::adapters::parse_mac;
 use crate::builder::BuildError;
 use crate::config::VmConfig;
+use crate::snapshot::SnapshotError;
 
 /// The VM's virtio devices, for the run loop.
 #[derive(Default)]
@@ -82,20 +85,32 @@ impl FrameIo for TapIo {
     }
 }
 
-/// Opens every disk image and TAP of `config` and puts the devices on `mmio`.
+/// Opens every disk image and TAP of `config` and puts the devices on `mmio`:
+/// new ones, or, with `saved` (one per device, in device order), the devices
+/// those snapshots describe.
 pub fn attach(
     config: &VmConfig,
     vm: &nestvm_kvm::Vm,
     mem: &Memory,
     mmio: &mut Bus,
+    saved: Option<&[MmioSnapshot]>,
 ) -> Result<VirtioDevices, BuildError> {
+    if saved.is_some_and(|s| s.len() != device_count(config)) {
+        return Err(SnapshotError::Incompatible(
+            "the saved devices do not match the VM's definition".into(),
+        )
+        .into());
+    }
     let mut out = VirtioDevices::default();
     let slots = slots(config);
-    let mut next = slots.iter();
+    let mut next = slots.iter().enumerate().map(|(i, slot)| Attach {
+        slot,
+        saved: saved.and_then(|s| s.get(i)),
+    });
     for disk in &config.disks {
         let block = Block::open(&disk.path, disk.readonly)?;
-        let slot = next.next().expect("validated device count");
-        add(block, slot, vm, mem, mmio, &mut out)?;
+        let place = next.next().expect("validated device count");
+        add(block, place, vm, mem, mmio, &mut out)?;
     }
     for net in &config.nets {
         let mac = match &net.mac {
@@ -104,15 +119,15 @@ pub fn attach(
         };
         let tap = Tap::open(&net.tap)?;
         let dev = Net::new(Box::new(TapIo(tap)), mac, net.mac_spoofing);
-        let slot = next.next().expect("validated device count");
-        add(dev, slot, vm, mem, mmio, &mut out)?;
+        let place = next.next().expect("validated device count");
+        add(dev, place, vm, mem, mmio, &mut out)?;
     }
     if let Some(b) = &config.balloon {
         let min = b.min_bytes().map_err(crate::config::ConfigError::from)?;
         let freed = mem.clone();
         // Pages the guest gives back are freed on the host.
         let discard: balloon::Discard = Box::new(move |addr, len| {
-            nestvm_kvm::memory::discard(&freed, addr, len).map_err(|e| e.to_string())
+            nestvm_kvm::memory::discard(&freed, addr, len).map_err(std::io::Error::other)
         });
         let start = b.start_bytes().map_err(crate::config::ConfigError::from)?;
         let range = balloon::Range {
@@ -122,16 +137,22 @@ pub fn attach(
         };
         let (dev, control) = balloon::Balloon::new(range, b.dynamic, discard)
             .map_err(|e| BuildError::EventFd("the balloon's timer", e))?;
-        let slot = next.next().expect("validated device count");
-        add(dev, slot, vm, mem, mmio, &mut out)?;
+        let place = next.next().expect("validated device count");
+        add(dev, place, vm, mem, mmio, &mut out)?;
         out.balloon = Some(control);
     }
     Ok(out)
 }
 
+/// Where a device goes, and the state it is restored to, if any.
+struct Attach<'a> {
+    slot: &'a VirtioSlot,
+    saved: Option<&'a MmioSnapshot>,
+}
+
 fn add<B: Backend + 'static>(
     backend: B,
-    slot: &VirtioSlot,
+    Attach { slot, saved }: Attach<'_>,
     vm: &nestvm_kvm::Vm,
     mem: &Memory,
     mmio: &mut Bus,
@@ -140,7 +161,10 @@ fn add<B: Backend + 'static>(
     let irq = nestvm_devices::EventTrigger::new()
         .map_err(|e| BuildError::EventFd("a virtio interrupt", e))?;
     vm.register_irqfd(&irq.0, slot.gsi)?;
-    let dev = MmioDevice::new(backend, mem.clone(), irq)?;
+    let dev = match saved {
+        Some(snap) => MmioDevice::restore(backend, mem.clone(), irq, snap)?,
+        None => MmioDevice::new(backend, mem.clone(), irq)?,
+    };
     for (i, n) in dev.notify_events().iter().enumerate() {
         vm.register_ioeventfd(&n.0, slot.base + QUEUE_NOTIFY, i as u32)?;
     }

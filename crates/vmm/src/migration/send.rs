@@ -441,7 +441,7 @@ impl Outgoing {
             .map(|(snapshot, _)| {
                 for d in parts.virtio {
                     if let Err(e) = lock(d).release() {
-                        log::warn!("migration: {e}");
+                        log::warn!("migration: {}", crate::capture::chain_text(&e));
                     }
                 }
                 Captured {
@@ -458,7 +458,7 @@ impl Outgoing {
             if handed {
                 for d in parts.virtio {
                     if let Err(e) = lock(d).reclaim() {
-                        log::warn!("migration failed, and {e}");
+                        log::warn!("migration failed, and {}", crate::capture::chain_text(&e));
                     }
                 }
             }
