@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use nestvm_manager::{Store, VmName, VmState};
 use nestvm_vmm::api::call;
-use nestvm_vmm::checkpoint::{self, Meta};
+use nestvm_snapshot::layer::{self as checkpoint, Meta};
 
 use crate::managed::paths;
 use crate::vm::store_err;
