@@ -106,7 +106,7 @@ pub fn start_from(
     let resuming = crate::saved::saved_dir(store, name).exists() && checkpoint.is_none();
     if !resuming && checkpoint.is_none() {
         // A fresh start descends from no checkpoint.
-        crate::checkpoints::set_current(store, name, None)?;
+        store.checkpoints(name).set_current(None).map_err(runtime)?;
     }
     let p = paths(store, name);
     let extra: Vec<String> = checkpoint
@@ -206,7 +206,7 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let saved = crate::saved::saved_dir(store, name);
-    let checkpoints = crate::checkpoints::root(store, name);
+    let checkpoints = store.checkpoints(name).root().to_owned();
     let checkpoint = match &from {
         From::Checkpoint(c) => Some(c.as_str()),
         _ => None,
