@@ -81,6 +81,30 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// The body of a successful PUT /v1/vm/save.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SaveReply {
+    /// The saved-VM directory.
+    pub saved: std::path::PathBuf,
+    /// What was written.
+    #[serde(flatten)]
+    pub summary: crate::snapshot::SaveSummary,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// vCPUs that were running a guest of their own (nested state saved).
+    pub vcpus_in_guest_mode: usize,
+}
+
+/// The body of a successful PUT /v1/vm/checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointReply {
+    /// The new checkpoint's metadata.
+    #[serde(flatten)]
+    pub meta: nestvm_snapshot::layer::Meta,
+    /// vCPUs that were running a guest of their own (nested state kept).
+    pub vcpus_in_guest_mode: usize,
+}
+
 /// An action the run loop carries out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

@@ -4,12 +4,12 @@
 //! range its definition allows, or hands the size to the automatic policy.
 
 use nestvm_virtio::balloon::Control;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Pending};
 
 /// What `GET /v1/vm/memory` answers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryInfo {
     /// The VM's RAM: the most it can have, bytes.
     pub max: u64,

@@ -131,12 +131,13 @@ pub(crate) fn checkpoint_vm(
     p: &SaveParts<'_>,
     root: &std::path::Path,
     (name, parent): (&str, Option<&str>),
-) -> Result<serde_json::Value, String> {
+) -> Result<crate::api::CheckpointReply, String> {
     let (snap, in_guest_mode) = build_snapshot(handles, p)?;
     std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     let meta =
         crate::checkpoint::take(snap, p.memory, root, name, parent).map_err(|e| chain_text(&e))?;
-    let mut v = serde_json::to_value(&meta).map_err(|e| e.to_string())?;
-    v["vcpus_in_guest_mode"] = in_guest_mode.into();
-    Ok(v)
+    Ok(crate::api::CheckpointReply {
+        meta,
+        vcpus_in_guest_mode: in_guest_mode,
+    })
 }

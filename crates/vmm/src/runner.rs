@@ -627,13 +627,12 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
                             settle(&outcome, VmOutcome::Saved);
                             req.reply(
                                 200,
-                                &serde_json::json!({
-                                    "saved": dir,
-                                    "memory_bytes": summary.memory_bytes,
-                                    "written_bytes": summary.written_bytes,
-                                    "vcpus": handles.len(),
-                                    "vcpus_in_guest_mode": in_guest_mode,
-                                }),
+                                &crate::api::SaveReply {
+                                    saved: dir.clone(),
+                                    summary,
+                                    vcpus: handles.len(),
+                                    vcpus_in_guest_mode: in_guest_mode,
+                                },
                             );
                         }
                         Err(e) => {

@@ -108,7 +108,7 @@ pub struct VmSnapshot {
 }
 
 /// What a save wrote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct SaveSummary {
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
