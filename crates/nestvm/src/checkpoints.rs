@@ -11,11 +11,12 @@ use std::time::Duration;
 use anyhow::anyhow;
 use nestvm_manager::checkpoints::Meta;
 use nestvm_manager::{CheckpointError, Store, VmName, VmState};
-use nestvm_vmm::api::call;
+use nestvm_vmm::api::CheckpointReply;
 
-use crate::managed::paths;
-use crate::vm::store_err;
-use crate::{runtime, usage, Failure};
+use crate::common::{print_json, report, runtime, store_err, usage, Failure};
+use crate::control;
+use crate::managed::{kill_hard, start_from};
+use crate::vmdir::{remove_saved, VmDir};
 
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -42,29 +43,17 @@ pub fn take(store: &Store, name: &VmName, c: Option<String>, json: bool) -> Resu
     cps.check_new(&c).map_err(|e| name_err(name, e))?;
     let parent = cps.current().unwrap_or_default();
     let path = format!("/v1/vm/checkpoint?name={c}&parent={parent}");
-    let v = match call(
-        &paths(store, name).control,
-        "PUT",
-        &path,
-        CHECKPOINT_TIMEOUT,
-    ) {
-        Ok((200, v)) => v,
-        Ok((_, v)) => {
-            return Err(runtime(anyhow!(
-                "no checkpoint taken: {}",
-                v["error"].as_str().unwrap_or("refused")
-            )))
-        }
-        Err(e) => return Err(runtime(anyhow!("no checkpoint taken: {e}"))),
-    };
+    let socket = VmDir::of(store, name).control;
+    let v: CheckpointReply = control::done(&socket, "PUT", &path, CHECKPOINT_TIMEOUT, 200)
+        .map_err(|e| runtime(anyhow!("no checkpoint taken: {e}")))?;
     cps.set_current(Some(&c)).map_err(runtime)?;
-    crate::report(
+    report(
         json,
         &format!(
             "took checkpoint '{c}' of VM '{name}'{}: {} MiB of memory stored ({} MiB of guest memory)",
             if parent.is_empty() { String::new() } else { format!(" after '{parent}'") },
-            v["written_bytes"].as_u64().unwrap_or(0) >> 20,
-            v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+            v.meta.written_bytes >> 20,
+            v.meta.memory_bytes >> 20,
         ),
         serde_json::json!({"vm": name.as_str(), "result": "checkpoint", "checkpoint": v}),
     );
@@ -79,7 +68,7 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
     let cur = cps.current();
     if json {
         let v = serde_json::json!({"vm": name.as_str(), "current": cur, "checkpoints": all});
-        println!("{}", serde_json::to_string_pretty(&v).map_err(runtime)?);
+        print_json(&v)?;
         return Ok(0);
     }
     if all.is_empty() {
@@ -117,14 +106,14 @@ pub fn restore(store: &Store, name: &VmName, c: &str, json: bool) -> Result<u8, 
             )));
         }
         if store.state(name) == VmState::Live {
-            crate::managed::kill_hard(store, name)?;
+            kill_hard(store, name)?;
         }
-        let saved = crate::saved::saved_dir(store, name);
+        let saved = VmDir::of(store, name).saved;
         if saved.exists() {
-            crate::saved::remove(&saved).map_err(runtime)?;
+            remove_saved(&saved).map_err(runtime)?;
         }
     }
-    let code = crate::managed::start_from(store, name, Some(c), json)?;
+    let code = start_from(store, name, Some(c), json)?;
     store
         .checkpoints(name)
         .set_current(Some(c))
@@ -139,7 +128,7 @@ pub fn remove(store: &Store, name: &VmName, c: &str, json: bool) -> Result<u8, F
         .checkpoints(name)
         .remove(c)
         .map_err(|e| name_err(name, e))?;
-    crate::report(
+    report(
         json,
         &format!("removed checkpoint '{c}' of VM '{name}'"),
         serde_json::json!({"vm": name.as_str(), "result": "removed", "checkpoint": c}),
