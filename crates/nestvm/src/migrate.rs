@@ -219,36 +219,9 @@ pub struct Limits {
     pub verify: bool,
 }
 
-/// `vm migrate`: sends the running VM to a `vm receive` at `to`.
-pub fn migrate(
-    store: &Store,
-    name: &VmName,
-    to: &str,
-    token_file: &Path,
-    limits: Limits,
-    json: bool,
-) -> Result<u8, Failure> {
-    let _cmd = store.lock(name).map_err(store_err)?;
-    if store.state(name) != VmState::Live {
-        return Err(usage(anyhow!(
-            "VM '{name}' is not running: only a running or paused VM can be migrated (a stopped one needs only its definition and disks copied)"
-        )));
-    }
-    if to.contains(['&', '?', ' ', '#']) {
-        return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
-    }
-    let token = read_token(token_file)?;
-    let p = VmDir::of(store, name);
-    let path = format!(
-        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
-        hex(&token),
-        limits.max_downtime.as_millis(),
-        limits.max_bandwidth.unwrap_or(0),
-        u8::from(limits.verify)
-    );
-    // The reply is the migration's first progress; the loop below reads it.
-    control::done::<IgnoredAny>(&p.control, "PUT", &path, API_TIMEOUT, 202)
-        .map_err(|e| runtime(anyhow!("VM '{name}' was not migrated: {e}")))?;
+/// Draws the migration's progress until it completes or fails; its last
+/// progress (from the report the VMM leaves as it ends, if gone).
+fn follow(store: &Store, name: &VmName, p: &VmDir, json: bool) -> Result<Progress, Failure> {
     let started = Instant::now();
     let bar = if json {
         ProgressBar::hidden()
@@ -295,6 +268,40 @@ pub fn migrate(
         std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
+    Ok(last)
+}
+
+/// `vm migrate`: sends the running VM to a `vm receive` at `to`.
+pub fn migrate(
+    store: &Store,
+    name: &VmName,
+    to: &str,
+    token_file: &Path,
+    limits: Limits,
+    json: bool,
+) -> Result<u8, Failure> {
+    let _cmd = store.lock(name).map_err(store_err)?;
+    if store.state(name) != VmState::Live {
+        return Err(usage(anyhow!(
+            "VM '{name}' is not running: only a running or paused VM can be migrated (a stopped one needs only its definition and disks copied)"
+        )));
+    }
+    if to.contains(['&', '?', ' ', '#']) {
+        return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
+    }
+    let token = read_token(token_file)?;
+    let p = VmDir::of(store, name);
+    let path = format!(
+        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
+        hex(&token),
+        limits.max_downtime.as_millis(),
+        limits.max_bandwidth.unwrap_or(0),
+        u8::from(limits.verify)
+    );
+    // The reply is the migration's first progress; the loop below reads it.
+    control::done::<IgnoredAny>(&p.control, "PUT", &path, API_TIMEOUT, 202)
+        .map_err(|e| runtime(anyhow!("VM '{name}' was not migrated: {e}")))?;
+    let last = follow(store, name, &p, json)?;
     if last.phase == Phase::Failed {
         let error = last.error.clone().unwrap_or_default();
         return Err(runtime(anyhow!(
