@@ -8,10 +8,15 @@
 //! - [`lock`]: a per-VM command lock, so two commands on one VM never
 //!   interleave, and the run lock a VMM process holds for its whole life, so
 //!   a VM whose VMM died is seen as Off at once.
+//! - [`checkpoints`]: a VM's checkpoint tree as bookkeeping: its folder,
+//!   the `CURRENT` pointer, listing, the name rule, and removing a
+//!   checkpoint by folding its pages into its children.
 
+pub mod checkpoints;
 pub mod lock;
 pub mod name;
 pub mod store;
 
+pub use checkpoints::{CheckpointError, Checkpoints};
 pub use name::VmName;
 pub use store::{Store, StoreError, VmState};

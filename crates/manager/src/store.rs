@@ -149,6 +149,11 @@ impl Store {
         self.root.join("vms").join(name.as_str())
     }
 
+    /// The checkpoints of a VM (in `checkpoints/` of its directory).
+    pub fn checkpoints(&self, name: &VmName) -> crate::Checkpoints {
+        crate::Checkpoints::new(self.vm_dir(name).join("checkpoints"))
+    }
+
     fn definition(&self, name: &VmName) -> PathBuf {
         self.vm_dir(name).join("vm.toml")
     }
@@ -238,7 +243,7 @@ impl Store {
 
     fn has_saved_state(&self, name: &VmName) -> bool {
         let dir = self.vm_dir(name);
-        nonempty(dir.join("saved")) || nonempty(dir.join("checkpoints"))
+        nonempty(dir.join("saved")) || nonempty(self.checkpoints(name).root().to_owned())
     }
 
     /// Writes a VM's definition; the caller holds its command lock.

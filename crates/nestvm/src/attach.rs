@@ -10,20 +10,20 @@ use anyhow::anyhow;
 use nestvm_manager::{Store, VmName, VmState};
 use nestvm_vmm::terminal::RawModeGuard;
 
-use crate::managed::paths;
-use crate::{runtime, Failure};
+use crate::common::{runtime, store_err, Failure};
+use crate::vmdir::VmDir;
 
 /// Ctrl-].
 const DETACH_KEY: u8 = 0x1d;
 
 pub fn attach(store: &Store, name: &VmName) -> Result<u8, Failure> {
-    store.load(name).map_err(crate::vm::store_err)?;
+    store.load(name).map_err(store_err)?;
     if store.state(name) != VmState::Live {
         return Err(runtime(anyhow!(
             "VM '{name}' is not running: 'nestvm vm start {name}' starts it"
         )));
     }
-    let sock = paths(store, name).console;
+    let sock = VmDir::of(store, name).console;
     let stream = UnixStream::connect(&sock).map_err(|e| {
         runtime(anyhow!(
             "cannot reach VM '{name}''s console at {}: {e}",

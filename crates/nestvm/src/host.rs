@@ -7,7 +7,7 @@ use nestvm_host::check::MODPROBE_FILE;
 use nestvm_host::enable::{apply, plan, Applied};
 use nestvm_host::{evaluate, gather, HostFacts};
 
-use crate::{runtime, usage, Failure};
+use crate::common::{report, runtime, usage, Failure};
 
 /// Where `host check` reads recorded facts instead of this host's.
 pub const FACTS_ENV: &str = "NESTVM_HOST_FACTS";
@@ -53,7 +53,7 @@ pub fn enable_nested(yes: bool, json: bool) -> Result<u8, Failure> {
     let value =
         |result: &str| serde_json::json!({"plan": plan, "steps": plan.steps(), "result": result});
     if plan.is_done() {
-        crate::report(
+        report(
             json,
             &format!(
                 "nesting is already enabled: {} is loaded with nested on and {} has '{}'; nothing changed",
@@ -72,7 +72,7 @@ pub fn enable_nested(yes: bool, json: bool) -> Result<u8, Failure> {
         }
     }
     if !yes {
-        crate::report(
+        report(
             json,
             "dry run: nothing changed; run again with --yes to apply",
             value("dry-run"),
@@ -81,7 +81,7 @@ pub fn enable_nested(yes: bool, json: bool) -> Result<u8, Failure> {
     }
     match apply(&plan).map_err(runtime)? {
         Applied::Enabled => {
-            crate::report(json, &format!("done: {} is loaded with nested on", plan.module), value("enabled"));
+            report(json, &format!("done: {} is loaded with nested on", plan.module), value("enabled"));
             Ok(0)
         }
         Applied::PendingReload => Err(runtime(anyhow!(

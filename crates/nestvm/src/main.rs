@@ -5,22 +5,41 @@
 //! crashed guest), 2 for usage and configuration errors, 128+N when stopped
 //! by signal N. `host check` exits 0 when the host can nest, 1 when not.
 //! Errors are one line on stderr naming the problem and the fix.
+//!
+//! Imports run one way, from the commands down to what they share, and no
+//! module imports this one: `vm` only dispatches `nestvm vm ...` to the
+//! modules that do the work (`definition`, `nesting`, `managed`, `serve`,
+//! `saved`, `checkpoints`, `migrate`, `memory`, `attach`); `serve` uses
+//! `migrate`'s receiving half and `saved`'s restore, and those that restart
+//! or stop a VM use `managed`; beneath them `control` (the VMM's API, its
+//! replies decoded into the VMM's types), `run` (foreground runs, and the
+//! host checks any VM start makes), `settings` (a VM's flags), `vmdir` (a
+//! VM's files) and, importing nothing, `common` (exit codes, output).
 
 mod attach;
 mod checkpoints;
+mod common;
+mod control;
+mod definition;
 mod host;
 mod managed;
 mod memory;
 mod migrate;
+mod nesting;
 mod run;
 mod saved;
+mod serve;
+mod settings;
 mod status;
 mod vm;
+mod vmdir;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
+
+use crate::common::Failure;
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +62,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a VM in the foreground, its serial console on stdin/stdout.
-    Run(RunArgs),
+    Run(run::RunArgs),
     /// What this host can do for nested virtualization.
     #[command(subcommand)]
     Host(HostCmd),
@@ -64,134 +83,6 @@ enum HostCmd {
         #[arg(long)]
         yes: bool,
     },
-}
-
-/// A VM's settings, as flags (shared by `run`, `vm new` and `vm set`).
-#[derive(Args)]
-pub struct SettingsArgs {
-    /// Kernel image: an x86-64 bzImage or ELF vmlinux.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
-    #[arg(long)]
-    cmdline: Option<String>,
-    /// Number of vCPUs [default: 1].
-    #[arg(long)]
-    cpus: Option<u32>,
-    /// Guest memory, e.g. 512M or 4G (a bare number is MiB) [default: 512M].
-    #[arg(long)]
-    memory: Option<String>,
-    /// Show the host's VT-x/AMD-V to the guest: auto (when the host can),
-    /// on (refuse if it cannot), off [default: auto].
-    #[arg(long, value_parser = ["auto", "on", "off"])]
-    nested: Option<String>,
-    /// A virtio disk: path=FILE[,readonly=on] (raw image); repeat for more.
-    #[arg(long, value_name = "path=FILE[,readonly=on]")]
-    disk: Vec<String>,
-    /// A virtio network adapter on a TAP device:
-    /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; repeat for more. The TAP
-    /// is created if missing and nestvm may (root); mac_spoofing=on lets
-    /// guests bridged inside this VM use their own MACs.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off]")]
-    net: Vec<String>,
-    /// A memory balloon, so the VM's memory can shrink to min and grow back
-    /// while it runs (vm resize); dynamic=on follows the guest's demand:
-    /// on | dynamic=on|off[,min=SIZE][,start=SIZE] [default min: 256M;
-    /// start: all of --memory].
-    #[arg(long, value_name = "on|dynamic=on[,min=SIZE][,start=SIZE]")]
-    balloon: Option<String>,
-    /// Remove the balloon (with vm set).
-    #[arg(long, conflicts_with = "balloon")]
-    no_balloon: bool,
-    /// Remove every disk (with vm set).
-    #[arg(long, conflicts_with = "disk")]
-    no_disks: bool,
-    /// Remove every network adapter (with vm set).
-    #[arg(long, conflicts_with = "net")]
-    no_nets: bool,
-}
-
-impl SettingsArgs {
-    /// The flags as overrides of a VM's settings.
-    pub fn overrides(self) -> Result<nestvm_vmm::config::Overrides, Failure> {
-        let nested = match self.nested.as_deref() {
-            Some(s) => Some(s.parse().map_err(usage)?),
-            None => None,
-        };
-        use nestvm_vmm::adapters::{parse_balloon, parse_disk, parse_net};
-        let balloon = match (&self.balloon, self.no_balloon) {
-            (Some(b), _) => Some(Some(parse_balloon(b).map_err(usage)?)),
-            (None, true) => Some(None),
-            (None, false) => None,
-        };
-        let disks = self
-            .disk
-            .iter()
-            .map(|d| parse_disk(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(usage)?;
-        let nets = self
-            .net
-            .iter()
-            .map(|n| parse_net(n))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(usage)?;
-        Ok(nestvm_vmm::config::Overrides {
-            disks: (self.no_disks || !disks.is_empty()).then_some(disks),
-            nets: (self.no_nets || !nets.is_empty()).then_some(nets),
-            balloon,
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
-            cpus: self.cpus,
-            memory: self.memory,
-            nested,
-        })
-    }
-}
-
-/// `nestvm run`'s settings.
-#[derive(Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    settings: SettingsArgs,
-    /// A TOML file with the same settings; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
-
-/// An error with the exit code it maps to.
-pub struct Failure {
-    code: u8,
-    error: anyhow::Error,
-}
-
-/// Prints a command's result: `text` for people, `value` with --json.
-pub fn report(json: bool, text: &str, value: serde_json::Value) {
-    if json {
-        println!("{value}");
-    } else {
-        println!("{text}");
-    }
-}
-
-/// A usage or configuration error (exit code 2).
-pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
-    Failure {
-        code: 2,
-        error: error.into(),
-    }
-}
-
-/// A runtime error (exit code 1).
-pub fn runtime(error: impl Into<anyhow::Error>) -> Failure {
-    Failure {
-        code: 1,
-        error: error.into(),
-    }
 }
 
 fn main() -> ExitCode {

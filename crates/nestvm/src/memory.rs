@@ -7,16 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use nestvm_manager::{Store, VmName, VmState};
-use nestvm_vmm::api::call;
+use nestvm_vmm::balloon::MemoryInfo;
 
-use crate::managed::paths;
-use crate::vm::store_err;
-use crate::{runtime, usage, Failure};
+use crate::common::{report, runtime, store_err, usage, Failure};
+use crate::control::{self, Answer, ReplyError, API_TIMEOUT};
+use crate::vmdir::VmDir;
 
-const API_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn mib(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or(0) >> 20
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
 }
 
 fn running(store: &Store, name: &VmName) -> Result<(), Failure> {
@@ -29,29 +27,21 @@ fn running(store: &Store, name: &VmName) -> Result<(), Failure> {
     Ok(())
 }
 
-fn get(
-    store: &Store,
-    name: &VmName,
-    method: &str,
-    path: &str,
-) -> Result<serde_json::Value, Failure> {
-    match call(&paths(store, name).control, method, path, API_TIMEOUT) {
-        Ok((200, v)) => Ok(v),
-        Ok((409, v)) => Err(usage(anyhow!(
-            "{}",
-            v["error"].as_str().unwrap_or("refused")
-        ))),
-        Ok((_, v)) => Err(runtime(anyhow!(
-            "{}",
-            v["error"].as_str().unwrap_or("refused")
-        ))),
-        Err(e) => Err(runtime(anyhow!("VM '{name}' did not answer: {e}"))),
+/// Asks the VM's balloon (a refusal for want of one, or of room, is the
+/// user's to fix: exit 2).
+fn get(store: &Store, name: &VmName, method: &str, path: &str) -> Result<MemoryInfo, Failure> {
+    let socket = VmDir::of(store, name).control;
+    match control::request(&socket, method, path, API_TIMEOUT, 200) {
+        Ok(Answer::Done(v)) => Ok(v),
+        Ok(Answer::Refused { status: 409, error }) => Err(usage(anyhow!(error))),
+        Ok(Answer::Refused { error, .. }) => Err(runtime(anyhow!(error))),
+        Err(e @ ReplyError::Undecodable(_)) => Err(runtime(anyhow!("VM '{name}': {e}"))),
+        Err(ReplyError::Call(e)) => Err(runtime(anyhow!("VM '{name}' did not answer: {e}"))),
     }
 }
 
-fn describe(name: &VmName, v: &serde_json::Value) -> String {
-    let s = &v["stats"];
-    let guest = match (s["total"].as_u64(), s["available"].as_u64()) {
+fn describe(name: &VmName, v: &MemoryInfo) -> String {
+    let guest = match (v.stats.get("total"), v.stats.get("available")) {
         (Some(t), Some(a)) => format!(
             "; the guest sees {} MiB, {} MiB available",
             t >> 20,
@@ -61,20 +51,27 @@ fn describe(name: &VmName, v: &serde_json::Value) -> String {
     };
     format!(
         "VM '{name}': {} MiB now, target {} MiB ({}), range {}-{} MiB, {} MiB freed from free-page reports{guest}",
-        mib(&v["current"]),
-        mib(&v["target"]),
-        if v["auto"] == true { "follows demand" } else { "fixed" },
-        mib(&v["min"]),
-        mib(&v["max"]),
-        mib(&v["reported"]),
+        mib(v.current),
+        mib(v.target),
+        if v.auto { "follows demand" } else { "fixed" },
+        mib(v.min),
+        mib(v.max),
+        mib(v.reported),
     )
+}
+
+/// Prints the balloon's state: the sentence, or with --json the reply.
+fn print(json: bool, name: &VmName, v: &MemoryInfo) -> Result<(), Failure> {
+    let value = serde_json::to_value(v).map_err(runtime)?;
+    report(json, &describe(name, v), value);
+    Ok(())
 }
 
 /// `vm memory`.
 pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
     running(store, name)?;
     let v = get(store, name, "GET", "/v1/vm/memory")?;
-    crate::report(json, &describe(name, &v), v.clone());
+    print(json, name, &v)?;
     Ok(0)
 }
 
@@ -93,18 +90,18 @@ pub fn resize(
     let start = Instant::now();
     if size.is_some() {
         // The guest's driver hands pages over (or takes them back) at its pace.
-        while v["current"] != v["target"] && start.elapsed() < wait {
+        while v.current != v.target && start.elapsed() < wait {
             std::thread::sleep(Duration::from_millis(200));
             v = get(store, name, "GET", "/v1/vm/memory")?;
         }
-        if v["current"] != v["target"] {
+        if v.current != v.target {
             return Err(runtime(anyhow!(
                 "VM '{name}' is at {} MiB after {wait:?}, not the {} MiB asked (its guest may not load virtio_balloon, or cannot give that much back)",
-                mib(&v["current"]),
-                mib(&v["target"])
+                mib(v.current),
+                mib(v.target)
             )));
         }
     }
-    crate::report(json, &describe(name, &v), v.clone());
+    print(json, name, &v)?;
     Ok(0)
 }

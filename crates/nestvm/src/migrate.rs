@@ -11,16 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use indicatif::{ProgressBar, ProgressStyle};
 use nestvm_manager::{Store, VmName, VmState};
-use nestvm_vmm::api::call;
 use nestvm_vmm::migration::receive::{self, Arrived};
 use nestvm_vmm::migration::{Phase, Progress};
+use serde::de::IgnoredAny;
 
-use crate::managed::{paths, tail};
-use crate::vm::store_err;
-use crate::{runtime, usage, Failure};
-
-const API_TIMEOUT: Duration = Duration::from_secs(10);
-const MIGRATION_REPORT: &str = "migration.json";
+use crate::common::{report, runtime, store_err, tail, usage, Failure};
+use crate::control::{self, state_name, API_TIMEOUT};
+use crate::managed::spawn_serve;
+use crate::vmdir::VmDir;
 
 /// Parses a duration such as `50ms`, `0.3s` or `2s` (a bare number is ms).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -126,8 +124,8 @@ pub fn receive(
         );
     }
     let dir = store.reserve(name).map_err(store_err)?;
-    let p = paths(store, name);
-    let mut child = crate::managed::spawn_serve(
+    let p = VmDir::of(store, name);
+    let mut child = spawn_serve(
         store,
         name,
         &[
@@ -151,13 +149,13 @@ pub fn receive(
             )));
         }
         if store.exists(name) {
-            if let Ok((200, v)) = call(&p.control, "GET", "/v1/vm", API_TIMEOUT) {
-                crate::report(
+            if let Some(v) = control::up(&p).map_err(runtime)? {
+                report(
                     json,
                     &format!(
                         "VM '{name}' arrived and runs here (pid {}, {}); console: nestvm vm console {name}",
-                        v["pid"],
-                        v["state"].as_str().unwrap_or("?")
+                        v.pid,
+                        state_name(v.state)
                     ),
                     serde_json::json!({"vm": name.as_str(), "result": "received", "vmm": v}),
                 );
@@ -209,19 +207,6 @@ pub fn progress_line(p: &Progress) -> String {
     )
 }
 
-/// The running VM's current or last outgoing migration, as its VMM reports it.
-pub fn progress(store: &Store, name: &VmName) -> Option<Progress> {
-    match call(
-        &paths(store, name).control,
-        "GET",
-        "/v1/vm/migration",
-        API_TIMEOUT,
-    ) {
-        Ok((200, v)) => serde_json::from_value(v).ok(),
-        _ => None,
-    }
-}
-
 /// How `vm migrate` may go: its downtime budget, its bandwidth cap, and
 /// whether the destination verifies the memory.
 #[derive(Debug, Clone, Copy)]
@@ -232,6 +217,58 @@ pub struct Limits {
     pub max_bandwidth: Option<u64>,
     /// `--verify`.
     pub verify: bool,
+}
+
+/// Draws the migration's progress until it completes or fails; its last
+/// progress (from the report the VMM leaves as it ends, if gone).
+fn follow(store: &Store, name: &VmName, p: &VmDir, json: bool) -> Result<Progress, Failure> {
+    let started = Instant::now();
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} migrating: [{bar:30}] {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let last = loop {
+        let now = control::migration(store, name).map_err(|e| {
+            bar.finish_and_clear();
+            runtime(anyhow!("VM '{name}''s migration: {e}"))
+        })?;
+        let done = match &now {
+            Some(n) => matches!(n.phase, Phase::Completed | Phase::Failed),
+            // The VMM is gone (it ends once the VM runs elsewhere): the
+            // report it left says how it went.
+            None => true,
+        };
+        if let Some(n) = &now {
+            bar.set_length(n.memory_bytes);
+            bar.set_position(n.sent_bytes.min(n.memory_bytes));
+            bar.set_message(progress_line(n));
+        }
+        if done {
+            let from_file = std::fs::read(&p.migration_report)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Progress>(&b).ok());
+            match from_file.or(now) {
+                Some(p) => break p,
+                None if started.elapsed() < Duration::from_secs(5) => {}
+                None => {
+                    bar.finish_and_clear();
+                    return Err(runtime(anyhow!(
+                        "lost track of VM '{name}''s migration: see {}",
+                        p.log.display()
+                    )));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+    Ok(last)
 }
 
 /// `vm migrate`: sends the running VM to a `vm receive` at `to`.
@@ -253,8 +290,7 @@ pub fn migrate(
         return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
     }
     let token = read_token(token_file)?;
-    let p = paths(store, name);
-    let report = store.vm_dir(name).join(MIGRATION_REPORT);
+    let p = VmDir::of(store, name);
     let path = format!(
         "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
         hex(&token),
@@ -262,59 +298,10 @@ pub fn migrate(
         limits.max_bandwidth.unwrap_or(0),
         u8::from(limits.verify)
     );
-    match call(&p.control, "PUT", &path, API_TIMEOUT) {
-        Ok((202, _)) => {}
-        Ok((_, v)) => {
-            return Err(runtime(anyhow!(
-                "VM '{name}' was not migrated: {}",
-                v["error"].as_str().unwrap_or("refused")
-            )))
-        }
-        Err(e) => return Err(runtime(anyhow!("VM '{name}' was not migrated: {e}"))),
-    }
-    let started = Instant::now();
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} migrating: [{bar:30}] {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    let last = loop {
-        let now = progress(store, name);
-        let done = match &now {
-            Some(n) => matches!(n.phase, Phase::Completed | Phase::Failed),
-            // The VMM is gone (it ends once the VM runs elsewhere): the
-            // report it left says how it went.
-            None => true,
-        };
-        if let Some(n) = &now {
-            bar.set_length(n.memory_bytes);
-            bar.set_position(n.sent_bytes.min(n.memory_bytes));
-            bar.set_message(progress_line(n));
-        }
-        if done {
-            let from_file = std::fs::read(&report)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Progress>(&b).ok());
-            match from_file.or(now) {
-                Some(p) => break p,
-                None if started.elapsed() < Duration::from_secs(5) => {}
-                None => {
-                    bar.finish_and_clear();
-                    return Err(runtime(anyhow!(
-                        "lost track of VM '{name}''s migration: see {}",
-                        p.log.display()
-                    )));
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    bar.finish_and_clear();
+    // The reply is the migration's first progress; the loop below reads it.
+    control::done::<IgnoredAny>(&p.control, "PUT", &path, API_TIMEOUT, 202)
+        .map_err(|e| runtime(anyhow!("VM '{name}' was not migrated: {e}")))?;
+    let last = follow(store, name, &p, json)?;
     if last.phase == Phase::Failed {
         let error = last.error.clone().unwrap_or_default();
         return Err(runtime(anyhow!(
@@ -326,7 +313,7 @@ pub fn migrate(
     while store.state(name) == VmState::Live && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    crate::report(
+    report(
         json,
         &format!(
             "VM '{name}' now runs at {to}: {} rounds, {} MiB sent in {:.1} s, downtime {} ms (budget {} ms{}); its definition stays here ('nestvm vm rm {name}' removes it)",

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context};
 use nestvm_kvm::Hypervisor;
@@ -10,7 +11,20 @@ use nestvm_vmm::terminal::RawModeGuard;
 use nestvm_vmm::{build, run, VmConfig, VmOutcome};
 use nestvm_vmm::{Console, RunOptions};
 
-use crate::{runtime, usage, Failure, RunArgs};
+use clap::Args;
+
+use crate::common::{runtime, usage, Failure};
+use crate::settings::SettingsArgs;
+
+/// `nestvm run`'s settings.
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// A TOML file with the same settings; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
 
 /// Why this host cannot run VMs, in the words `host check` uses.
 pub(crate) fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure {
@@ -65,6 +79,15 @@ pub(crate) fn resolve_nested(
     }
 }
 
+/// Why a VM could not be built: its settings' fault (exit 2) or the host's.
+pub(crate) fn build_failure(e: nestvm_vmm::BuildError) -> Failure {
+    if e.is_usage() {
+        usage(e)
+    } else {
+        runtime(anyhow::Error::new(e).context("cannot build the VM"))
+    }
+}
+
 /// Opens `path` as a kernel: a regular file (opened without blocking) that
 /// is a bzImage or an ELF vmlinux; returns the open file.
 pub(crate) fn open_kernel(path: &std::path::Path) -> Result<std::fs::File, Failure> {
@@ -81,13 +104,8 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
     open_kernel(&config.kernel)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let (expose, notice) = resolve_nested(config.nested, &hv)?;
-    let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout())).map_err(|e| {
-        if e.is_usage() {
-            usage(e)
-        } else {
-            runtime(anyhow::Error::new(e).context("cannot build the VM"))
-        }
-    })?;
+    let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout()))
+        .map_err(build_failure)?;
     if let Some(notice) = notice {
         eprintln!("{notice}");
     }

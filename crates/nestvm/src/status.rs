@@ -6,7 +6,8 @@ use nestvm_manager::Store;
 use nestvm_vmm::config::NestedMode;
 use serde::Serialize;
 
-use crate::{runtime, Failure};
+use crate::common::{print_json, runtime, Failure};
+use crate::control::live_state;
 
 #[derive(Serialize)]
 struct VmStatus {
@@ -29,7 +30,7 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
     let mut vms = vec![];
     for name in store.list().map_err(runtime)? {
         let (mut reasons, mut notes) = (vec![], vec![]);
-        let state = crate::managed::live_state(store, &name);
+        let state = live_state(store, &name);
         let nested = match store.load(&name) {
             Ok(config) => {
                 if config.nested == NestedMode::Off {
@@ -78,10 +79,7 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
     }
     let status = Status { host, vms };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status).map_err(runtime)?
-        );
+        print_json(&status)?;
         return Ok(0);
     }
     match status.host.blocker_line() {

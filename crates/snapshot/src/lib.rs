@@ -7,7 +7,11 @@
 //! - [`atomic`]: files and whole directories are written so that a crash
 //!   (kill -9, power loss) leaves either the old version or the new one,
 //!   never a mix: temporary name, fsync, rename, fsync of the directory.
+//! - [`layer`]: a checkpoint's memory layer (sparse memory file and page
+//!   bitmap) and metadata, the chain from a checkpoint to its root, and
+//!   folding a checkpoint's pages into a child before it is removed.
 
 pub mod atomic;
 pub mod container;
 pub mod crc64;
+pub mod layer;

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use nestvm_devices::serial::SerialPort;
 use nestvm_virtio::Memory;
-use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::Meta;
+use crate::api::CheckpointReply;
 use crate::snapshot::{SaveSummary, SnapshotError, VmSnapshot};
 use crate::vcpus::{VcpuSet, VcpuSetError};
 
@@ -47,16 +46,6 @@ pub(crate) struct SaveParts<'a> {
     pub memory: &'a Memory,
     pub serial: &'a Arc<Mutex<SerialPort>>,
     pub virtio: &'a [Arc<Mutex<dyn nestvm_virtio::mmio::Inspect>>],
-}
-
-/// The body of a successful `PUT /v1/vm/checkpoint`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CheckpointReply {
-    /// The checkpoint as its metadata file records it.
-    #[serde(flatten)]
-    pub meta: Meta,
-    /// How many vCPUs were running a guest of their own.
-    pub vcpus_in_guest_mode: usize,
 }
 
 /// The paused VM as a snapshot (memory excepted), and how many vCPUs were

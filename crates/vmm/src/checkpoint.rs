@@ -17,104 +17,25 @@
 //! KVM's dirty log would not see). Restoring maps the root's memory
 //! privately (lazily) and lays each descendant's pages over it. Removing a
 //! checkpoint first folds its pages into each child, so children stay whole.
+//!
+//! The files' format (layers, metadata, names, folding) is
+//! [`nestvm_snapshot::layer`]'s; this module writes and reads checkpoints of
+//! a live VM with it.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nestvm_virtio::Memory;
-use serde::{Deserialize, Serialize};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+pub(crate) use nestvm_snapshot::layer::valid_name;
+use nestvm_snapshot::layer::{chain, disk_file, write_meta, Layer, Meta, PAGE, PAGES_FILE};
 
 use crate::snapshot::{RegionSnapshot, SnapshotError};
 
-/// Page size of the layers.
-pub const PAGE: u64 = 4096;
-/// Layer files.
-pub const PAGES_FILE: &str = "pages";
-/// Metadata file.
-pub const META_FILE: &str = "meta.json";
-
-/// A checkpoint's metadata.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Meta {
-    /// Its name.
-    pub name: String,
-    /// The checkpoint it was taken after (whose memory it is a delta of).
-    pub parent: Option<String>,
-    /// Seconds since the epoch when taken.
-    pub created: u64,
-    /// Guest RAM size.
-    pub memory_bytes: u64,
-    /// Bytes of memory this checkpoint stores itself.
-    pub written_bytes: u64,
-}
-
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError {
     move |e| SnapshotError::Memory(what, e)
-}
-
-/// Reads a checkpoint's metadata.
-pub fn read_meta(dir: &Path) -> Result<Meta, SnapshotError> {
-    let path = dir.join(META_FILE);
-    let text = std::fs::read(&path).map_err(io("read the metadata of"))?;
-    serde_json::from_slice(&text).map_err(|e| SnapshotError::Decode {
-        path,
-        message: e.to_string(),
-    })
-}
-
-/// One layer of memory: the pages a checkpoint holds.
-pub struct Layer {
-    bits: Vec<u8>,
-    file: File,
-}
-
-impl Layer {
-    /// Opens the layer of checkpoint directory `dir`.
-    pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
-        let bits = std::fs::read(dir.join(PAGES_FILE)).map_err(io("read the page map of"))?;
-        let file = File::open(dir.join(crate::snapshot::MEMORY_FILE)).map_err(io("open"))?;
-        Ok(Self { bits, file })
-    }
-
-    /// Whether the layer holds page `p`.
-    pub fn has(&self, p: u64) -> bool {
-        self.bits
-            .get((p / 8) as usize)
-            .is_some_and(|b| b & (1 << (p % 8)) != 0)
-    }
-
-    fn read(&self, p: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
-        self.file
-            .read_exact_at(buf, p * PAGE)
-            .map_err(io("read a checkpoint's"))
-    }
-}
-
-/// The layers from checkpoint `name` up to its root, newest first, with the
-/// directories they live in.
-pub fn chain(root: &Path, name: &str) -> Result<Vec<(PathBuf, Layer)>, SnapshotError> {
-    let mut out = Vec::new();
-    let mut next = Some(name.to_owned());
-    while let Some(n) = next {
-        // Names come from the API and from metadata files: never a path.
-        if !valid_name(&n) {
-            return Err(SnapshotError::Incompatible(format!(
-                "invalid checkpoint name '{n}'"
-            )));
-        }
-        if out.len() > 10_000 {
-            return Err(SnapshotError::Incompatible(
-                "checkpoint parents form a loop".into(),
-            ));
-        }
-        let dir = root.join(&n);
-        let meta = read_meta(&dir)?;
-        out.push((dir.clone(), Layer::open(&dir)?));
-        next = meta.parent;
-    }
-    Ok(out)
 }
 
 /// Writes the layer of a new checkpoint into `dir` (files `memory` and
@@ -201,62 +122,6 @@ pub fn apply_layers(
         }
     }
     Ok(())
-}
-
-/// Folds the pages of `parent_dir`'s layer that `child` lacks into a copy
-/// of the child's directory at `staged` (so the child no longer needs that
-/// parent), with `new_parent` as its parent.
-pub fn fold_into_child(
-    parent_dir: &Path,
-    child_dir: &Path,
-    staged: &Path,
-    new_parent: Option<String>,
-) -> Result<(), SnapshotError> {
-    let parent = Layer::open(parent_dir)?;
-    std::fs::create_dir_all(staged).map_err(io("create the folder for"))?;
-    // Every file of the child (state, memory, page map, disk copies);
-    // copy_file_range shares blocks on filesystems with reflinks.
-    for entry in std::fs::read_dir(child_dir).map_err(io("list"))? {
-        let entry = entry.map_err(io("list"))?;
-        if entry.file_type().map_err(io("inspect"))?.is_file() {
-            std::fs::copy(entry.path(), staged.join(entry.file_name())).map_err(io("copy"))?;
-        }
-    }
-    let mut bits = std::fs::read(staged.join(PAGES_FILE)).map_err(io("read the page map of"))?;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(staged.join(crate::snapshot::MEMORY_FILE))
-        .map_err(io("open"))?;
-    let mut meta = read_meta(child_dir)?;
-    let mut buf = vec![0u8; PAGE as usize];
-    let pages = (bits.len() * 8) as u64;
-    for p in 0..pages {
-        let has = bits[(p / 8) as usize] & (1 << (p % 8)) != 0;
-        if !has && parent.has(p) {
-            parent.read(p, &mut buf)?;
-            file.write_all_at(&buf, p * PAGE).map_err(io("write"))?;
-            bits[(p / 8) as usize] |= 1 << (p % 8);
-            meta.written_bytes += PAGE;
-        }
-    }
-    file.sync_all().map_err(io("sync"))?;
-    nestvm_snapshot::atomic::write_synced(&staged.join(PAGES_FILE), &bits, 0o600)?;
-    meta.parent = new_parent;
-    write_meta(staged, &meta)?;
-    Ok(())
-}
-
-/// Whether `name` can be a checkpoint name (it becomes a directory name).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name != "CURRENT"
-        && !name.ends_with(".tmp")
-        && !name.ends_with(".old")
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Why `name` cannot be a new checkpoint under `root`.
@@ -355,11 +220,6 @@ pub fn take(
     Ok(meta)
 }
 
-/// The copy of writable disk `index` in a checkpoint.
-pub fn disk_file(index: usize) -> String {
-    format!("disk-{index}.img")
-}
-
 /// Puts the writable disks of checkpoint `dir` back in place (each through
 /// a temporary file and a rename, so a crash leaves the old or the new
 /// image, never a mix).
@@ -398,19 +258,10 @@ pub fn memory(
     Ok(mem)
 }
 
-/// Writes a checkpoint's metadata (inside a directory not yet published).
-pub fn write_meta(dir: &Path, meta: &Meta) -> Result<(), SnapshotError> {
-    let json = serde_json::to_vec_pretty(meta).map_err(|e| SnapshotError::Decode {
-        path: dir.join(META_FILE),
-        message: e.to_string(),
-    })?;
-    nestvm_snapshot::atomic::write_synced(&dir.join(META_FILE), &json, 0o600)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nestvm_snapshot::layer::{fold_into_child, read_meta};
     use vm_memory::GuestAddress;
 
     fn scratch(tag: &str) -> PathBuf {
@@ -511,16 +362,5 @@ mod tests {
             Some("a")
         );
         assert_eq!(rebuild(&root, "c", size), b);
-    }
-
-    #[test]
-    fn names_are_never_paths() {
-        for bad in [
-            "", "..", "../x", "a/b", ".hidden", "CURRENT", "x.tmp", "x.old", "sp ace",
-        ] {
-            assert!(!valid_name(bad), "{bad}");
-            assert!(chain(Path::new("/tmp"), bad).is_err(), "{bad}");
-        }
-        assert!(valid_name("before-upgrade_2.1"));
     }
 }

@@ -18,10 +18,12 @@ use nestvm_virtio::Memory;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::CheckpointReply;
+use crate::api::MigrateRequest;
 use crate::api::{ApiError, DeviceInfo, Pending, Refusal, Request, RunState, SaveReply, VmInfo};
-use crate::capture::{chain_text, CaptureError, CheckpointReply, SaveParts};
+use crate::capture::{chain_text, CaptureError, SaveParts};
 use crate::config::VmConfig;
-use crate::migration::send::{Outgoing, Request as MigrateRequest};
+use crate::migration::send::Outgoing;
 use crate::migration::Progress;
 use crate::outcome::{Outcome, VmOutcome};
 use crate::vcpus::{VcpuSet, VcpuSetError};
@@ -236,8 +238,7 @@ impl Controller {
                 self.outcome.settle(VmOutcome::Saved);
                 Ok(SaveReply {
                     saved: dir,
-                    memory_bytes: summary.memory_bytes,
-                    written_bytes: summary.written_bytes,
+                    summary,
                     vcpus: self.vcpus.len(),
                     vcpus_in_guest_mode,
                 })

@@ -70,6 +70,9 @@ pub enum SnapshotError {
     /// This host cannot run the saved VM.
     #[error("this host cannot resume the saved VM: {0}")]
     Incompatible(String),
+    /// A checkpoint's layer files.
+    #[error(transparent)]
+    Layer(#[from] nestvm_snapshot::layer::LayerError),
 }
 
 /// One guest RAM region in the memory file.
@@ -105,7 +108,7 @@ pub struct VmSnapshot {
 }
 
 /// What a save wrote.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct SaveSummary {
     /// Guest RAM in bytes.
     pub memory_bytes: u64,

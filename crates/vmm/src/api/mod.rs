@@ -25,7 +25,10 @@ mod request;
 mod server;
 
 pub use client::{call, CallError};
-pub use request::{parse_query, route, Action, Refusal, Request};
+pub use request::{
+    parse_query, route, Action, MigrateRequest, Refusal, Request, DEFAULT_MAX_DOWNTIME,
+    MIN_BANDWIDTH,
+};
 pub use server::{ApiServer, Pending, Queue, Responder, REQUEST_DEADLINE};
 
 use serde::{Deserialize, Serialize};
@@ -82,14 +85,23 @@ pub struct ApiError {
 /// The body of a successful `PUT /v1/vm/save`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SaveReply {
-    /// The directory the VM was saved to.
+    /// The saved-VM directory.
     pub saved: std::path::PathBuf,
-    /// The guest's memory, bytes.
-    pub memory_bytes: u64,
-    /// What was written of it (zero pages are not).
-    pub written_bytes: u64,
-    /// vCPUs saved.
+    /// What was written.
+    #[serde(flatten)]
+    pub summary: crate::snapshot::SaveSummary,
+    /// vCPUs.
     pub vcpus: usize,
-    /// How many were running a guest of their own (nested state saved).
+    /// vCPUs that were running a guest of their own (nested state saved).
+    pub vcpus_in_guest_mode: usize,
+}
+
+/// The body of a successful `PUT /v1/vm/checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointReply {
+    /// The new checkpoint's metadata.
+    #[serde(flatten)]
+    pub meta: nestvm_snapshot::layer::Meta,
+    /// vCPUs that were running a guest of their own (nested state kept).
     pub vcpus_in_guest_mode: usize,
 }

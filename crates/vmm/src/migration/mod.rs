@@ -34,9 +34,8 @@ use crate::config::VmConfig;
 
 /// Version of the migration stream; both sides must speak the same.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// The downtime budget when none is given (the target; QEMU and
-/// Cloud Hypervisor default to 300 ms).
-pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
+/// The downtime budget when none is given (the API's default).
+pub use crate::api::DEFAULT_MAX_DOWNTIME;
 /// Pre-copy rounds before the final copy is made whatever is left.
 pub const MAX_ROUNDS: u32 = 30;
 

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
+use crate::api::MigrateRequest as Request;
 use crate::capture::{CaptureError, SaveParts};
 use crate::snapshot::VmSnapshot;
 use crate::vcpus::VcpuSet;
@@ -55,35 +56,6 @@ pub(crate) struct Final {
     /// [`wire::memory_digest`] of the paused VM's memory, when verifying.
     #[serde(default)]
     pub memory_digest: Option<u64>,
-}
-
-/// Parameters of one outgoing migration.
-pub struct Request {
-    /// `HOST:PORT` of the receiver.
-    pub to: String,
-    /// The shared token.
-    pub token: Vec<u8>,
-    /// The downtime budget.
-    pub max_downtime: Duration,
-    /// The most bytes per second the pre-copy rounds may send (`None`:
-    /// as fast as the link goes). The final copy, with the VM paused, is
-    /// not capped: it would only lengthen the downtime.
-    pub max_bandwidth: Option<u64>,
-    /// Have the receiver check a digest of all memory before it resumes
-    /// the VM (costs downtime: for tests and the suspicious).
-    pub verify: bool,
-}
-
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the token: requests end up in logs.
-        f.debug_struct("Request")
-            .field("to", &self.to)
-            .field("max_downtime", &self.max_downtime)
-            .field("max_bandwidth", &self.max_bandwidth)
-            .field("verify", &self.verify)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Everything the thread uses.

@@ -7,9 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-/// The smallest cap accepted, bytes per second: a 1 MiB batch every 16 s
-/// stays well inside the receiver's I/O timeout.
-pub const MIN_BANDWIDTH: u64 = 64 << 10;
+/// The smallest cap accepted (the API's rule).
+pub use crate::api::MIN_BANDWIDTH;
 
 /// Longest single wait, so that a cancelled migration stops promptly.
 const SLICE: Duration = Duration::from_millis(50);

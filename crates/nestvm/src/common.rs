@@ -1,0 +1,73 @@
+//! What every command shares, and imports nothing else of the CLI: the
+//! [`Failure`] a command ends with (its exit code: 2 for usage and
+//! configuration errors, 1 for runtime ones), how results are printed
+//! ([`report`], [`print_json`]), and the wording of inventory errors
+//! ([`store_err`], [`vm_name`]).
+
+use std::path::Path;
+
+use nestvm_manager::{StoreError, VmName};
+use serde::Serialize;
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    /// The exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+/// A usage or configuration error (exit code 2).
+pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
+}
+
+/// A runtime error (exit code 1).
+pub fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 1,
+        error: error.into(),
+    }
+}
+
+/// Prints a command's result: `text` for people, `value` with --json.
+pub fn report(json: bool, text: &str, value: serde_json::Value) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// Prints `v` as pretty JSON.
+pub fn print_json(v: &impl Serialize) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(runtime)?);
+    Ok(())
+}
+
+/// An inventory error: the user's to fix (exit 2) or the host's (exit 1).
+pub fn store_err(e: StoreError) -> Failure {
+    match e {
+        StoreError::Name(_)
+        | StoreError::Exists(_)
+        | StoreError::NotFound(_)
+        | StoreError::Config { .. }
+        | StoreError::HasSavedState(_) => usage(e),
+        _ => runtime(e),
+    }
+}
+
+/// A VM name from the command line.
+pub fn vm_name(s: &str) -> Result<VmName, Failure> {
+    VmName::new(s).map_err(usage)
+}
+
+/// The last `n` lines of a file (none if it cannot be read).
+pub fn tail(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}

@@ -1,0 +1,158 @@
+//! `vm serve`: the detached VMM process of a managed VM, which `vm start`
+//! and `vm receive` spawn (`managed::spawn_serve`). It holds the VM's run
+//! lock for its whole life, builds the VM (from its saved state, a
+//! checkpoint, an arriving migration, or its definition), serves its control
+//! API and console on sockets in the VM's directory, and runs it.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use nestvm_kvm::Hypervisor;
+use nestvm_manager::lock;
+use nestvm_manager::{Store, VmName};
+use nestvm_vmm::console::{ConsoleHub, ConsoleServer};
+use nestvm_vmm::{build, run, BuiltVm, VmConfig, VmOutcome};
+use nestvm_vmm::{Console, RunOptions};
+
+use crate::common::{runtime, store_err, Failure};
+use crate::run::{build_failure, cannot_run_vms, resolve_nested};
+use crate::vmdir::VmDir;
+
+/// What `vm serve` builds the VM from.
+pub enum From {
+    /// Its saved state if it has one, else its definition.
+    Definition,
+    /// A checkpoint.
+    Checkpoint(String),
+    /// A migration arriving on `listen`.
+    Incoming {
+        /// `HOST:PORT`.
+        listen: String,
+        /// The shared token.
+        token_file: PathBuf,
+        /// How long to wait for the sender.
+        wait: Duration,
+    },
+}
+
+/// A private socket at `path`.
+fn bind(path: &Path) -> Result<UnixListener, Failure> {
+    // Stale sockets of a VMM that died: we hold the run lock, so no live one uses them.
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)
+        .map_err(|e| runtime(anyhow!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(runtime)?;
+    Ok(l)
+}
+
+/// An arrived VM: whether it ran at the source, and the confirmation to
+/// send once it runs here.
+type Arrival = (bool, nestvm_vmm::migration::receive::Confirm);
+
+/// Builds the VM as `from` says (`config` is its definition, `None` for an
+/// arriving VM), its console going to `hub`; prints the nesting notice.
+fn build_vm(
+    store: &Store,
+    name: &VmName,
+    from: &From,
+    config: Option<VmConfig>,
+    hv: &Hypervisor,
+    hub: &std::sync::Arc<ConsoleHub>,
+) -> Result<(BuiltVm, Option<Arrival>), Failure> {
+    let p = VmDir::of(store, name);
+    let console = || Box::new(hub.writer());
+    let vm = match from {
+        From::Incoming {
+            listen,
+            token_file,
+            wait,
+        } => {
+            let arrived =
+                crate::migrate::incoming(store, name, listen, token_file, *wait, hv, console())?;
+            return Ok((arrived.vm, Some((arrived.running, arrived.confirm))));
+        }
+        From::Checkpoint(c) => {
+            let root = store.checkpoints(name).root().to_owned();
+            nestvm_vmm::snapshot::restore_checkpoint(&root, c, hv, console()).map_err(|e| {
+                runtime(anyhow::Error::new(e).context(format!("cannot restore checkpoint '{c}'")))
+            })?
+        }
+        From::Definition if p.saved.exists() => crate::saved::restore(&p.saved, hv, console())?,
+        From::Definition => {
+            let config = config.expect("loaded unless incoming");
+            let (expose, notice) = resolve_nested(config.nested, hv)?;
+            let vm = build(&config, hv, expose, console()).map_err(build_failure)?;
+            if let Some(n) = notice {
+                eprintln!("{n}");
+            }
+            vm
+        }
+    };
+    Ok((vm, None))
+}
+
+/// `vm serve`: the detached VMM process of a managed VM.
+pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
+    let p = VmDir::of(store, name);
+    let _running = lock::lock(&p.run_lock, false)
+        .map_err(|_| runtime(anyhow!("VM '{name}' is already running")))?;
+    // An arriving VM brings its definition with it.
+    let config = match from {
+        From::Incoming { .. } => None,
+        _ => Some(store.load(name).map_err(store_err)?),
+    };
+    std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
+    let hv = Hypervisor::open().map_err(cannot_run_vms)?;
+    let saved = p.saved.clone();
+    let checkpoints = store.checkpoints(name).root().to_owned();
+    let resuming = match from {
+        From::Checkpoint(_) => true,
+        From::Definition => saved.exists(),
+        From::Incoming { .. } => false,
+    };
+    // A resumed VM's console log goes on where it stopped.
+    let console_log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resuming)
+        .truncate(!resuming)
+        .open(&p.console_log)
+        .map_err(runtime)?;
+    let hub = ConsoleHub::new(Some(console_log));
+    let (vm, arrival) = build_vm(store, name, &from, config, &hv, &hub)?;
+    let api = bind(&p.control)?;
+    let console = bind(&p.console)?;
+    eprintln!("nestvm: VM '{name}' running (pid {})", std::process::id());
+    let outcome = run(
+        vm,
+        Console {
+            input: None,
+            escape: false,
+        },
+        RunOptions {
+            handle_signals: true,
+            api: Some(api),
+            console_server: Some(ConsoleServer::new(console, hub)),
+            save_dir: Some(saved),
+            checkpoint_root: Some(checkpoints),
+            migration_report: Some(p.migration_report.clone()),
+            start_paused: arrival.as_ref().is_some_and(|(running, _)| !running),
+            on_started: arrival
+                .map(|(_, confirm)| Box::new(move || confirm.resumed()) as Box<dyn FnOnce()>),
+        },
+    )
+    .map_err(runtime);
+    for f in [&p.control, &p.console, &p.pid] {
+        let _ = std::fs::remove_file(f);
+    }
+    let outcome = outcome?;
+    eprintln!("nestvm: VM '{name}' ended: {outcome:?}");
+    Ok(match outcome {
+        VmOutcome::Crashed { .. } => 1,
+        VmOutcome::Signal(n) => 128u8.saturating_add(n as u8),
+        _ => 0,
+    })
+}

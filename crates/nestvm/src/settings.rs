@@ -1,0 +1,95 @@
+//! A VM's settings as command-line flags, shared by `nestvm run`,
+//! `vm new` and `vm set`, and read into the VMM's `Overrides`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::common::{usage, Failure};
+
+/// A VM's settings, as flags (shared by `run`, `vm new` and `vm set`).
+#[derive(Args)]
+pub struct SettingsArgs {
+    /// Kernel image: an x86-64 bzImage or ELF vmlinux.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 4G (a bare number is MiB) [default: 512M].
+    #[arg(long)]
+    memory: Option<String>,
+    /// Show the host's VT-x/AMD-V to the guest: auto (when the host can),
+    /// on (refuse if it cannot), off [default: auto].
+    #[arg(long, value_parser = ["auto", "on", "off"])]
+    nested: Option<String>,
+    /// A virtio disk: path=FILE[,readonly=on] (raw image); repeat for more.
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    disk: Vec<String>,
+    /// A virtio network adapter on a TAP device:
+    /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; repeat for more. The TAP
+    /// is created if missing and nestvm may (root); mac_spoofing=on lets
+    /// guests bridged inside this VM use their own MACs.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off]")]
+    net: Vec<String>,
+    /// A memory balloon, so the VM's memory can shrink to min and grow back
+    /// while it runs (vm resize); dynamic=on follows the guest's demand:
+    /// on | dynamic=on|off[,min=SIZE][,start=SIZE] [default min: 256M;
+    /// start: all of --memory].
+    #[arg(long, value_name = "on|dynamic=on[,min=SIZE][,start=SIZE]")]
+    balloon: Option<String>,
+    /// Remove the balloon (with vm set).
+    #[arg(long, conflicts_with = "balloon")]
+    no_balloon: bool,
+    /// Remove every disk (with vm set).
+    #[arg(long, conflicts_with = "disk")]
+    no_disks: bool,
+    /// Remove every network adapter (with vm set).
+    #[arg(long, conflicts_with = "net")]
+    no_nets: bool,
+}
+
+impl SettingsArgs {
+    /// The flags as overrides of a VM's settings.
+    pub fn overrides(self) -> Result<nestvm_vmm::config::Overrides, Failure> {
+        let nested = match self.nested.as_deref() {
+            Some(s) => Some(s.parse().map_err(usage)?),
+            None => None,
+        };
+        use nestvm_vmm::adapters::{parse_balloon, parse_disk, parse_net};
+        let balloon = match (&self.balloon, self.no_balloon) {
+            (Some(b), _) => Some(Some(parse_balloon(b).map_err(usage)?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(usage)?;
+        let nets = self
+            .net
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(usage)?;
+        Ok(nestvm_vmm::config::Overrides {
+            disks: (self.no_disks || !disks.is_empty()).then_some(disks),
+            nets: (self.no_nets || !nets.is_empty()).then_some(nets),
+            balloon,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            cpus: self.cpus,
+            memory: self.memory,
+            nested,
+        })
+    }
+}
