@@ -51,7 +51,7 @@ fn plan(store: &Store, name: &VmName, config: &VmConfig, how: &How) -> Plan {
     // without VT-x/AMD-V (or unreadable) can never host VMs, so it goes.
     let discard_saved = state == VmState::Saved
         && saved.exists()
-        && nestvm_vmm::snapshot::load(&saved).map_or(true, |s| !s.nested);
+        && nestvm_vmm::persist::load(&saved).map_or(true, |s| !s.nested);
     if discard_saved {
         steps.push(
             "discard its saved state: it was taken without nesting and cannot resume with it"

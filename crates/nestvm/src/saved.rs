@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use nestvm_manager::{Store, VmName, VmState};
 use nestvm_vmm::api::SaveReply;
-use nestvm_vmm::snapshot;
+use nestvm_vmm::persist;
 use nestvm_vmm::BuiltVm;
 
 use crate::common::{report, runtime, store_err, usage, Failure};
@@ -84,13 +84,13 @@ pub fn restore(
     hv: &nestvm_kvm::Hypervisor,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<BuiltVm, Failure> {
-    let snap = snapshot::load(dir).map_err(|e| {
+    let snap = persist::load(dir).map_err(|e| {
         runtime(anyhow::Error::new(e).context(format!(
             "cannot resume the saved state in {} (discard it with 'nestvm vm discard-saved')",
             dir.display()
         )))
     })?;
-    let vm = snapshot::restore(snap, dir, hv, console)
+    let vm = persist::restore(snap, dir, hv, console)
         .map_err(|e| runtime(anyhow::Error::new(e).context("cannot resume the saved VM")))?;
     remove_saved(dir)
         .map_err(|e| runtime(anyhow!("cannot remove the resumed saved state: {e}")))?;

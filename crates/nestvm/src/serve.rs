@@ -76,7 +76,7 @@ fn build_vm(
         }
         From::Checkpoint(c) => {
             let root = store.checkpoints(name).root().to_owned();
-            nestvm_vmm::snapshot::restore_checkpoint(&root, c, hv, console()).map_err(|e| {
+            nestvm_vmm::persist::restore_checkpoint(&root, c, hv, console()).map_err(|e| {
                 runtime(anyhow::Error::new(e).context(format!("cannot restore checkpoint '{c}'")))
             })?
         }

@@ -47,6 +47,6 @@ impl VmDir {
 
 /// Removes a saved-state directory (and what a crashed save left beside it).
 pub fn remove_saved(dir: &Path) -> std::io::Result<()> {
-    nestvm_snapshot::atomic::recover_dir(&nestvm_vmm::snapshot::staging_dir(dir), dir);
+    nestvm_snapshot::atomic::recover_dir(&nestvm_vmm::persist::staging_dir(dir), dir);
     std::fs::remove_dir_all(dir)
 }

@@ -648,6 +648,64 @@ fn a_saved_vm_using_cpu_features_this_host_lacks_is_refused() {
     e.ok(&["vm", "discard-saved", "f"]);
 }
 
+/// A saved state is checked as a new VM's definition would be: no vCPU,
+/// more devices than the machine has lines for, or a state that
+/// contradicts its own definition is refused (the VMM does not panic or
+/// run a VM without vCPUs), and the saved state is kept.
+#[test]
+fn a_saved_state_with_an_impossible_definition_is_refused() {
+    if !kvm_or_skip("a_saved_state_with_an_impossible_definition_is_refused") {
+        return;
+    }
+    let e = Env::new("baddef");
+    e.new_vm("d", ticker(u32::MAX, 3000, "never", Ending::Reset));
+    e.ok(&["vm", "start", "d"]);
+    e.ok(&["vm", "save", "d"]);
+    let path = e.dir.join("vms/d/saved/state");
+    let original = std::fs::read(&path).unwrap();
+    let payload = nestvm_snapshot::container::decode(&path, &original).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    type Tamper = fn(&mut serde_json::Value);
+    let cases: [(&str, Tamper, &str); 3] = [
+        (
+            "no vCPU",
+            |s| s["config"]["cpus"] = 0.into(),
+            "definition is refused",
+        ),
+        (
+            "17 disks",
+            |s| {
+                let disk = serde_json::json!({"path": "/dev/null", "readonly": true});
+                s["config"]["disks"] = vec![disk; 17].into();
+            },
+            "definition is refused",
+        ),
+        (
+            "two vCPUs' worth of state for one",
+            |s| {
+                let v = s["vcpus"][0].clone();
+                s["vcpus"].as_array_mut().unwrap().push(v);
+            },
+            "does not match its own definition",
+        ),
+    ];
+    for (what, tamper, says) in cases {
+        let mut bad = state.clone();
+        tamper(&mut bad);
+        let bytes = nestvm_snapshot::container::encode(&serde_json::to_vec(&bad).unwrap());
+        std::fs::write(&path, bytes).unwrap();
+        let out = e.run(&["vm", "start", "d"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(e.state("d"), "Saved", "{what}: the saved state is kept");
+    }
+    std::fs::write(&path, &original).unwrap();
+    e.ok(&["vm", "start", "d"]);
+    e.ok(&["vm", "kill", "d"]);
+}
+
 #[test]
 fn restoring_a_checkpoint_puts_its_writable_disks_back() {
     if !kvm_or_skip("restoring_a_checkpoint_puts_its_writable_disks_back") {

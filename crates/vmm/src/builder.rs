@@ -65,18 +65,12 @@ pub enum BuildError {
     /// Two devices claim the same addresses.
     #[error("device layout is inconsistent")]
     Bus(#[from] BusError),
-    /// A disk image.
+    /// The virtio devices.
     #[error(transparent)]
-    Block(#[from] nestvm_virtio::block::BlockError),
-    /// A TAP device.
-    #[error(transparent)]
-    Tap(#[from] nestvm_kvm::tap::TapError),
-    /// A virtio transport.
-    #[error(transparent)]
-    Virtio(#[from] nestvm_virtio::mmio::MmioError),
-    /// Restoring a saved VM.
-    #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Attach(#[from] crate::virtio::AttachError),
+    /// The saved UART.
+    #[error("cannot restore the serial port")]
+    Serial(#[from] nestvm_devices::serial::SerialError),
     /// A setting that slipped past validation.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -88,8 +82,8 @@ impl BuildError {
     pub fn is_usage(&self) -> bool {
         use boot::BootError as B;
         match self {
-            Self::TooManyCpus { .. } | Self::Block(_) | Self::Config(_) => true,
-            Self::Tap(t) => !matches!(t, nestvm_kvm::tap::TapError::Configure { .. }),
+            Self::TooManyCpus { .. } | Self::Config(_) => true,
+            Self::Attach(a) => a.is_usage(),
             Self::Boot(b) => matches!(
                 b,
                 B::Read { .. }

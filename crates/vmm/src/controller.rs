@@ -21,11 +21,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::CheckpointReply;
 use crate::api::MigrateRequest;
 use crate::api::{ApiError, DeviceInfo, Pending, Refusal, Request, RunState, SaveReply, VmInfo};
-use crate::capture::{chain_text, CaptureError, SaveParts};
 use crate::config::VmConfig;
 use crate::migration::send::Outgoing;
 use crate::migration::Progress;
 use crate::outcome::{Outcome, VmOutcome};
+use crate::persist::capture::{chain_text, CaptureError, SaveParts};
 use crate::vcpus::{VcpuSet, VcpuSetError};
 
 /// Where a managed VM's files go; `None` where the VM has no such place.
@@ -233,7 +233,7 @@ impl Controller {
         if self.state != RunState::Paused {
             self.pause_vcpus()?;
         }
-        match crate::capture::save_vm(&self.vcpus, &self.save_parts(), &dir) {
+        match crate::persist::capture::save_vm(&self.vcpus, &self.save_parts(), &dir) {
             Ok((summary, vcpus_in_guest_mode)) => {
                 self.outcome.settle(VmOutcome::Saved);
                 Ok(SaveReply {
@@ -266,10 +266,15 @@ impl Controller {
                 "only managed VMs have checkpoints (nestvm vm checkpoint NAME)".into(),
             ));
         };
-        crate::capture::check_checkpoint(&root, name, parent).map_err(|(s, e)| refusal(s, e))?;
-        self.while_paused(|c| {
-            crate::capture::checkpoint_vm(&c.vcpus, &c.save_parts(), &root, (name, parent))
+        crate::persist::capture::check_checkpoint(&root, name, parent)
+            .map_err(|(s, e)| refusal(s, e))?;
+        let (meta, vcpus_in_guest_mode) = self.while_paused(|c| {
+            crate::persist::capture::checkpoint_vm(&c.vcpus, &c.save_parts(), &root, (name, parent))
                 .map_err(|e: CaptureError| failed("cannot take the checkpoint", &e))
+        })?;
+        Ok(CheckpointReply {
+            meta,
+            vcpus_in_guest_mode,
         })
     }
 

@@ -3,23 +3,22 @@
 //!
 //! - [`config`]: the VM's settings (TOML file and flags), validated;
 //!   [`adapters`] for its disks and network adapters.
-//! - [`builder`]: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
+//! - `builder`: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
 //!   paused, so nothing runs until everything exists.
-//! - [`virtio`]: attaches disks and adapters as virtio-mmio devices.
+//! - `virtio`: attaches disks and adapters as virtio-mmio devices.
 //! - `bus`: the port I/O and MMIO buses, the vCPUs' exit handler.
-//! - [`vcpu`]: one thread per vCPU, an explicit Paused/Running/Exited state
+//! - `vcpu`: one thread per vCPU, an explicit Paused/Running/Exited state
 //!   machine driven by commands, reporting exits as events; `vcpus`: the
 //!   set of them, paused, resumed, read and written together, failing
 //!   loudly with the vCPU that did not follow.
 //! - `controller`: the one owner of a running VM, one method per action.
-//! - [`event_loop`]: wires the event sources (console, signals,
+//! - `event_loop`: wires the event sources (console, signals,
 //!   reset/power-off, vCPU exits, virtio workers, the API) to the
 //!   controller until the VM stops; `outcome`: how it ended.
-//! - [`snapshot`]: saves a paused VM to a directory (state + memory) and
-//!   builds a VM back from one; [`checkpoint`]: checkpoints, each storing
-//!   only the memory pages that differ from its parent's; `capture` (inside
-//!   the crate): pausing, reading every vCPU and device, and handing the
-//!   result to a save, a checkpoint or a migration.
+//! - [`persist`]: saves, checkpoints and restores — the state file's
+//!   format, the memory file, CPU compatibility, capturing a paused VM,
+//!   building one back (validated like a new VM's definition), and
+//!   checkpoint layers — with one error type.
 //! - [`migration`]: live migration, the sending thread and the receiver.
 //! - [`balloon`]: the control API's side of virtio-balloon (memory target,
 //!   the guest's statistics, the automatic policy).
@@ -30,20 +29,18 @@
 
 pub mod api;
 pub mod balloon;
-pub mod builder;
+mod builder;
 mod bus;
-mod capture;
-pub mod checkpoint;
 pub mod console;
 mod controller;
-pub mod event_loop;
+mod event_loop;
 pub mod migration;
 mod outcome;
-pub mod snapshot;
+pub mod persist;
 pub mod terminal;
-pub mod vcpu;
+mod vcpu;
 mod vcpus;
-pub mod virtio;
+mod virtio;
 
 /// The VM's definition, from its own crate (the VM store reads it too).
 pub use nestvm_config as config;

@@ -21,9 +21,53 @@ use nestvm_virtio::Backend;
 use nestvm_virtio::Memory;
 
 use crate::adapters::parse_mac;
-use crate::builder::BuildError;
 use crate::config::VmConfig;
-use crate::snapshot::SnapshotError;
+
+/// Errors attaching a VM's virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// A disk image.
+    #[error(transparent)]
+    Block(#[from] nestvm_virtio::block::BlockError),
+    /// A TAP device.
+    #[error(transparent)]
+    Tap(#[from] nestvm_kvm::tap::TapError),
+    /// A virtio transport (or its saved state).
+    #[error(transparent)]
+    Virtio(#[from] nestvm_virtio::mmio::MmioError),
+    /// Wiring an interrupt or a queue notification in KVM.
+    #[error(transparent)]
+    Kvm(#[from] nestvm_kvm::VmError),
+    /// Two devices claim the same addresses.
+    #[error("device layout is inconsistent")]
+    Bus(#[from] nestvm_devices::bus::BusError),
+    /// An eventfd for a device.
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// A setting that slipped past validation.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A saved VM lists other devices than its definition.
+    #[error("the saved state has {saved} devices, its definition {defined}")]
+    SavedDevices {
+        /// Devices in the saved state.
+        saved: usize,
+        /// Devices the definition has.
+        defined: usize,
+    },
+}
+
+impl AttachError {
+    /// True for errors the user fixes in the definition (a missing image,
+    /// a TAP that does not exist).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Block(_) | Self::Config(_) => true,
+            Self::Tap(t) => !matches!(t, nestvm_kvm::tap::TapError::Configure { .. }),
+            _ => false,
+        }
+    }
+}
 
 /// The VM's virtio devices, for the run loop.
 #[derive(Default)]
@@ -94,12 +138,12 @@ pub fn attach(
     mem: &Memory,
     mmio: &mut Bus,
     saved: Option<&[MmioSnapshot]>,
-) -> Result<VirtioDevices, BuildError> {
-    if saved.is_some_and(|s| s.len() != device_count(config)) {
-        return Err(SnapshotError::Incompatible(
-            "the saved devices do not match the VM's definition".into(),
-        )
-        .into());
+) -> Result<VirtioDevices, AttachError> {
+    if let Some(s) = saved.filter(|s| s.len() != device_count(config)) {
+        return Err(AttachError::SavedDevices {
+            saved: s.len(),
+            defined: device_count(config),
+        });
     }
     let mut out = VirtioDevices::default();
     let slots = slots(config);
@@ -136,7 +180,7 @@ pub fn attach(
             start: start.unwrap_or(config.memory),
         };
         let (dev, control) = balloon::Balloon::new(range, b.dynamic, discard)
-            .map_err(|e| BuildError::EventFd("the balloon's timer", e))?;
+            .map_err(|e| AttachError::EventFd("the balloon's timer", e))?;
         let place = next.next().expect("validated device count");
         add(dev, place, vm, mem, mmio, &mut out)?;
         out.balloon = Some(control);
@@ -157,9 +201,9 @@ fn add<B: Backend + 'static>(
     mem: &Memory,
     mmio: &mut Bus,
     out: &mut VirtioDevices,
-) -> Result<(), BuildError> {
+) -> Result<(), AttachError> {
     let irq = nestvm_devices::EventTrigger::new()
-        .map_err(|e| BuildError::EventFd("a virtio interrupt", e))?;
+        .map_err(|e| AttachError::EventFd("a virtio interrupt", e))?;
     vm.register_irqfd(&irq.0, slot.gsi)?;
     let dev = match saved {
         Some(snap) => MmioDevice::restore(backend, mem.clone(), irq, snap)?,
@@ -170,7 +214,7 @@ fn add<B: Backend + 'static>(
     }
     let dev = Arc::new(Mutex::new(dev));
     mmio.insert(dev.clone(), slot.base, slot.len)?;
-    let worker = Worker::new(dev.clone()).map_err(|e| BuildError::EventFd("a virtio queue", e))?;
+    let worker = Worker::new(dev.clone()).map_err(|e| AttachError::EventFd("a virtio queue", e))?;
     out.workers.push(Box::new(worker));
     out.inspect.push(dev);
     Ok(())

@@ -89,7 +89,7 @@ pub struct SaveReply {
     pub saved: std::path::PathBuf,
     /// What was written.
     #[serde(flatten)]
-    pub summary: crate::snapshot::SaveSummary,
+    pub summary: crate::persist::SaveSummary,
     /// vCPUs.
     pub vcpus: usize,
     /// vCPUs that were running a guest of their own (nested state saved).

@@ -80,13 +80,16 @@ pub enum MigrationError {
     DirtyLog(#[source] nestvm_kvm::VmError),
     /// The source VM could not be paused and captured for the final copy.
     #[error("cannot capture the VM for the final copy")]
-    Capture(#[source] Box<crate::capture::CaptureError>),
+    Capture(#[source] Box<crate::persist::capture::CaptureError>),
     /// The VM ended (or the VMM is stopping) while it was being migrated.
     #[error("the VM stopped during the migration")]
     Cancelled,
     /// The destination could not build the VM from what arrived.
     #[error("cannot build the migrated VM")]
     Build(#[source] Box<BuildError>),
+    /// The destination could not restore the VM's state.
+    #[error("cannot restore the migrated VM")]
+    Restore(#[source] Box<crate::persist::RestoreError>),
     /// `--verify` found the copy differs from the source's memory.
     #[error("guest memory differs after the copy (digest {got:#x}, the source's {want:#x})")]
     Differs {

@@ -16,7 +16,7 @@ use super::send::Final;
 use super::wire::{self, Kind};
 use super::{Hello, MigrationError, PROTOCOL_VERSION};
 use crate::builder::BuiltVm;
-use crate::snapshot;
+use crate::persist;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -93,7 +93,7 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
     if hello.cpuid.len() != hello.config.cpus as usize {
         return Some("its CPUID tables do not match its vCPU count".into());
     }
-    if let Err(e) = snapshot::check_cpu(&hello.cpuid, hello.nested, hv) {
+    if let Err(e) = persist::check_cpu(&hello.cpuid, hello.nested, hv) {
         return Some(e.to_string());
     }
     if let Some(d) = hello.config.disks.iter().find(|d| !d.path.exists()) {
@@ -143,7 +143,7 @@ pub fn receive(
         let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
             .map_err(|e| MigrationError::Memory(e.to_string()))?;
         // The KVM side is made now, while memory arrives, not in the downtime.
-        let skeleton = snapshot::Skeleton::new(&hello.cpuid, mem, hv)
+        let skeleton = persist::Skeleton::new(&hello.cpuid, mem, hv)
             .map_err(|e| MigrationError::Build(Box::new(e)))?;
         wire::send(&mut s, Kind::Accept, &[])?;
         say("accepted the VM; receiving its memory");
@@ -155,7 +155,7 @@ pub fn receive(
             let _ = wire::send(
                 &mut s,
                 Kind::Refuse,
-                crate::capture::chain_text(e).as_bytes(),
+                crate::persist::capture::chain_text(e).as_bytes(),
             );
         }
     }
@@ -172,7 +172,7 @@ pub fn receive(
 fn take(
     s: &mut TcpStream,
     hello: &Hello,
-    skeleton: snapshot::Skeleton,
+    skeleton: persist::Skeleton,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
 ) -> Result<(BuiltVm, bool, u64), MigrationError> {
@@ -213,6 +213,6 @@ fn take(
     }
     let vm = skeleton
         .restore(fin.snapshot, hv, console)
-        .map_err(|e| MigrationError::Build(Box::new(e)))?;
+        .map_err(|e| MigrationError::Restore(Box::new(e)))?;
     Ok((vm, fin.running, bytes))
 }

@@ -25,8 +25,8 @@ use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
 use crate::api::MigrateRequest as Request;
-use crate::capture::{CaptureError, SaveParts};
-use crate::snapshot::VmSnapshot;
+use crate::persist::capture::{CaptureError, SaveParts};
+use crate::persist::VmSnapshot;
 use crate::vcpus::VcpuSet;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +124,7 @@ impl Outgoing {
                 match result {
                     Ok(()) => p.phase = Phase::Completed,
                     Err(e) => {
-                        let msg = crate::capture::chain_text(&e);
+                        let msg = crate::persist::capture::chain_text(&e);
                         log::warn!("migration to {} failed: {msg}", job.req.to);
                         p.phase = Phase::Failed;
                         p.error = Some(msg);
@@ -409,11 +409,11 @@ impl Outgoing {
             false => Ok(()),
         };
         let captured = paused
-            .and_then(|()| crate::capture::build_snapshot(vcpus, parts))
+            .and_then(|()| crate::persist::capture::build_snapshot(vcpus, parts))
             .map(|(snapshot, _)| {
                 for d in parts.virtio {
                     if let Err(e) = lock(d).release() {
-                        log::warn!("migration: {}", crate::capture::chain_text(&e));
+                        log::warn!("migration: {}", crate::persist::capture::chain_text(&e));
                     }
                 }
                 Captured {
@@ -430,7 +430,10 @@ impl Outgoing {
             if handed {
                 for d in parts.virtio {
                     if let Err(e) = lock(d).reclaim() {
-                        log::warn!("migration failed, and {}", crate::capture::chain_text(&e));
+                        log::warn!(
+                            "migration failed, and {}",
+                            crate::persist::capture::chain_text(&e)
+                        );
                     }
                 }
             }

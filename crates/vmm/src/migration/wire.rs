@@ -186,7 +186,7 @@ pub fn encode_pages(
     for &addr in pages {
         mem.read_slice(&mut page, GuestAddress(addr))
             .map_err(|e| MigrationError::Memory(e.to_string()))?;
-        if crate::snapshot::is_zero(&page) {
+        if crate::persist::is_zero(&page) {
             if !skip_zero {
                 head.extend_from_slice(&(addr | ZERO_PAGE).to_le_bytes());
                 count += 1;

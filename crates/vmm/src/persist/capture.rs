@@ -1,6 +1,6 @@
 //! Capturing a paused VM: every vCPU's state (nested state included), KVM's
 //! VM-wide state, the devices and the CPUID tables, as a
-//! [`crate::snapshot::VmSnapshot`] that a save ([`crate::snapshot`]), a
+//! [`crate::persist::VmSnapshot`] that a save ([`crate::snapshot`]), a
 //! checkpoint ([`crate::checkpoint`]) or a migration then writes with the
 //! VM's memory.
 
@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use nestvm_devices::serial::SerialPort;
 use nestvm_virtio::Memory;
 
-use crate::api::CheckpointReply;
-use crate::snapshot::{SaveSummary, SnapshotError, VmSnapshot};
+use crate::persist::{PersistError, SaveSummary, VmSnapshot};
 use crate::vcpus::{VcpuSet, VcpuSetError};
+use nestvm_snapshot::layer::Meta;
 
 /// Errors while capturing, saving or checkpointing a paused VM.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum CaptureError {
     Vm(#[source] nestvm_kvm::VmError),
     /// Writing the saved VM or the checkpoint.
     #[error(transparent)]
-    Write(#[from] SnapshotError),
+    Write(#[from] PersistError),
     /// The checkpoints folder could not be made.
     #[error("cannot create {}", path.display())]
     Folder {
@@ -98,27 +98,25 @@ pub(crate) fn save_vm(
     dir: &Path,
 ) -> Result<(SaveSummary, usize), CaptureError> {
     let (snap, in_guest_mode) = build_snapshot(vcpus, p)?;
-    Ok((crate::snapshot::save(snap, p.memory, dir)?, in_guest_mode))
+    Ok((crate::persist::save(snap, p.memory, dir)?, in_guest_mode))
 }
 
 /// Takes checkpoint `name` (after `parent`) of the paused VM under `root`
-/// (see [`crate::checkpoint`]).
+/// (see [`super::checkpoint`]); returns its metadata and how many vCPUs
+/// were running a guest of their own.
 pub(crate) fn checkpoint_vm(
     vcpus: &VcpuSet,
     p: &SaveParts<'_>,
     root: &Path,
     (name, parent): (&str, Option<&str>),
-) -> Result<CheckpointReply, CaptureError> {
+) -> Result<(Meta, usize), CaptureError> {
     let (snap, vcpus_in_guest_mode) = build_snapshot(vcpus, p)?;
     std::fs::create_dir_all(root).map_err(|source| CaptureError::Folder {
         path: root.to_owned(),
         source,
     })?;
-    let meta = crate::checkpoint::take(snap, p.memory, root, name, parent)?;
-    Ok(CheckpointReply {
-        meta,
-        vcpus_in_guest_mode,
-    })
+    let meta = crate::persist::checkpoint::take(snap, p.memory, root, name, parent)?;
+    Ok((meta, vcpus_in_guest_mode))
 }
 
 /// Whether checkpoint `name` may be taken after `parent` under `root`,
@@ -129,13 +127,13 @@ pub(crate) fn check_checkpoint(
     name: &str,
     parent: Option<&str>,
 ) -> Result<(), (u16, String)> {
-    use crate::checkpoint::NameRefusal;
-    crate::checkpoint::check_new_name(root, name).map_err(|r| match r {
+    use crate::persist::checkpoint::NameRefusal;
+    crate::persist::checkpoint::check_new_name(root, name).map_err(|r| match r {
         NameRefusal::Invalid(_) => (400, r.to_string()),
         NameRefusal::Taken(_) => (409, r.to_string()),
     })?;
     if let Some(p) = parent {
-        if !crate::checkpoint::valid_name(p) {
+        if !crate::persist::checkpoint::valid_name(p) {
             return Err((400, format!("invalid parent checkpoint name '{p}'")));
         }
         if !root.join(p).is_dir() {

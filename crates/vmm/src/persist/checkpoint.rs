@@ -3,7 +3,7 @@
 //!
 //! Checkpoints of a VM form a tree under `checkpoints/` in its directory;
 //! each is a directory `NAME/` with:
-//! - `state`: the [`crate::snapshot::VmSnapshot`] container, as a save writes;
+//! - `state`: the [`crate::persist::VmSnapshot`] container, as a save writes;
 //! - `memory`: a full-size sparse file holding only the pages whose content
 //!   differs from the parent checkpoint's (for a root: the pages that are
 //!   not all zeros);
@@ -32,10 +32,10 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 pub(crate) use nestvm_snapshot::layer::valid_name;
 use nestvm_snapshot::layer::{chain, disk_file, write_meta, Layer, Meta, PAGE, PAGES_FILE};
 
-use crate::snapshot::{RegionSnapshot, SnapshotError};
+use crate::persist::{PersistError, RegionSnapshot};
 
-fn io(what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError {
-    move |e| SnapshotError::Memory(what, e)
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> PersistError {
+    move |e| PersistError::Memory(what, e)
 }
 
 /// Writes the layer of a new checkpoint into `dir` (files `memory` and
@@ -45,12 +45,12 @@ pub fn write_layer(
     mem: &Memory,
     parent: &[(PathBuf, Layer)],
     dir: &Path,
-) -> Result<(Vec<RegionSnapshot>, u64, u64), SnapshotError> {
+) -> Result<(Vec<RegionSnapshot>, u64, u64), PersistError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(dir.join(crate::snapshot::MEMORY_FILE))
+        .open(dir.join(crate::persist::MEMORY_FILE))
         .map_err(io("create the file for"))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut bits = vec![0u8; total.div_ceil(PAGE).div_ceil(8) as usize];
@@ -71,7 +71,7 @@ pub fn write_layer(
         while at < region.len() {
             let len = (region.len() - at).min(CHUNK) as usize;
             mem.read_slice(&mut chunk[..len], region.start_addr().unchecked_add(at))
-                .map_err(|e| SnapshotError::Memory("read", std::io::Error::other(e)))?;
+                .map_err(|e| PersistError::Memory("read", std::io::Error::other(e)))?;
             for (i, cur) in chunk[..len].chunks(PAGE as usize).enumerate() {
                 let pos = offset + at + i as u64 * PAGE;
                 let p = pos / PAGE;
@@ -80,7 +80,7 @@ pub fn write_layer(
                         l.read(p, &mut old[..cur.len()])?;
                         cur != &old[..cur.len()]
                     }
-                    None => !crate::snapshot::is_zero(cur),
+                    None => !crate::persist::is_zero(cur),
                 };
                 if differs {
                     file.write_all_at(cur, pos).map_err(io("write"))?;
@@ -104,7 +104,7 @@ pub fn apply_layers(
     mem: &Memory,
     regions: &[RegionSnapshot],
     chain: &[(PathBuf, Layer)],
-) -> Result<(), SnapshotError> {
+) -> Result<(), PersistError> {
     let mut buf = vec![0u8; PAGE as usize];
     for (_, layer) in chain.iter().rev().skip(1) {
         for r in regions {
@@ -115,7 +115,7 @@ pub fn apply_layers(
                     let n = (r.size - at).min(PAGE) as usize;
                     layer.read(p, &mut buf[..n])?;
                     mem.write_slice(&buf[..n], vm_memory::GuestAddress(r.guest_addr + at))
-                        .map_err(|e| SnapshotError::Memory("write", std::io::Error::other(e)))?;
+                        .map_err(|e| PersistError::Memory("write", std::io::Error::other(e)))?;
                 }
                 at += PAGE;
             }
@@ -125,26 +125,14 @@ pub fn apply_layers(
 }
 
 /// Why `name` cannot be a new checkpoint under `root`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameRefusal {
     /// It is not a checkpoint name at all.
+    #[error("invalid checkpoint name '{0}': use up to 64 letters, digits, '-', '_' or '.'")]
     Invalid(String),
     /// A checkpoint of that name exists.
+    #[error("a checkpoint named '{0}' exists: pick another name")]
     Taken(String),
-}
-
-impl std::fmt::Display for NameRefusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NameRefusal::Invalid(n) => write!(
-                f,
-                "invalid checkpoint name '{n}': use up to 64 letters, digits, '-', '_' or '.'"
-            ),
-            NameRefusal::Taken(n) => {
-                write!(f, "a checkpoint named '{n}' exists: pick another name")
-            }
-        }
-    }
 }
 
 /// Checks that `name` can be a new checkpoint under `root`.
@@ -162,13 +150,13 @@ pub fn check_new_name(root: &Path, name: &str) -> Result<(), NameRefusal> {
 /// `mem`, as a child of `parent`, under `root`: written into `NAME.tmp`,
 /// fsynced, then published in one rename.
 pub fn take(
-    mut snap: crate::snapshot::VmSnapshot,
+    mut snap: crate::persist::VmSnapshot,
     mem: &Memory,
     root: &Path,
     name: &str,
     parent: Option<&str>,
-) -> Result<Meta, SnapshotError> {
-    check_new_name(root, name).map_err(|r| SnapshotError::Incompatible(r.to_string()))?;
+) -> Result<Meta, PersistError> {
+    check_new_name(root, name)?;
     let dir = root.join(name);
     let chain = match parent {
         Some(p) => chain(root, p)?,
@@ -196,12 +184,9 @@ pub fn take(
             .and_then(|f| f.sync_all())
             .map_err(io("sync a disk image copy in"))?;
     }
-    let json = serde_json::to_vec(&snap).map_err(|e| SnapshotError::Decode {
-        path: staged.join(crate::snapshot::STATE_FILE),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_vec(&snap).map_err(PersistError::Encode)?;
     nestvm_snapshot::atomic::write_synced(
-        &staged.join(crate::snapshot::STATE_FILE),
+        &staged.join(crate::persist::STATE_FILE),
         &nestvm_snapshot::container::encode(&json),
         0o600,
     )?;
@@ -226,7 +211,7 @@ pub fn take(
 pub fn restore_disks(
     dir: &Path,
     disks: &[crate::adapters::DiskConfig],
-) -> Result<(), SnapshotError> {
+) -> Result<(), PersistError> {
     for (i, d) in disks.iter().enumerate().filter(|(_, d)| !d.readonly) {
         let copy = dir.join(disk_file(i));
         if !copy.exists() {
@@ -244,16 +229,12 @@ pub fn restore_disks(
 
 /// Guest memory for restoring checkpoint `name`: the root's memory file
 /// mapped privately, with each later layer's pages laid over it.
-pub fn memory(
-    root: &Path,
-    name: &str,
-    regions: &[RegionSnapshot],
-) -> Result<Memory, SnapshotError> {
+pub fn memory(root: &Path, name: &str, regions: &[RegionSnapshot]) -> Result<Memory, PersistError> {
     let chain = chain(root, name)?;
     let (base_dir, _) = chain
         .last()
         .expect("a chain has at least its own checkpoint");
-    let mem = crate::snapshot::map_memory(base_dir, regions)?;
+    let mem = crate::persist::map_memory(base_dir, regions)?;
     apply_layers(&mem, regions, &chain)?;
     Ok(mem)
 }
@@ -279,7 +260,7 @@ mod tests {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let (_, total, written) = write_layer(mem, &chain, &dir).unwrap();
-        std::fs::write(dir.join(crate::snapshot::STATE_FILE), name).unwrap();
+        std::fs::write(dir.join(crate::persist::STATE_FILE), name).unwrap();
         write_meta(
             &dir,
             &Meta {
