@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
 use crate::state::{check_version, DeviceState, StateError};
-use crate::{features, Backend, BackendError, Chain, Memory};
+use crate::{features, Backend, BackendError, Chain, Memory, Served};
 
 /// virtio device ID of a balloon.
 pub const DEVICE_TYPE: u32 = 5;
@@ -464,20 +464,23 @@ impl Backend for Balloon {
         self.actual = 0;
         lock(&self.status).ballooned = 0;
     }
-    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         let Some(queue) = queues.get_mut(q) else {
-            return false;
+            return Served::NOTHING;
         };
         match q {
             0 | 1 => crate::drain_queue(queue, mem, |chain| {
                 self.pages(chain, mem, q == 0);
                 0
             }),
-            _ if Some(q) == self.stats_queue => self.stats(queue, mem),
+            _ if Some(q) == self.stats_queue => Served {
+                notify: self.stats(queue, mem),
+                more: false,
+            },
             _ if Some(q) == self.reporting_queue => {
                 crate::drain_queue(queue, mem, |chain| self.report(chain))
             }
-            _ => false,
+            _ => Served::NOTHING,
         }
     }
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {

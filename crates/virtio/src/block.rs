@@ -19,7 +19,7 @@ use crate::Memory;
 use nix::fcntl::{Flock, FlockArg};
 use virtio_queue::Queue;
 
-use crate::{drain_queue, features, Backend, BackendError, Chain};
+use crate::{drain_queue, features, Backend, BackendError, Chain, Served};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
@@ -372,9 +372,9 @@ impl Backend for Block {
     fn activate(&mut self, _features: u64) -> Result<(), BackendError> {
         Ok(())
     }
-    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         let Some(queue) = queues.first_mut() else {
-            return false;
+            return Served::NOTHING;
         };
         drain_queue(queue, mem, |chain| self.handle(chain, mem))
     }
