@@ -235,7 +235,7 @@ where
 }
 
 /// Whether the driver made chains available that were not popped yet.
-fn has_available(queue: &Queue, mem: &Memory) -> bool {
+pub(crate) fn has_available(queue: &Queue, mem: &Memory) -> bool {
     queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .is_ok_and(|idx| idx.0 != queue.next_avail())
