@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mem = common::memory();
-    let block = Block::open(image(), ro & 1 == 1).unwrap();
+    let block = Block::open(image(), ro & 1 == 1, "fuzz").unwrap();
     let mut dev = MmioDevice::new(block, mem.clone(), EventTrigger::new().unwrap()).unwrap();
     common::start_and_fill(&mut dev, &mem, 1, data);
     dev.queue_notified(0);

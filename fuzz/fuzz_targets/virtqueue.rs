@@ -40,7 +40,7 @@ impl Backend for Sink {
         _: usize,
         queues: &mut [nestvm_virtio::Queue],
         mem: &nestvm_virtio::Memory,
-    ) -> bool {
+    ) -> nestvm_virtio::Served {
         drain_queue(&mut queues[0], mem, |chain: Chain<'_>| {
             use std::io::{Read, Write};
             let mut n = 0;

@@ -1,6 +1,10 @@
 //! Disks, network adapters and the memory balloon in a VM's settings: the
 //! `--disk`, `--net` and `--balloon` flag syntax, their TOML form
 //! (`[[disk]]`, `[[net]]`, `[balloon]`) and their checks.
+//!
+//! A disk's serial is what the guest reads as its ID (virtio-blk GET_ID,
+//! `/dev/disk/by-id`): the definition's, or `nestvm-disk<index>`, never
+//! anything of the host's image path.
 
 use std::path::PathBuf;
 
@@ -13,6 +17,41 @@ pub const MAX_DEVICES: usize = 16;
 
 /// Longest Linux interface name (`IFNAMSIZ` less the NUL).
 pub const MAX_TAP_NAME: usize = 15;
+
+/// Longest disk serial: the virtio-blk ID string (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL: usize = 20;
+
+/// The serial of disk `index` (from 0, in the definition's order) when its
+/// definition gives none: stable across restarts, saves and migrations, and
+/// telling the guest nothing about the host.
+pub fn default_serial(index: usize) -> String {
+    format!("nestvm-disk{index}")
+}
+
+/// Why `serial` cannot be a disk's ID, if it cannot: 1 to [`MAX_SERIAL`]
+/// bytes of printable ASCII.
+fn serial_problem(serial: &str) -> Option<&'static str> {
+    if serial.is_empty() {
+        Some("it is empty")
+    } else if serial.len() > MAX_SERIAL {
+        Some("it is longer than 20 bytes")
+    } else if !serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        Some("it is not printable ASCII")
+    } else {
+        None
+    }
+}
+
+/// Checks a disk serial: 1 to [`MAX_SERIAL`] bytes of printable ASCII.
+pub fn check_serial(serial: &str) -> Result<(), AdapterError> {
+    match serial_problem(serial) {
+        None => Ok(()),
+        Some(problem) => Err(AdapterError::BadSerial {
+            serial: serial.to_owned(),
+            problem,
+        }),
+    }
+}
 
 /// Whether `name` can be a TAP: a Linux interface name of letters, digits,
 /// '-', '_' and '.'.
@@ -28,8 +67,19 @@ pub fn valid_tap_name(name: &str) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     /// A `--disk` value that does not parse.
-    #[error("invalid --disk '{0}': use path=FILE[,readonly=on]")]
+    #[error("invalid --disk '{0}': use path=FILE[,readonly=on][,serial=ID]")]
     BadDisk(String),
+    /// A disk serial the guest could not be shown as its ID.
+    #[error("invalid disk serial {serial:?}: {problem}; give 1 to {MAX_SERIAL} printable ASCII characters, or none for nestvm-disk<index>")]
+    BadSerial {
+        /// The serial given.
+        serial: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// Two disks the guest would see with one ID.
+    #[error("disk serial '{0}' is given to two disks: give each disk its own serial")]
+    DuplicateSerial(String),
     /// A `--net` value that does not parse.
     #[error("invalid --net '{0}': use tap=NAME[,mac=52:56:00:00:00:01][,mac_spoofing=on|off]")]
     BadNet(String),
@@ -125,6 +175,17 @@ pub struct DiskConfig {
     /// Attach read-only.
     #[serde(default)]
     pub readonly: bool,
+    /// The ID the guest reads ([`MAX_SERIAL`] bytes of printable ASCII at
+    /// most); [`default_serial`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl DiskConfig {
+    /// The serial the guest sees for this disk, the VM's disk `index`.
+    pub fn serial_or_default(&self, index: usize) -> String {
+        self.serial.clone().unwrap_or_else(|| default_serial(index))
+    }
 }
 
 /// A virtio-net adapter on a TAP.
@@ -149,15 +210,21 @@ fn on_off(v: &str) -> Option<bool> {
     }
 }
 
-/// Parses `path=FILE[,readonly=on]` (a bare `FILE` first works too).
+/// Parses `path=FILE[,readonly=on][,serial=ID]` (a bare `FILE` first works
+/// too).
 pub fn parse_disk(s: &str) -> Result<DiskConfig, AdapterError> {
     let bad = || AdapterError::BadDisk(s.to_owned());
     let mut path = None;
     let mut readonly = false;
+    let mut serial = None;
     for (i, part) in s.split(',').enumerate() {
         match part.split_once('=') {
             Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
             Some(("readonly", v)) => readonly = on_off(v).ok_or_else(bad)?,
+            Some(("serial", v)) => {
+                check_serial(v)?;
+                serial = Some(v.to_owned());
+            }
             None if i == 0 && !part.is_empty() => path = Some(PathBuf::from(part)),
             _ => return Err(bad()),
         }
@@ -165,6 +232,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, AdapterError> {
     Ok(DiskConfig {
         path: path.ok_or_else(bad)?,
         readonly,
+        serial,
     })
 }
 
@@ -235,6 +303,13 @@ pub fn validate(
         if disks[..i].iter().any(|o| o.path == d.path) {
             return Err(AdapterError::DuplicateDisk(d.path.clone()));
         }
+        if let Some(serial) = &d.serial {
+            check_serial(serial)?;
+        }
+        let serial = d.serial_or_default(i);
+        if (0..i).any(|j| disks[j].serial_or_default(j) == serial) {
+            return Err(AdapterError::DuplicateSerial(serial));
+        }
     }
     Ok(())
 }
@@ -249,7 +324,8 @@ mod tests {
             parse_disk("path=/a.img,readonly=on").unwrap(),
             DiskConfig {
                 path: "/a.img".into(),
-                readonly: true
+                readonly: true,
+                serial: None,
             }
         );
         assert_eq!(parse_disk("/b.img").unwrap().path, PathBuf::from("/b.img"));
@@ -264,6 +340,57 @@ mod tests {
             let e = parse_disk(bad).unwrap_err();
             assert!(e.to_string().contains("path=FILE"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_serials() {
+        let d = parse_disk("path=/a.img,serial=ROOT-01,readonly=on").unwrap();
+        assert_eq!(d.serial.as_deref(), Some("ROOT-01"));
+        assert_eq!(d.serial_or_default(3), "ROOT-01");
+        let d = parse_disk("/a.img").unwrap();
+        assert_eq!(d.serial, None);
+        assert_eq!(d.serial_or_default(3), "nestvm-disk3");
+        assert!(parse_disk("path=/a,serial=12345678901234567890").is_ok());
+        for (bad, why) in [
+            ("path=/a,serial=", "empty"),
+            ("path=/a,serial=123456789012345678901", "longer than 20"),
+            ("path=/a,serial=caf\u{e9}", "not printable"),
+            ("path=/a,serial=a\tb", "not printable"),
+            ("path=/a,serial=a\nb", "not printable"),
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(matches!(e, AdapterError::BadSerial { .. }), "{bad}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(why) && text.contains("printable ASCII"),
+                "{text}"
+            );
+            assert!(!text.contains('\n'), "one line: {text}");
+        }
+    }
+
+    #[test]
+    fn serials_are_checked_and_unique_per_vm() {
+        let d = |p: &str, serial: Option<&str>| DiskConfig {
+            path: p.into(),
+            readonly: false,
+            serial: serial.map(str::to_owned),
+        };
+        assert!(validate(&[d("/a", Some("x")), d("/b", None)], &[], None).is_ok());
+        assert!(matches!(
+            validate(&[d("/a", Some("x")), d("/b", Some("x"))], &[], None),
+            Err(AdapterError::DuplicateSerial(s)) if s == "x"
+        ));
+        // A given serial may not take another disk's default.
+        assert!(matches!(
+            validate(&[d("/a", Some("nestvm-disk1")), d("/b", None)], &[], None),
+            Err(AdapterError::DuplicateSerial(_))
+        ));
+        // Files are checked like flags.
+        assert!(matches!(
+            validate(&[d("/a", Some("much too long for a disk id"))], &[], None),
+            Err(AdapterError::BadSerial { .. })
+        ));
     }
 
     #[test]
@@ -303,6 +430,7 @@ mod tests {
         let d = |p: &str| DiskConfig {
             path: p.into(),
             readonly: false,
+            serial: None,
         };
         assert!(validate(&[d("/a"), d("/b")], &[n("t0"), n("t1")], None).is_ok());
         assert!(matches!(

@@ -551,10 +551,18 @@ mod tests {
             cpus: 3,
             memory: 1536 << 20,
             nested: NestedMode::On,
-            disks: vec![DiskConfig {
-                path: "/img/root.img".into(),
-                readonly: true,
-            }],
+            disks: vec![
+                DiskConfig {
+                    path: "/img/root.img".into(),
+                    readonly: true,
+                    serial: Some("root 1".into()),
+                },
+                DiskConfig {
+                    path: "/img/data.img".into(),
+                    readonly: false,
+                    serial: None,
+                },
+            ],
             nets: vec![NetConfig {
                 tap: "tap0".into(),
                 mac: Some("52:56:00:00:00:07".into()),
@@ -562,7 +570,14 @@ mod tests {
             }],
             balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
         };
-        let p = write("round.toml", &c.to_toml().unwrap());
+        let text = c.to_toml().unwrap();
+        assert_eq!(text.matches("serial = \"root 1\"").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("serial").count(),
+            1,
+            "no default written: {text}"
+        );
+        let p = write("round.toml", &text);
         assert_eq!(
             VmConfig::resolve(Some(&p), Overrides::default()).unwrap(),
             c

@@ -18,6 +18,17 @@
 //! Everything the driver sends is checked: page numbers and ranges outside
 //! guest RAM are counted as malformed and skipped. Freeing is done by the
 //! `discard` function the VMM gives (the KVM layer's `madvise`).
+//!
+//! What one guest request can cost is bounded. An inflate or deflate
+//! descriptor chain is read for [`MAX_PFNS`] page numbers at most (Linux
+//! sends 256 at most); the rest of a longer one is ignored and the chain
+//! counted malformed. The page numbers are sorted and runs of adjacent ones
+//! merged, so one `discard` call frees a whole run; a run with a page
+//! outside guest RAM is refused whole (an honest driver's runs lie in RAM).
+//! A turn on any of its queues serves
+//! [`CHAINS_PER_TURN`] chains at most, so at most
+//! `CHAINS_PER_TURN * MAX_PFNS` pages (16 MiB) per turn; the rest is served
+//! on the event loop's next turn ([`crate::Served::more`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -30,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 
 use crate::state::{check_version, DeviceState, StateError};
-use crate::{features, Backend, BackendError, Chain, Memory};
+use crate::{features, Backend, BackendError, Chain, Memory, Served};
 
 /// virtio device ID of a balloon.
 pub const DEVICE_TYPE: u32 = 5;
@@ -41,6 +52,13 @@ pub const F_REPORTING: u64 = 1 << 5;
 /// How often statistics are asked for (and the policy runs).
 pub const POLL: Duration = Duration::from_secs(2);
 const QUEUE_SIZE: u16 = 128;
+/// Page numbers read from one inflate or deflate chain at most (Linux's
+/// VIRTIO_BALLOON_ARRAY_PFNS_MAX).
+pub const MAX_PFNS: usize = 256;
+/// Chains of each queue served per turn.
+pub const CHAINS_PER_TURN: usize = 16;
+/// Statistics entries read from one buffer at most (the spec has 11 tags).
+const MAX_STATS: usize = 64;
 const PAGE: u64 = 4096;
 /// Headroom the automatic policy leaves above what the guest uses: 20 %,
 /// and at least this much.
@@ -237,6 +255,34 @@ pub struct Range {
 /// Frees guest memory on the host: (guest address, length).
 pub type Discard = Box<dyn Fn(u64, u64) -> std::io::Result<()> + Send>;
 
+/// The page numbers of an inflate or deflate chain, [`MAX_PFNS`] at most,
+/// and whether there were more (`None`: the chain cannot be read).
+fn read_pfns(chain: Chain<'_>, mem: &Memory) -> Option<(Vec<u32>, bool)> {
+    let mut r = chain.reader(mem).ok()?;
+    let count = r.available_bytes() / 4;
+    let mut pfns = Vec::with_capacity(count.min(MAX_PFNS));
+    let mut pfn = [0u8; 4];
+    while pfns.len() < count.min(MAX_PFNS) && std::io::Read::read_exact(&mut r, &mut pfn).is_ok() {
+        pfns.push(u32::from_le_bytes(pfn));
+    }
+    Some((pfns, count > MAX_PFNS))
+}
+
+/// `pfns` as runs of adjacent pages, (first page, pages), in order, each
+/// page once.
+fn runs(mut pfns: Vec<u32>) -> Vec<(u64, u64)> {
+    pfns.sort_unstable();
+    pfns.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for pfn in pfns.into_iter().map(u64::from) {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == pfn => *count += 1,
+            _ => out.push((pfn, 1)),
+        }
+    }
+    out
+}
+
 /// A virtio-balloon device.
 pub struct Balloon {
     status: Arc<Mutex<Status>>,
@@ -298,31 +344,30 @@ impl Balloon {
         (s.policy.max.saturating_sub(s.policy.target) / PAGE).min(u32::MAX as u64) as u32
     }
 
-    /// Inflate (`free`) or deflate: a list of 32-bit page frame numbers.
+    /// Inflate (`free`) or deflate: a list of 32-bit page frame numbers,
+    /// [`MAX_PFNS`] of them at most; each run of adjacent pages is freed
+    /// with one `discard` call.
     fn pages(&mut self, chain: Chain<'_>, mem: &Memory, free: bool) {
         let mut malformed = 0;
         let mut done = 0;
-        match chain.reader(mem) {
-            Ok(mut r) => {
-                let mut pfn = [0u8; 4];
-                while r.available_bytes() >= 4
-                    && std::io::Read::read_exact(&mut r, &mut pfn).is_ok()
-                {
-                    let addr = u32::from_le_bytes(pfn) as u64 * PAGE;
-                    if free {
-                        match (self.discard)(addr, PAGE) {
-                            Ok(()) => done += 1,
-                            Err(e) => {
-                                log::debug!("balloon: {e}");
-                                malformed += 1;
-                            }
+        match read_pfns(chain, mem) {
+            Some((pfns, truncated)) => {
+                malformed += u64::from(truncated);
+                for (first, count) in runs(pfns) {
+                    if !free {
+                        done += count;
+                        continue;
+                    }
+                    match (self.discard)(first * PAGE, count * PAGE) {
+                        Ok(()) => done += count,
+                        Err(e) => {
+                            log::debug!("balloon: {e}");
+                            malformed += count;
                         }
-                    } else {
-                        done += 1;
                     }
                 }
             }
-            Err(_) => malformed += 1,
+            None => malformed += 1,
         }
         let mut s = lock(&self.status);
         if free {
@@ -356,17 +401,24 @@ impl Balloon {
         0
     }
 
-    /// A statistics buffer arrived: read it and keep it.
-    fn stats(&mut self, queue: &mut Queue, mem: &Memory) -> bool {
+    /// Statistics buffers arrived ([`CHAINS_PER_TURN`] served at most):
+    /// read the latest and keep it.
+    fn stats(&mut self, queue: &mut Queue, mem: &Memory) -> Served {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        for _ in 0..CHAINS_PER_TURN {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut got = BTreeMap::new();
             if let Ok(mut r) = chain.reader(mem) {
                 let mut entry = [0u8; 10];
-                while r.available_bytes() >= 10
+                let mut left = MAX_STATS;
+                while left > 0
+                    && r.available_bytes() >= 10
                     && std::io::Read::read_exact(&mut r, &mut entry).is_ok()
                 {
+                    left -= 1;
                     let tag = u16::from_le_bytes([entry[0], entry[1]]) as usize;
                     let value = u64::from_le_bytes(entry[2..].try_into().expect("8 bytes"));
                     if let Some(name) = STAT_NAMES.get(tag) {
@@ -384,7 +436,10 @@ impl Balloon {
                 used |= queue.add_used(mem, old, 0).is_ok();
             }
         }
-        used
+        Served {
+            notify: used,
+            more: crate::has_available(queue, mem),
+        }
     }
 
     /// The automatic policy: what the guest uses plus a buffer.
@@ -464,20 +519,20 @@ impl Backend for Balloon {
         self.actual = 0;
         lock(&self.status).ballooned = 0;
     }
-    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         let Some(queue) = queues.get_mut(q) else {
-            return false;
+            return Served::NOTHING;
         };
         match q {
-            0 | 1 => crate::drain_queue(queue, mem, |chain| {
+            0 | 1 => crate::drain_queue_budget(queue, mem, CHAINS_PER_TURN, |chain| {
                 self.pages(chain, mem, q == 0);
                 0
             }),
             _ if Some(q) == self.stats_queue => self.stats(queue, mem),
             _ if Some(q) == self.reporting_queue => {
-                crate::drain_queue(queue, mem, |chain| self.report(chain))
+                crate::drain_queue_budget(queue, mem, CHAINS_PER_TURN, |chain| self.report(chain))
             }
-            _ => false,
+            _ => Served::NOTHING,
         }
     }
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {

@@ -1,5 +1,6 @@
 //! The balloon driven through its registers by the test driver: inflate and
-//! deflate, hostile page numbers, statistics, free page reporting, targets
+//! deflate, runs of pages freed with one call, the bounds on what one
+//! request and one turn may cost, hostile page numbers, statistics, free page reporting, targets
 //! and the automatic policy, and its typed saved state.
 
 use super::*;
@@ -56,7 +57,7 @@ fn rig() -> Rig {
         F_STATS_VQ | F_REPORTING
     );
     let q: Vec<_> = (0..4)
-        .map(|i| QueueDriver::new(0x10000 + i * 0x4000, 16))
+        .map(|i| QueueDriver::new(0x10000 + i * 0x4000, 32))
         .collect();
     driver::start(&mut dev, offered, &q);
     assert!(dev.is_active());
@@ -102,12 +103,88 @@ fn inflate_frees_pages_and_hostile_pfns_fail_alone() {
     assert_eq!(r.pfns(0, &[3, 4, 0xffff_ffff, 300]).len(), 1);
     assert_eq!(
         *r.discarded.lock().unwrap(),
-        vec![(3 * PAGE, PAGE), (4 * PAGE, PAGE)],
+        vec![(3 * PAGE, 2 * PAGE)],
         "pages outside guest RAM are never freed"
     );
     assert_eq!(r.pfns(1, &[3]).len(), 1);
     let s = r.control.status();
     assert_eq!((s.inflated, s.deflated, s.malformed), (2, 1, 2));
+}
+
+#[test]
+fn a_run_of_adjacent_pages_is_freed_with_one_call() {
+    let mut r = rig();
+    // 64 adjacent pages, out of order and one given twice.
+    let mut pfns: Vec<u32> = (10..74).rev().collect();
+    pfns.push(40);
+    assert_eq!(r.pfns(0, &pfns).len(), 1);
+    assert_eq!(*r.discarded.lock().unwrap(), vec![(10 * PAGE, 64 * PAGE)]);
+    // Two runs, two calls.
+    r.discarded.lock().unwrap().clear();
+    assert_eq!(r.pfns(0, &[100, 101, 200, 102, 201]).len(), 1);
+    assert_eq!(
+        *r.discarded.lock().unwrap(),
+        vec![(100 * PAGE, 3 * PAGE), (200 * PAGE, 2 * PAGE)]
+    );
+    let s = r.control.status();
+    assert_eq!((s.inflated, s.malformed), (69, 0));
+}
+
+#[test]
+fn a_run_reaching_past_guest_ram_or_the_top_is_refused_whole() {
+    let mut r = rig();
+    // The test RAM is 256 pages: 255 is in it, 256 is not.
+    assert_eq!(r.pfns(0, &[255, 256, 0xffff_fffe, 0xffff_ffff]).len(), 1);
+    assert!(r.discarded.lock().unwrap().is_empty());
+    let s = r.control.status();
+    assert_eq!((s.inflated, s.malformed), (0, 4), "counted per page");
+}
+
+#[test]
+fn a_chain_is_read_for_max_pfns_at_most() {
+    let mut r = rig();
+    // 16384 page numbers, none adjacent: only the first MAX_PFNS are read
+    // (0, 2 .. 510: half in the 256 pages of RAM, half past them).
+    let pfns: Vec<u32> = (0..16384u32).map(|i| i * 2).collect();
+    assert_eq!(r.pfns(0, &pfns).len(), 1, "the chain still goes back");
+    assert_eq!(r.discarded.lock().unwrap().len(), MAX_PFNS / 2);
+    let s = r.control.status();
+    let refused = MAX_PFNS as u64 / 2;
+    assert_eq!(
+        (s.inflated, s.malformed),
+        (refused, refused + 1),
+        "the pages read, and the truncated chain once"
+    );
+    // Exactly MAX_PFNS is not truncated.
+    let pfns: Vec<u32> = (0..MAX_PFNS as u32).collect();
+    r.pfns(1, &pfns);
+    let s = r.control.status();
+    assert_eq!((s.deflated, s.malformed), (MAX_PFNS as u64, refused + 1));
+}
+
+#[test]
+fn a_turn_serves_chains_per_turn_and_comes_back_for_the_rest() {
+    let mut r = rig();
+    let bytes: Vec<u8> = [7u32, 9].iter().flat_map(|p| p.to_le_bytes()).collect();
+    r.mem.write_slice(&bytes, GuestAddress(0x80000)).unwrap();
+    let buf = Buf {
+        addr: 0x80000,
+        len: 8,
+        writable: false,
+    };
+    let chains = CHAINS_PER_TURN + 4;
+    for _ in 0..chains {
+        r.q[0].add_chain(&r.mem, &[buf]);
+    }
+    let kicked = |r: &Rig| r.dev.notify_events()[0].0.read().is_ok();
+    r.dev.queue_notified(0);
+    assert_eq!(r.q[0].take_used(&r.mem).len(), CHAINS_PER_TURN);
+    assert_eq!(r.discarded.lock().unwrap().len(), 2 * CHAINS_PER_TURN);
+    assert!(kicked(&r), "the rest is served on the next turn");
+    r.dev.queue_notified(0);
+    assert_eq!(r.q[0].take_used(&r.mem).len(), 4);
+    assert!(!kicked(&r));
+    assert_eq!(r.control.status().inflated, 2 * chains as u64);
 }
 
 #[test]

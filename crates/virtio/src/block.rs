@@ -7,6 +7,8 @@
 //! and fails writes with IOERR. Every request is checked against the image
 //! size and the chain's real lengths; a bad one gets an error status (or, if
 //! it has no room for one, is returned unused) and the next one is served.
+//! GET_ID answers the serial the VM's definition gives the disk, never the
+//! image's name: the host's paths are none of the guest's business.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -17,13 +19,16 @@ use crate::Memory;
 use nix::fcntl::{Flock, FlockArg};
 use virtio_queue::Queue;
 
-use crate::{drain_queue, features, Backend, BackendError, Chain};
+use crate::{drain_queue, features, Backend, BackendError, Chain, Served};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 const CHUNK: usize = 128 << 10;
+/// Length of the ID string GET_ID returns (VIRTIO_BLK_ID_BYTES); a shorter
+/// serial is padded with NULs.
+pub const ID_BYTES: usize = 20;
 
 /// Request types.
 pub mod request {
@@ -74,6 +79,9 @@ pub enum BlockError {
     /// A directory, FIFO, socket or device.
     #[error("disk image {0} is not a regular file: give a raw image file")]
     NotAFile(PathBuf),
+    /// A serial that does not fit the ID string.
+    #[error("disk serial {0:?} is not 1 to 20 bytes of printable ASCII: give another serial for the disk")]
+    BadSerial(String),
     /// Smaller than one sector.
     #[error("disk image {0} is smaller than one 512-byte sector: give a raw image of at least 512 bytes")]
     TooSmall(PathBuf),
@@ -119,6 +127,18 @@ fn lock_image(file: &File, read_only: bool) -> Result<Flock<File>, std::io::Erro
     Flock::lock(file.try_clone()?, arg).map_err(|(_, e)| e.into())
 }
 
+/// `serial` as the NUL-padded ID string, if it is 1 to [`ID_BYTES`] bytes
+/// of printable ASCII.
+fn id_string(serial: &str) -> Result<[u8; ID_BYTES], BlockError> {
+    let printable = serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if serial.is_empty() || serial.len() > ID_BYTES || !printable {
+        return Err(BlockError::BadSerial(serial.to_owned()));
+    }
+    let mut id = [0u8; ID_BYTES];
+    id[..serial.len()].copy_from_slice(serial.as_bytes());
+    Ok(id)
+}
+
 /// A virtio-blk device.
 pub struct Block {
     file: File,
@@ -129,14 +149,17 @@ pub struct Block {
     path: PathBuf,
     read_only: bool,
     sectors: u64,
-    id: [u8; 20],
+    id: [u8; ID_BYTES],
     counters: Counters,
     buf: Vec<u8>,
 }
 
 impl Block {
-    /// Opens `path` (read-only if asked), locking it against other writers.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+    /// Opens `path` (read-only if asked), locking it against other writers;
+    /// the guest reads `serial` (1 to [`ID_BYTES`] bytes of printable ASCII)
+    /// as the disk's ID.
+    pub fn open(path: &Path, read_only: bool, serial: &str) -> Result<Self, BlockError> {
+        let id = id_string(serial)?;
         let open_err = |source| BlockError::Open {
             path: path.to_owned(),
             source,
@@ -163,14 +186,6 @@ impl Block {
                 path.display(),
                 len % SECTOR
             );
-        }
-        let mut id = [0u8; 20];
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        for (d, s) in id.iter_mut().zip(name.bytes()) {
-            *d = s;
         }
         Ok(Self {
             file,
@@ -357,9 +372,9 @@ impl Backend for Block {
     fn activate(&mut self, _features: u64) -> Result<(), BackendError> {
         Ok(())
     }
-    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         let Some(queue) = queues.first_mut() else {
-            return false;
+            return Served::NOTHING;
         };
         drain_queue(queue, mem, |chain| self.handle(chain, mem))
     }

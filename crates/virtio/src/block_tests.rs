@@ -26,6 +26,10 @@ const DATA: u64 = 0x50000;
 const STATUS: u64 = 0x80000;
 
 fn rig(tag: &str, sectors: u64, read_only: bool) -> Rig {
+    rig_with_serial(tag, sectors, read_only, "nestvm-disk0")
+}
+
+fn rig_with_serial(tag: &str, sectors: u64, read_only: bool, serial: &str) -> Rig {
     let path = std::env::temp_dir().join(format!("nestvm-blk-{}-{tag}.img", std::process::id()));
     let mut content = vec![0u8; (sectors * SECTOR) as usize];
     for (i, b) in content.iter_mut().enumerate() {
@@ -33,7 +37,7 @@ fn rig(tag: &str, sectors: u64, read_only: bool) -> Rig {
     }
     std::fs::write(&path, &content).unwrap();
     let mem = memory();
-    let block = Block::open(&path, read_only).unwrap();
+    let block = Block::open(&path, read_only, serial).unwrap();
     let mut dev = MmioDevice::new(block, mem.clone(), EventTrigger::new().unwrap()).unwrap();
     let offered = driver::offered_features(&mut dev);
     let q = QueueDriver::new(0x10000, 16);
@@ -83,6 +87,18 @@ impl Rig {
         self.submit(&bufs)
     }
 
+    /// The disk's ID as GET_ID returns it into a 20-byte buffer.
+    fn get_id(&mut self) -> [u8; ID_BYTES] {
+        self.mem
+            .write_slice(&[0xee; 20], GuestAddress(DATA))
+            .unwrap();
+        let (len, st) = self.request(request::GET_ID, 0, 20, true);
+        assert_eq!((len, st), (21, status::OK));
+        let mut id = [0u8; ID_BYTES];
+        self.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        id
+    }
+
     fn counter(&self, name: &str) -> u64 {
         self.dev
             .backend()
@@ -114,13 +130,42 @@ fn reads_writes_flushes_and_ids() {
     assert!(file[10 * 512..11 * 512].iter().all(|&b| b == 0xab));
     assert_eq!(file[11 * 512], 11);
 
-    let (len, st) = r.request(request::GET_ID, 0, 20, true);
-    assert_eq!((len, st), (21, status::OK));
-    let mut id = [0u8; 20];
-    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-    assert!(id.starts_with(b"nestvm-blk-"));
+    assert_eq!(r.get_id(), *b"nestvm-disk0\0\0\0\0\0\0\0\0");
     assert_eq!(r.counter("writes"), 1);
     assert_eq!(r.counter("flushes"), 1);
+}
+
+#[test]
+fn get_id_shows_the_serial_and_nothing_of_the_host_path() {
+    let mut r = rig_with_serial("secret-host-name", 8, false, "DATA 01");
+    let id = r.get_id();
+    assert_eq!(&id[..8], b"DATA 01\0");
+    assert!(id[8..].iter().all(|&b| b == 0), "padded with NULs: {id:?}");
+    let shown = String::from_utf8_lossy(&id);
+    for piece in ["secret", "host", "nestvm-blk", "img", "/"] {
+        assert!(!shown.contains(piece), "GET_ID shows {piece:?}: {shown:?}");
+    }
+    // The default the VMM gives, likewise.
+    let mut r = rig("secret-default", 8, false);
+    let shown = String::from_utf8_lossy(&r.get_id()).into_owned();
+    assert!(
+        !shown.contains("secret") && !shown.contains("img"),
+        "{shown:?}"
+    );
+    // A 20-byte serial fills the ID exactly; a short buffer gets its start.
+    let mut r = rig_with_serial("full", 8, false, "12345678901234567890");
+    assert_eq!(&r.get_id(), b"12345678901234567890");
+    let (len, st) = r.request(request::GET_ID, 0, 8, true);
+    assert_eq!((len, st), (9, status::OK));
+}
+
+#[test]
+fn a_serial_that_cannot_be_an_id_is_refused() {
+    let r = rig("serial", 8, true);
+    for bad in ["", "123456789012345678901", "tab\there", "caf\u{e9}"] {
+        let e = Block::open(&r.path, true, bad).err().unwrap();
+        assert!(matches!(e, BlockError::BadSerial(_)), "{bad:?}: {e}");
+    }
 }
 
 #[test]
@@ -203,9 +248,9 @@ fn malformed_requests_fail_alone() {
 #[test]
 fn an_image_is_not_opened_twice_for_writing() {
     let r = rig("lock", 8, false);
-    let e = Block::open(&r.path, false).err().unwrap();
+    let e = Block::open(&r.path, false, "x").err().unwrap();
     assert!(e.to_string().contains("in use"), "{e}");
-    let e = Block::open(Path::new("/nonexistent/x.img"), false)
+    let e = Block::open(Path::new("/nonexistent/x.img"), false, "x")
         .err()
         .unwrap();
     assert!(e.to_string().contains("cannot open disk image"), "{e}");
@@ -216,14 +261,14 @@ fn only_a_regular_file_is_a_disk() {
     let dir = std::env::temp_dir().join(format!("nestvm-blk-{}-notafile", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // A directory read-only (opening it for writing fails anyway).
-    let e = Block::open(&dir, true).err().unwrap();
+    let e = Block::open(&dir, true, "x").err().unwrap();
     assert!(matches!(e, BlockError::NotAFile(_)), "{e}");
-    assert!(Block::open(&dir, false).is_err());
+    assert!(Block::open(&dir, false, "x").is_err());
     // A FIFO is refused at once, not waited on for a writer.
     let fifo = dir.join("disk.fifo");
     let _ = std::fs::remove_file(&fifo);
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let e = Block::open(&fifo, true).err().unwrap();
+    let e = Block::open(&fifo, true, "x").err().unwrap();
     assert!(e.to_string().contains("not a regular file"), "{e}");
 }
 
@@ -253,11 +298,11 @@ fn a_released_image_can_be_opened_elsewhere_and_reclaimed_after() {
     use crate::mmio::Inspect;
     let mut r = rig("release", 8, false);
     r.dev.release().unwrap();
-    let other = Block::open(&r.path, false).expect("the lock was released");
+    let other = Block::open(&r.path, false, "x").expect("the lock was released");
     assert!(r.dev.reclaim().is_err(), "another process holds it now");
     drop(other);
     r.dev.reclaim().unwrap();
-    assert!(Block::open(&r.path, false).is_err(), "locked again");
+    assert!(Block::open(&r.path, false, "x").is_err(), "locked again");
 }
 
 #[test]
@@ -299,7 +344,7 @@ fn a_snapshot_carries_the_queue_to_a_new_device() {
     std::fs::copy(&r.path, &copy).unwrap();
     let mem = r.mem.clone();
     let restore = |path: &Path, snap: &MmioSnapshot| {
-        let block = Block::open(path, false).unwrap();
+        let block = Block::open(path, false, "x").unwrap();
         MmioDevice::restore(block, mem.clone(), EventTrigger::new().unwrap(), snap)
     };
     let dev = restore(&copy, &snap).unwrap();

@@ -14,6 +14,11 @@
 //! - [`worker`]: the event-loop side: queue notifications (ioeventfds) and
 //!   backend file descriptors, served off the vCPU threads.
 //!
+//! Each turn on a queue is bounded ([`drain_queue`] serves at most
+//! [`DRAIN_BUDGET`] chains): when work is left, the transport signals the
+//! queue's own notification eventfd, so the rest is served on the loop's
+//! next turn, after whatever else is ready, with no guest notification.
+//!
 //! Everything read from guest memory or a register is untrusted: a malformed
 //! request fails that request (with the device's error status where the
 //! protocol has one), never the VMM.
@@ -117,8 +122,9 @@ pub trait Backend: Send {
     fn reclaim(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
-    /// The guest notified `queue`; returns true when it should be interrupted.
-    fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &Memory) -> bool;
+    /// The guest notified `queue` (or the device's last turn on it left
+    /// work, [`Served::more`]): serves a bounded amount of it.
+    fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &Memory) -> Served;
     /// A descriptor the event loop should watch for this device (a TAP), if any.
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         None
@@ -133,39 +139,111 @@ pub trait Backend: Send {
     }
 }
 
-/// Serves every available chain of `queue` with `handle`, which returns the
-/// number of bytes it wrote into the chain. Returns true when the guest asked
-/// to be told about the used buffers. With event indices, re-checks the ring
-/// after re-enabling notifications so no request is left behind.
-pub fn drain_queue<F>(queue: &mut Queue, mem: &Memory, mut handle: F) -> bool
+/// Chains one [`drain_queue`] serves at most: a guest that keeps refilling a
+/// queue gets this many served per event-loop turn, then the other devices
+/// and the VMM's own work get their turn before its queue does again.
+pub const DRAIN_BUDGET: usize = 64;
+
+/// What serving a queue did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Served {
+    /// The guest asked to be told about the used buffers (interrupt it).
+    pub notify: bool,
+    /// The budget ran out with chains still available: serve the queue
+    /// again soon, without waiting for the guest to notify it (which, its
+    /// notifications being off meanwhile, it may never do).
+    pub more: bool,
+}
+
+impl Served {
+    /// Nothing to tell and nothing left.
+    pub const NOTHING: Served = Served {
+        notify: false,
+        more: false,
+    };
+}
+
+/// Serves the available chains of `queue` with `handle`, which returns the
+/// number of bytes it wrote into the chain: [`DRAIN_BUDGET`] of them at
+/// most (see [`drain_queue_budget`]).
+pub fn drain_queue<F>(queue: &mut Queue, mem: &Memory, handle: F) -> Served
+where
+    F: FnMut(Chain<'_>) -> u32,
+{
+    drain_queue_budget(queue, mem, DRAIN_BUDGET, handle)
+}
+
+/// Serves at most `budget` available chains of `queue` with `handle`. With
+/// the ring emptied, re-enables notifications and re-checks the ring (so no
+/// request is left behind); with the budget spent and chains left, leaves
+/// notifications off and says so in [`Served::more`], for the caller to
+/// come back to the queue on its next turn.
+pub fn drain_queue_budget<F>(
+    queue: &mut Queue,
+    mem: &Memory,
+    budget: usize,
+    mut handle: F,
+) -> Served
 where
     F: FnMut(Chain<'_>) -> u32,
 {
     let mut used = false;
+    let mut served = 0;
+    let mut more = false;
     loop {
         if queue.disable_notification(mem).is_err() {
             break;
         }
-        let mut served = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let before = served;
+        while served < budget {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = handle(chain);
             if queue.add_used(mem, head, len).is_err() {
                 log::debug!("virtio: cannot add used descriptor {head}");
-                return used;
+                return Served {
+                    notify: used,
+                    more: false,
+                };
             }
             used = true;
             served += 1;
         }
+        if served >= budget && has_available(queue, mem) {
+            more = true;
+            break;
+        }
         // More available but nothing could be popped means a broken ring
         // (an available index the queue refuses): stop rather than spin.
         match queue.enable_notification(mem) {
-            Ok(true) if served > 0 => continue,
+            Ok(true) if served > before && served < budget => continue,
+            Ok(true) if served > before => {
+                // Refilled while notifications were being turned back on.
+                more = true;
+                break;
+            }
             _ => break,
         }
     }
-    used && queue.needs_notification(mem).unwrap_or(true)
+    Served {
+        notify: used && queue.needs_notification(mem).unwrap_or(true),
+        more,
+    }
+}
+
+/// Whether the driver made chains available that were not popped yet.
+pub(crate) fn has_available(queue: &Queue, mem: &Memory) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+#[cfg(test)]
+#[path = "drain_tests.rs"]
+mod drain_tests;

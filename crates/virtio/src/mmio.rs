@@ -330,6 +330,12 @@ impl<B: Backend> MmioDevice<B> {
                 .activate(snap.driver_features)
                 .map_err(backend_failed)?;
             dev.active = true;
+            // Work left on a queue when the snapshot was taken (a budget
+            // spent, a kick not yet served) was never saved as a kick:
+            // check every queue once on the first turn.
+            for i in 0..dev.queues.len() {
+                dev.kick(i);
+            }
         }
         Ok(dev)
     }
@@ -369,11 +375,28 @@ impl<B: Backend> MmioDevice<B> {
         if !self.active || index >= self.queues.len() {
             return;
         }
-        if self
+        let served = self
             .backend
-            .process_queue(index, &mut self.queues, &self.mem)
-        {
+            .process_queue(index, &mut self.queues, &self.mem);
+        if served.notify {
             self.raise(INT_USED_RING);
+        }
+        if served.more {
+            self.kick(index);
+        }
+    }
+
+    /// Signals queue `index`'s notification eventfd as a guest kick would,
+    /// so the worker serves the queue on the loop's next turn.
+    fn kick(&self, index: usize) {
+        let Some(n) = self.notify.get(index) else {
+            return;
+        };
+        if let Err(e) = n.0.write(1) {
+            log::warn!(
+                "virtio {}: cannot re-arm queue {index}: {e}",
+                self.backend.kind()
+            );
         }
     }
 

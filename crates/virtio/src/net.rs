@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use crate::Memory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use crate::{drain_queue, features, Backend, BackendError, Chain};
+use crate::{drain_queue, features, Backend, BackendError, Chain, Served};
 
 /// Entries in each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -342,19 +342,22 @@ impl Backend for Net {
         self.rx_pending = 0;
         self.mergeable = false;
     }
-    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         match q {
-            RX => self.receive(queues, mem),
+            RX => Served {
+                notify: self.receive(queues, mem),
+                more: false,
+            },
             TX => {
                 let Some(queue) = queues.get_mut(TX) else {
-                    return false;
+                    return Served::NOTHING;
                 };
                 drain_queue(queue, mem, |chain| {
                     self.transmit(chain, mem);
                     0
                 })
             }
-            _ => false,
+            _ => Served::NOTHING,
         }
     }
     fn event_fd(&self) -> Option<RawFd> {

@@ -7,7 +7,7 @@ use vm_memory::GuestAddress;
 
 use crate::driver::{self, QueueDriver};
 use crate::mmio::MmioDevice;
-use crate::{drain_queue, features, Backend, BackendError};
+use crate::{drain_queue, features, Backend, BackendError, Served};
 
 /// Guest memory for tests: 1 MiB at 0.
 pub fn memory() -> Memory {
@@ -39,7 +39,7 @@ impl Backend for TestBackend {
     fn activate(&mut self, _features: u64) -> Result<(), BackendError> {
         Ok(())
     }
-    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_queue(&mut self, _q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         drain_queue(&mut queues[0], mem, |_| 0)
     }
 }

@@ -2,7 +2,10 @@
 //! device waits on its queues' notification eventfds (signalled by KVM
 //! ioeventfds, so a guest kick costs no exit to userspace) and on the
 //! backend's own descriptor (a TAP, edge-triggered), and runs the device's
-//! work on the loop's thread, never on a vCPU thread.
+//! work on the loop's thread, never on a vCPU thread. A turn on a queue is
+//! bounded; a device with work left signals the queue's eventfd itself
+//! (`MmioDevice::queue_notified`), so the loop, level-triggered on it,
+//! comes back to the queue after its other ready sources.
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};

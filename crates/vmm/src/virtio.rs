@@ -151,8 +151,9 @@ pub fn attach(
         slot,
         saved: saved.and_then(|s| s.get(i)),
     });
-    for disk in &config.disks {
-        let block = Block::open(&disk.path, disk.readonly)?;
+    for (i, disk) in config.disks.iter().enumerate() {
+        // The guest sees the definition's serial, never the image's name.
+        let block = Block::open(&disk.path, disk.readonly, &disk.serial_or_default(i))?;
         let place = next.next().expect("validated device count");
         add(block, place, vm, mem, mmio, &mut out)?;
     }
