@@ -29,8 +29,9 @@ pub struct SettingsArgs {
     /// on (refuse if it cannot), off [default: auto].
     #[arg(long, value_parser = ["auto", "on", "off"])]
     nested: Option<String>,
-    /// A virtio disk: path=FILE[,readonly=on] (raw image); repeat for more.
-    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    /// A virtio disk: path=FILE[,readonly=on][,serial=ID] (raw image; ID is what
+    /// the guest reads as the disk's serial); repeat for more.
+    #[arg(long, value_name = "path=FILE[,readonly=on][,serial=ID]")]
     disk: Vec<String>,
     /// A virtio network adapter on a TAP device:
     /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; repeat for more. The TAP
