@@ -151,11 +151,24 @@ pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn modprobe(args: &[&str]) -> Result<(), String> {
+/// Why a modprobe call failed.
+#[derive(Debug, thiserror::Error)]
+enum ModprobeError {
+    /// modprobe could not be started.
+    #[error("cannot run modprobe")]
+    Run(#[source] std::io::Error),
+    /// modprobe said no.
+    #[error("modprobe failed: {0}")]
+    Failed(String),
+}
+
+fn modprobe(args: &[&str]) -> Result<(), ModprobeError> {
     match Command::new("modprobe").args(args).output() {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
-        Err(e) => Err(format!("cannot run modprobe: {e}")),
+        Ok(o) => Err(ModprobeError::Failed(
+            String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+        )),
+        Err(e) => Err(ModprobeError::Run(e)),
     }
 }
 
@@ -214,7 +227,7 @@ pub fn apply(plan: &Plan) -> Result<Applied, EnableError> {
         if modprobe(&[m]).is_err() || !Path::new("/sys/module").join(m).exists() {
             return Err(EnableError::LeftUnloaded {
                 module: m.to_owned(),
-                detail: first,
+                detail: first.to_string(),
             });
         }
     }

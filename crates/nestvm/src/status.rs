@@ -2,7 +2,7 @@
 //! whole — the host verdict, then for each VM whether it can host VMs now
 //! and every reason it cannot.
 
-use nestvm_manager::Store;
+use nestvm_manager::{Store, VmName};
 use nestvm_vmm::config::NestedMode;
 use serde::Serialize;
 
@@ -29,59 +29,69 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
     let host = nestvm_host::evaluate(&nestvm_host::gather());
     let mut vms = vec![];
     for name in store.list().map_err(runtime)? {
-        let (mut reasons, mut notes) = (vec![], vec![]);
-        let state = live_state(store, &name);
-        let nested = match store.load(&name) {
-            Ok(config) => {
-                if config.nested == NestedMode::Off {
-                    reasons.push(format!(
-                        "VT-x/AMD-V are not exposed to it (nested = off): run 'nestvm vm enable-nested {name}'"
-                    ));
-                } else if !host.can_nest {
-                    reasons.push(format!(
-                        "the host cannot nest: {}",
-                        host.blocker_line().unwrap_or_default()
-                    ));
-                }
-                if config.memory < 4 << 30 {
-                    notes.push("less than the 4 GiB guidance for a VM that hosts VMs".into());
-                }
-                // The reference document's networking rule: guests bridged
-                // inside this VM send from their own MACs, which the adapter
-                // drops unless MAC spoofing is on.
-                if config.nested != NestedMode::Off {
-                    if config.nets.is_empty() {
-                        notes
-                            .push("no network adapter: its own guests will have no network".into());
-                    }
-                    for n in config.nets.iter().filter(|n| !n.mac_spoofing) {
-                        notes.push(format!(
-                            "adapter on TAP {} has mac_spoofing off: its own guests get no network through it ('nestvm vm set {name} --net tap={},mac_spoofing=on')",
-                            n.tap, n.tap
-                        ));
-                    }
-                }
-                config.nested
-            }
-            Err(e) => {
-                reasons.push(format!("its definition is unreadable: {e}"));
-                NestedMode::Off
-            }
-        };
-        vms.push(VmStatus {
-            name: name.to_string(),
-            state,
-            nested,
-            can_host_vms: reasons.is_empty(),
-            reasons,
-            notes,
-        });
+        vms.push(vm_status(store, &name, &host));
     }
     let status = Status { host, vms };
     if json {
         print_json(&status)?;
-        return Ok(0);
+    } else {
+        print_table(&status);
     }
+    Ok(0)
+}
+
+/// Whether VM `name` can host VMs on this `host`, and why not.
+fn vm_status(store: &Store, name: &VmName, host: &nestvm_host::HostReport) -> VmStatus {
+    let (mut reasons, mut notes) = (vec![], vec![]);
+    let state = live_state(store, name);
+    let nested = match store.load(name) {
+        Ok(config) => {
+            if config.nested == NestedMode::Off {
+                reasons.push(format!(
+                    "VT-x/AMD-V are not exposed to it (nested = off): run 'nestvm vm enable-nested {name}'"
+                ));
+            } else if !host.can_nest {
+                reasons.push(format!(
+                    "the host cannot nest: {}",
+                    host.blocker_line().unwrap_or_default()
+                ));
+            }
+            if config.memory < 4 << 30 {
+                notes.push("less than the 4 GiB guidance for a VM that hosts VMs".into());
+            }
+            // The reference document's networking rule: guests bridged
+            // inside this VM send from their own MACs, which the adapter
+            // drops unless MAC spoofing is on.
+            if config.nested != NestedMode::Off {
+                if config.nets.is_empty() {
+                    notes.push("no network adapter: its own guests will have no network".into());
+                }
+                for n in config.nets.iter().filter(|n| !n.mac_spoofing) {
+                    notes.push(format!(
+                        "adapter on TAP {} has mac_spoofing off: its own guests get no network through it ('nestvm vm set {name} --net tap={},mac_spoofing=on')",
+                        n.tap, n.tap
+                    ));
+                }
+            }
+            config.nested
+        }
+        Err(e) => {
+            reasons.push(format!("its definition is unreadable: {e}"));
+            NestedMode::Off
+        }
+    };
+    VmStatus {
+        name: name.to_string(),
+        state,
+        nested,
+        can_host_vms: reasons.is_empty(),
+        reasons,
+        notes,
+    }
+}
+
+/// The status as a table, for people.
+fn print_table(status: &Status) {
     match status.host.blocker_line() {
         None => println!(
             "Host: YES, this host can nest (nestvm's guests run at level {})",
@@ -91,7 +101,7 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
     }
     if status.vms.is_empty() {
         println!("No VMs ('nestvm vm new NAME --kernel FILE' makes one).");
-        return Ok(0);
+        return;
     }
     println!(
         "\n{:<20} {:<8} {:<6} {:<13} WHY NOT",
@@ -113,5 +123,4 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
             println!("{:<50} note: {n}", "");
         }
     }
-    Ok(0)
 }

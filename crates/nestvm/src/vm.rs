@@ -232,20 +232,7 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             token_file,
             wait,
         } => {
-            let from = match (checkpoint, incoming, token_file) {
-                (Some(c), None, _) => serve::From::Checkpoint(c),
-                (None, Some(listen), Some(token_file)) => serve::From::Incoming {
-                    listen,
-                    token_file,
-                    wait: secs(wait),
-                },
-                (None, None, _) => serve::From::Definition,
-                _ => {
-                    return Err(usage(anyhow!(
-                        "--incoming needs --token-file, and excludes --checkpoint"
-                    )))
-                }
-            };
+            let from = serve_from(checkpoint, incoming, token_file, wait)?;
             serve::serve(store, &vm_name(&name)?, from)
         }
         VmCmd::Migrate {
@@ -284,24 +271,53 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             secs(wait),
             json,
         ),
-        VmCmd::Checkpoint { args, checkpoint } => {
-            match args
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .as_slice()
-            {
-                [vm] => checkpoints::take(store, &vm_name(vm)?, checkpoint, json),
-                ["rm", vm, c] => checkpoints::remove(store, &vm_name(vm)?, c, json),
-                _ => Err(usage(anyhow!(
-                    "use 'nestvm vm checkpoint NAME [--name C]' or 'nestvm vm checkpoint rm NAME C'"
-                ))),
-            }
-        }
+        VmCmd::Checkpoint { args, checkpoint } => checkpoint_cmd(store, &args, checkpoint, json),
         VmCmd::Checkpoints { name } => checkpoints::show(store, &vm_name(&name)?, json),
         VmCmd::Restore { name, checkpoint } => {
             checkpoints::restore(store, &vm_name(&name)?, &checkpoint, json)
         }
+    }
+}
+
+/// Where `vm serve` takes its VM from.
+fn serve_from(
+    checkpoint: Option<String>,
+    incoming: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+    wait: u64,
+) -> Result<serve::From, Failure> {
+    match (checkpoint, incoming, token_file) {
+        (Some(c), None, _) => Ok(serve::From::Checkpoint(c)),
+        (None, Some(listen), Some(token_file)) => Ok(serve::From::Incoming {
+            listen,
+            token_file,
+            wait: secs(wait),
+        }),
+        (None, None, _) => Ok(serve::From::Definition),
+        _ => Err(usage(anyhow!(
+            "--incoming needs --token-file, and excludes --checkpoint"
+        ))),
+    }
+}
+
+/// `vm checkpoint NAME [--name C]` and `vm checkpoint rm NAME C`.
+fn checkpoint_cmd(
+    store: &Store,
+    args: &[String],
+    checkpoint: Option<String>,
+    json: bool,
+) -> Result<u8, Failure> {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [vm] => checkpoints::take(store, &vm_name(vm)?, checkpoint, json),
+        ["rm", vm, c] => checkpoints::remove(store, &vm_name(vm)?, c, json),
+        _ => Err(usage(anyhow!(
+            "use 'nestvm vm checkpoint NAME [--name C]' or 'nestvm vm checkpoint rm NAME C'"
+        ))),
     }
 }
 
