@@ -81,6 +81,8 @@ cat /tmp/recv2.txt
 check mg-received grep -q "arrived and runs here" /tmp/recv2.txt
 check mg-source-ended [ "$(vm_state l2)" = Off ]
 check mg-source-log-says-migrated grep -q "ended: Migrated" $SRC/vms/l2/vmm.log
+# Should it not run there, say what its VMM said.
+[ "$(state_in $DST l2)" = Running ] || { echo "destination: $(state_in $DST l2)"; tail -n 40 $DST/vms/l2/vmm.log; }
 require mg-destination-runs [ "$(state_in $DST l2)" = Running ]
 check mg-l3-went-on-there wait_live $DST l2 "$DLOG" "\." 120
 check mg-l3-continues-to-the-end wait_live $DST l2 "$DLOG" "long ticker done" 900
