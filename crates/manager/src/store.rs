@@ -9,9 +9,8 @@
 //!     saved/, checkpoints/    saved state and checkpoints, when there are any
 //! ```
 
-use std::fs::Permissions;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nestvm_config::{ConfigError, Overrides, VmConfig};
@@ -55,6 +54,25 @@ pub enum StoreError {
     /// A lock.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A directory nestvm would keep VMs in that other users can write.
+    #[error("{} can be written by other users (mode {mode:o}): nestvm keeps VMs only where their owner alone can write; run 'chmod go-w {}' or use another --state-dir", path.display(), path.display())]
+    SharedDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A directory nestvm would keep VMs in that belongs to someone else.
+    #[error("{} belongs to another user (uid {owner}): use a --state-dir of your own", path.display())]
+    ForeignDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
+    /// Something that is not a directory where one is needed.
+    #[error("{} is not a directory: remove it or use another --state-dir", .0.display())]
+    NotADir(PathBuf),
     /// A file operation.
     #[error("cannot {what} {path}")]
     Io {
@@ -96,12 +114,20 @@ pub struct Store {
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
+    // A temporary file left by an interrupted write is ours to replace; a
+    // fresh one is created private, never through a link planted there.
+    let _ = std::fs::remove_file(&tmp);
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
         f.write_all(bytes).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
     }
-    std::fs::set_permissions(&tmp, Permissions::from_mode(0o600)).map_err(io("chmod", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("rename into", path))?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)
@@ -111,9 +137,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Makes `path` (and its missing parents) private to this user, or checks
+/// the one already there. An existing directory is never chmodded: one that
+/// other users can write to, or that belongs to someone else, is refused.
 fn private_dir(path: &Path) -> Result<(), StoreError> {
-    std::fs::create_dir_all(path).map_err(io("create", path))?;
-    std::fs::set_permissions(path, Permissions::from_mode(0o700)).map_err(io("chmod", path))
+    match std::fs::metadata(path) {
+        Ok(m) => check_private(path, &m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io("create", path)),
+        Err(e) => Err(io("inspect", path)(e)),
+    }
+}
+
+fn check_private(path: &Path, m: &std::fs::Metadata) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    if !m.is_dir() {
+        return Err(StoreError::NotADir(path.to_owned()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(StoreError::SharedDir {
+            path: path.to_owned(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me && me != 0 {
+        return Err(StoreError::ForeignDir {
+            path: path.to_owned(),
+            owner: m.uid(),
+        });
+    }
+    Ok(())
 }
 
 impl Store {
@@ -183,16 +240,16 @@ impl Store {
         private_dir(&self.root)?;
         private_dir(&self.root.join("vms"))?;
         let dir = self.vm_dir(name);
-        match std::fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && self.exists(name) => {
                 return Err(StoreError::Exists(name.clone()))
             }
-            // A directory left by an interrupted `vm new`: reuse it.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // A directory left by an interrupted `vm new`: reuse it, if it
+            // is still private.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => private_dir(&dir)?,
             Err(e) => return Err(io("create", &dir)(e)),
         }
-        std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io("chmod", &dir))?;
         let _held = lock::lock(&dir.join("lock"), true)?;
         write_atomic(&self.definition(name), definition.as_bytes())
     }
@@ -318,11 +375,51 @@ fn nonempty(p: PathBuf) -> bool {
 mod tests {
     use super::*;
     use nestvm_config::NestedMode;
+    use std::os::unix::fs::PermissionsExt;
 
     fn store(tag: &str) -> Store {
         let root = std::env::temp_dir().join(format!("nestvm-store-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         Store::locate(Some(root))
+    }
+
+    /// A state directory nestvm makes is 0700; an existing one is never
+    /// chmodded, and one that others can write is refused and left as it
+    /// was.
+    #[test]
+    fn state_directories_are_private_and_never_chmodded() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let s = store("private");
+        let name = VmName::new("a").unwrap();
+        s.create(&name, &config()).unwrap();
+        assert_eq!(mode(&s.root), 0o700);
+        assert_eq!(mode(&s.vm_dir(&name)), 0o700);
+        let def = s.vm_dir(&name).join("vm.toml");
+        assert_eq!(mode(&def), 0o600);
+
+        let shared = store("shared");
+        std::fs::create_dir_all(&shared.root).unwrap();
+        std::fs::set_permissions(&shared.root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = shared.create(&name, &config()).unwrap_err();
+        assert!(matches!(e, StoreError::SharedDir { mode: 0o777, .. }), "{e}");
+        assert!(e.to_string().contains("chmod go-w"), "{e}");
+        assert_eq!(mode(&shared.root), 0o777, "left as it was");
+        assert!(!shared.root.join("vms").exists());
+
+        // Readable by others but writable only by its owner: used as is.
+        let open = store("readable");
+        std::fs::create_dir_all(&open.root).unwrap();
+        std::fs::set_permissions(&open.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        open.create(&name, &config()).unwrap();
+        assert_eq!(mode(&open.root), 0o755);
+
+        let file = store("file");
+        std::fs::write(&file.root, b"").unwrap();
+        assert!(matches!(file.create(&name, &config()), Err(StoreError::NotADir(_))));
+        for s in [s, shared, open] {
+            let _ = std::fs::remove_dir_all(&s.root);
+        }
+        let _ = std::fs::remove_file(&file.root);
     }
 
     fn config() -> VmConfig {
