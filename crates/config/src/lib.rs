@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod adapters;
+pub mod logs;
 
 use crate::adapters::{AdapterError, BalloonConfig, DiskConfig, NetConfig};
 
@@ -59,6 +60,14 @@ pub enum ConfigError {
     /// A nested setting that is not auto, on or off.
     #[error("invalid nested setting '{0}': use auto, on or off")]
     BadNested(String),
+    /// A log cap out of range.
+    #[error("[logs] {file} = {got} bytes is out of range: give a size between 64K and 1T")]
+    LogCap {
+        /// Which log.
+        file: &'static str,
+        /// What was given.
+        got: u64,
+    },
     /// A disk or network adapter setting.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
@@ -192,6 +201,8 @@ struct FileConfig {
     memory: Option<SizeValue>,
     nested: Option<NestedMode>,
     // Tables come last: TOML puts them after plain values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    logs: Option<logs::FileLogs>,
     balloon: Option<BalloonConfig>,
     disk: Option<Vec<DiskConfig>>,
     net: Option<Vec<NetConfig>>,
@@ -218,6 +229,10 @@ pub struct Overrides {
     pub nets: Option<Vec<NetConfig>>,
     /// `--balloon` (`Some(None)`: `--no-balloon`).
     pub balloon: Option<Option<BalloonConfig>>,
+    /// `--console-log-max`, unparsed.
+    pub console_log_max: Option<String>,
+    /// `--vmm-log-max`, unparsed.
+    pub vmm_log_max: Option<String>,
 }
 
 /// A VM's complete, validated settings.
@@ -242,6 +257,9 @@ pub struct VmConfig {
     /// The memory balloon, if the VM has one.
     #[serde(default)]
     pub balloon: Option<BalloonConfig>,
+    /// How large its log files may grow (managed VMs).
+    #[serde(default)]
+    pub logs: logs::LogLimits,
 }
 
 impl VmConfig {
@@ -297,6 +315,8 @@ impl VmConfig {
             disks: over.disks.or(base.disk).unwrap_or_default(),
             nets: over.nets.or(base.net).unwrap_or_default(),
             balloon: over.balloon.unwrap_or(base.balloon),
+            logs: logs::LogLimits::from_file(base.logs.as_ref())?
+                .with(over.console_log_max.as_deref(), over.vmm_log_max.as_deref())?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -315,6 +335,7 @@ impl VmConfig {
             disk: (!self.disks.is_empty()).then(|| self.disks.clone()),
             net: (!self.nets.is_empty()).then(|| self.nets.clone()),
             balloon: self.balloon.clone(),
+            logs: self.logs.to_file(),
         };
         toml::to_string(&file).map_err(ConfigError::Serialize)
     }
@@ -334,6 +355,9 @@ impl VmConfig {
             disks: over.disks.unwrap_or_else(|| self.disks.clone()),
             nets: over.nets.unwrap_or_else(|| self.nets.clone()),
             balloon: over.balloon.unwrap_or_else(|| self.balloon.clone()),
+            logs: self
+                .logs
+                .with(over.console_log_max.as_deref(), over.vmm_log_max.as_deref())?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -369,6 +393,7 @@ impl VmConfig {
             });
         }
         adapters::validate(&self.disks, &self.nets, self.balloon.as_ref())?;
+        self.logs.validate()?;
         if let Some(b) = &self.balloon {
             let min = b.min_bytes()?;
             if min < MIN_MEMORY || min > self.memory {
@@ -569,8 +594,13 @@ mod tests {
                 mac_spoofing: true,
             }],
             balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
+            logs: logs::LogLimits {
+                console: 1 << 20,
+                ..Default::default()
+            },
         };
         let text = c.to_toml().unwrap();
+        assert!(text.contains("[logs]\nconsole = \"1M\"\n"), "{text}");
         assert_eq!(text.matches("serial = \"root 1\"").count(), 1, "{text}");
         assert_eq!(
             text.matches("serial").count(),

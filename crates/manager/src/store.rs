@@ -401,7 +401,10 @@ mod tests {
         std::fs::create_dir_all(&shared.root).unwrap();
         std::fs::set_permissions(&shared.root, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = shared.create(&name, &config()).unwrap_err();
-        assert!(matches!(e, StoreError::SharedDir { mode: 0o777, .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::SharedDir { mode: 0o777, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod go-w"), "{e}");
         assert_eq!(mode(&shared.root), 0o777, "left as it was");
         assert!(!shared.root.join("vms").exists());
@@ -415,7 +418,10 @@ mod tests {
 
         let file = store("file");
         std::fs::write(&file.root, b"").unwrap();
-        assert!(matches!(file.create(&name, &config()), Err(StoreError::NotADir(_))));
+        assert!(matches!(
+            file.create(&name, &config()),
+            Err(StoreError::NotADir(_))
+        ));
         for s in [s, shared, open] {
             let _ = std::fs::remove_dir_all(&s.root);
         }
@@ -433,6 +439,7 @@ mod tests {
             disks: vec![],
             nets: vec![],
             balloon: None,
+            logs: Default::default(),
         }
     }
 

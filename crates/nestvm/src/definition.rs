@@ -65,6 +65,8 @@ struct VmView {
     disks: Vec<nestvm_vmm::adapters::DiskConfig>,
     nets: Vec<nestvm_vmm::adapters::NetConfig>,
     balloon: Option<nestvm_vmm::adapters::BalloonConfig>,
+    /// The caps of its log files, bytes.
+    logs: nestvm_vmm::config::logs::LogLimits,
     /// The VM's outgoing migration, while one runs or after one failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     migration: Option<nestvm_vmm::migration::Progress>,
@@ -90,6 +92,7 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         disks: c.disks.clone(),
         nets: c.nets.clone(),
         balloon: c.balloon.clone(),
+        logs: c.logs,
         migration: match state {
             "Off" | "Saved" => None,
             // A view of the VM, not a command on it: an answer this nestvm
@@ -197,6 +200,11 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
                 if b.dynamic { ", follows demand" } else { "" }
             );
         }
+        println!(
+            "logs:    console.log up to {}, vmm.log up to {} (one older file each)",
+            format_size(v.logs.console),
+            format_size(v.logs.vmm)
+        );
         if let Some(m) = &v.migration {
             println!("migration: {:?} to {}: {}", m.phase, m.to, progress_line(m));
         }

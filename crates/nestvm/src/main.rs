@@ -86,9 +86,16 @@ enum HostCmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("NESTVM_LOG", "warn"))
-        .format_timestamp_millis()
-        .init();
+    // Guests can make the VMM log (a malformed request, say): each place
+    // that logs gets a budget, so no guest floods vmm.log.
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::new().filter_or("NESTVM_LOG", "warn"))
+            .format_timestamp_millis()
+            .build();
+    let level = logger.filter();
+    if log::set_boxed_logger(Box::new(nestvm_vmm::logfile::RateLimited::new(logger))).is_ok() {
+        log::set_max_level(level);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

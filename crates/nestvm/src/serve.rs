@@ -13,6 +13,7 @@ use nestvm_kvm::Hypervisor;
 use nestvm_manager::lock;
 use nestvm_manager::{Store, VmName};
 use nestvm_vmm::console::{ConsoleHub, ConsoleServer};
+use nestvm_vmm::logfile::RotatingFile;
 use nestvm_vmm::{build, run, BuiltVm, VmConfig, VmOutcome};
 use nestvm_vmm::{Console, RunOptions};
 
@@ -113,14 +114,14 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
         From::Definition => saved.exists(),
         From::Incoming { .. } => false,
     };
+    // A guest decides how much it prints and makes its VMM log: both files
+    // are rotated at the definition's caps (an arriving VM's defaults until
+    // its definition is here).
+    let limits = config.as_ref().map(|c| c.logs).unwrap_or_default();
+    nestvm_vmm::logfile::cap_stderr(&p.log, limits.vmm);
     // A resumed VM's console log goes on where it stopped.
-    let console_log = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resuming)
-        .truncate(!resuming)
-        .open(&p.console_log)
-        .map_err(runtime)?;
+    let console_log = RotatingFile::open(&p.console_log, limits.console, resuming)
+        .map_err(|e| runtime(anyhow!("cannot open {}: {e}", p.console_log.display())))?;
     let hub = ConsoleHub::new(Some(console_log));
     let (vm, arrival) = build_vm(store, name, &from, config, &hv, &hub)?;
     let api = bind(&p.control)?;

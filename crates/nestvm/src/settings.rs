@@ -54,6 +54,14 @@ pub struct SettingsArgs {
     /// Remove every network adapter (with vm set).
     #[arg(long, conflicts_with = "net")]
     no_nets: bool,
+    /// The size at which console.log is rotated (one old file is kept as
+    /// console.log.1) [default: 16M].
+    #[arg(long, value_name = "SIZE")]
+    console_log_max: Option<String>,
+    /// The size at which vmm.log is rotated (one old file is kept as
+    /// vmm.log.1) [default: 16M].
+    #[arg(long, value_name = "SIZE")]
+    vmm_log_max: Option<String>,
 }
 
 impl SettingsArgs {
@@ -91,6 +99,8 @@ impl SettingsArgs {
             cpus: self.cpus,
             memory: self.memory,
             nested,
+            console_log_max: self.console_log_max,
+            vmm_log_max: self.vmm_log_max,
         })
     }
 }

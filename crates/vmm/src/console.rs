@@ -5,7 +5,6 @@
 //! from nestvm's own stdin, into the guest's UART without dropping any.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,6 +13,8 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use nestvm_devices::serial::SerialPort;
+
+use crate::logfile::RotatingFile;
 use vmm_sys_util::timerfd::TimerFd;
 
 /// How much recent output a new client is shown.
@@ -21,7 +22,7 @@ pub const REPLAY_BYTES: usize = 16 << 10;
 
 struct HubInner {
     ring: VecDeque<u8>,
-    log: Option<File>,
+    log: Option<RotatingFile>,
     client: Option<UnixStream>,
 }
 
@@ -31,8 +32,8 @@ pub struct ConsoleHub {
 }
 
 impl ConsoleHub {
-    /// A hub that also appends everything to `log`.
-    pub fn new(log: Option<File>) -> Arc<Self> {
+    /// A hub that also appends everything to `log` (rotated at its cap).
+    pub fn new(log: Option<RotatingFile>) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(HubInner {
                 ring: VecDeque::with_capacity(REPLAY_BYTES),

@@ -26,6 +26,8 @@
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix
 //!   socket): server thread, typed requests, client.
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
+//! - [`logfile`]: log files rotated at their cap, and a logger that no
+//!   guest can flood (a budget per call site).
 
 pub mod api;
 pub mod balloon;
@@ -34,6 +36,7 @@ mod bus;
 pub mod console;
 mod controller;
 mod event_loop;
+pub mod logfile;
 pub mod migration;
 mod outcome;
 pub mod persist;

@@ -406,6 +406,7 @@ mod tests {
             disks: vec![],
             nets: vec![],
             balloon: None,
+            logs: Default::default(),
         };
         let out = Captured::default();
         let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();

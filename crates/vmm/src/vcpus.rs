@@ -213,6 +213,7 @@ mod tests {
             disks: vec![],
             nets: vec![],
             balloon: None,
+            logs: Default::default(),
         };
         let vm = crate::builder::build(&config, &hv, false, Box::new(std::io::sink())).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
