@@ -538,15 +538,19 @@ impl Backend for Balloon {
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         Some(self.timer.as_fd().as_raw_fd())
     }
-    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> Served {
         let _ = self.timer.wait();
         self.adjust();
         // Hand the statistics buffer back: the driver refills and returns it.
-        match (self.stats_head.take(), self.stats_queue) {
+        let notify = match (self.stats_head.take(), self.stats_queue) {
             (Some(head), Some(q)) => queues
                 .get_mut(q)
                 .is_some_and(|queue| queue.add_used(mem, head, 0).is_ok()),
             _ => false,
+        };
+        Served {
+            notify,
+            more: false,
         }
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -129,9 +129,16 @@ pub trait Backend: Send {
     fn event_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
-    /// That descriptor became ready; returns true when the guest should be interrupted.
-    fn process_event(&mut self, _queues: &mut [Queue], _mem: &Memory) -> bool {
-        false
+    /// That descriptor became ready. `more` in the answer means the work
+    /// was cut at its budget: the transport kicks [`Backend::event_queue`]
+    /// so the rest is done on the loop's next turn.
+    fn process_event(&mut self, _queues: &mut [Queue], _mem: &Memory) -> Served {
+        Served::NOTHING
+    }
+    /// The queue whose serving carries on the work of
+    /// [`Backend::process_event`] (a network adapter's receive queue).
+    fn event_queue(&self) -> Option<usize> {
+        None
     }
     /// Counters for reports: (name, value).
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -405,8 +405,14 @@ impl<B: Backend> MmioDevice<B> {
         if !self.active {
             return;
         }
-        if self.backend.process_event(&mut self.queues, &self.mem) {
+        let served = self.backend.process_event(&mut self.queues, &self.mem);
+        if served.notify {
             self.raise(INT_USED_RING);
+        }
+        if served.more {
+            if let Some(q) = self.backend.event_queue() {
+                self.kick(q);
+            }
         }
         if self.backend.config_changed() {
             self.config_generation = self.config_generation.wrapping_add(1);

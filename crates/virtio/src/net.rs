@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use crate::Memory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use crate::{drain_queue, features, Backend, BackendError, Chain, Served};
+use crate::{drain_queue, features, Backend, BackendError, Chain, Served, DRAIN_BUDGET};
 
 /// Entries in each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -181,16 +181,24 @@ impl Net {
     }
 
     /// Moves frames from the TAP into receive buffers until one side runs
-    /// dry. Returns true when the guest should be interrupted.
-    fn receive(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
+    /// dry, or [`DRAIN_BUDGET`] frames were delivered: a flood of frames
+    /// (from another guest on the bridge, say) then waits for the loop's
+    /// next turn instead of holding it, `more` saying so.
+    fn receive(&mut self, queues: &mut [Queue], mem: &Memory) -> Served {
         let Some(queue) = queues.get_mut(RX) else {
-            return false;
+            return Served::NOTHING;
         };
         let mut used = false;
+        let mut delivered = 0;
+        let mut more = false;
         // Whether the ring was re-checked since the last chain popped: a
         // second "more available" with nothing to pop is a broken ring.
         let mut rechecked = false;
         loop {
+            if delivered == DRAIN_BUDGET {
+                more = true;
+                break;
+            }
             if self.rx_pending == 0 {
                 match self.io.read_frame(&mut self.rx_buf) {
                     Ok(n) if n >= HDR_LEN => self.rx_pending = n,
@@ -248,8 +256,12 @@ impl Net {
                 break;
             }
             used = true;
+            delivered += 1;
         }
-        used && queue.needs_notification(mem).unwrap_or(true)
+        Served {
+            notify: used && queue.needs_notification(mem).unwrap_or(true),
+            more,
+        }
     }
 
     /// Copies the pending frame into `chains` (which hold `room` bytes),
@@ -344,10 +356,7 @@ impl Backend for Net {
     }
     fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &Memory) -> Served {
         match q {
-            RX => Served {
-                notify: self.receive(queues, mem),
-                more: false,
-            },
+            RX => self.receive(queues, mem),
             TX => {
                 let Some(queue) = queues.get_mut(TX) else {
                     return Served::NOTHING;
@@ -363,8 +372,11 @@ impl Backend for Net {
     fn event_fd(&self) -> Option<RawFd> {
         Some(self.io.raw_fd())
     }
-    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> bool {
+    fn process_event(&mut self, queues: &mut [Queue], mem: &Memory) -> Served {
         self.receive(queues, mem)
+    }
+    fn event_queue(&self) -> Option<usize> {
+        Some(RX)
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = self.counters;

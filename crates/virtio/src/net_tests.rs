@@ -294,3 +294,63 @@ fn mergeable_buffers_carry_a_frame_in_pieces() {
     assert_eq!(&got[12..], &frame[12..]);
     assert_eq!(r.counter("rx_frames"), 1);
 }
+
+/// A flood of frames from the TAP is delivered [`DRAIN_BUDGET`] at a time:
+/// the rest waits for the loop's next turn, which the device asks for by
+/// kicking its receive queue (the TAP, edge-triggered, will not signal
+/// again), and nothing is lost.
+#[test]
+fn a_flood_of_received_frames_is_served_a_budget_at_a_time() {
+    let (a, host) = UnixDatagram::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    let mem = memory();
+    let net = Net::new(Box::new(SocketIo(a)), MAC, false);
+    let mut dev = MmioDevice::new(net, mem.clone(), EventTrigger::new().unwrap()).unwrap();
+    let offered = driver::offered_features(&mut dev) & !feature::MRG_RXBUF;
+    let mut rx = QueueDriver::new(0x10000, 256);
+    driver::start(
+        &mut dev,
+        offered,
+        &[
+            QueueDriver::new(0x10000, 256),
+            QueueDriver::new(0x20000, 16),
+        ],
+    );
+    let total = crate::DRAIN_BUDGET * 2 + 10;
+    for _ in 0..total {
+        rx.add_chain(
+            &mem,
+            &[Buf {
+                addr: RXBUF,
+                len: 2048,
+                writable: true,
+            }],
+        );
+    }
+    let frame = vec![7u8; HDR_LEN + 60];
+    for _ in 0..total {
+        host.send(&frame).unwrap();
+    }
+    let kicked = |dev: &MmioDevice<Net>| dev.notify_events()[0].0.read().is_ok();
+    let frames = |dev: &MmioDevice<Net>| {
+        dev.backend()
+            .counters()
+            .into_iter()
+            .find(|c| c.0 == "rx_frames")
+            .unwrap()
+            .1 as usize
+    };
+    // The TAP became readable: one budget's worth, and a kick for the rest.
+    dev.backend_event();
+    assert_eq!(frames(&dev), crate::DRAIN_BUDGET);
+    assert!(kicked(&dev), "the receive queue is kicked for what is left");
+    // The worker serves the kick: another budget, another kick...
+    dev.queue_notified(0);
+    assert_eq!(frames(&dev), 2 * crate::DRAIN_BUDGET);
+    assert!(kicked(&dev));
+    // ... and the last frames, with nothing left to kick for.
+    dev.queue_notified(0);
+    assert_eq!(frames(&dev), total);
+    assert!(!kicked(&dev));
+    assert_eq!(rx.take_used(&mem).len(), total);
+}
