@@ -39,6 +39,14 @@ pub enum BootError {
     /// The file is neither an ELF vmlinux nor a bzImage.
     #[error("{0} is not a Linux kernel: give an x86-64 bzImage (e.g. /boot/vmlinuz-*) or an ELF vmlinux")]
     NotAKernel(PathBuf),
+    /// An ELF whose entry point is not in what it loads.
+    #[error("{}'s entry point {entry:#x} lies outside the image it loads (a corrupt ELF?): use an x86-64 kernel", path.display())]
+    EntryOutside {
+        /// The kernel.
+        path: PathBuf,
+        /// Its entry point.
+        entry: u64,
+    },
     /// A bzImage without a 64-bit entry point.
     #[error("{0} has no 64-bit entry point (boot protocol < 2.12 or a 32-bit kernel): use an x86-64 kernel")]
     Not64Bit(PathBuf),
@@ -296,9 +304,18 @@ pub fn load_kernel<B: Bitmap>(
                 },
                 other => load_err(other),
             })?;
+            // The entry point must lie in what was loaded: a corrupt (or
+            // hostile) header would send the boot vCPU into nowhere.
+            let entry = res.kernel_load.0;
+            if entry < layout::HIMEM_START || entry >= res.kernel_end {
+                return Err(BootError::EntryOutside {
+                    path: path.to_owned(),
+                    entry,
+                });
+            }
             Ok(LoadedKernel {
                 format,
-                entry: res.kernel_load.0,
+                entry,
                 end: res.kernel_end,
                 setup_header: None,
             })
@@ -479,6 +496,24 @@ mod tests {
         assert_eq!(k.entry, 0x10_0000);
         let b: [u8; 3] = m.read_obj(GuestAddress(0x10_0000)).unwrap();
         assert_eq!(b, [0xf4, 0xeb, 0xfd]);
+    }
+
+    /// Found by the kernel_loader fuzz target: an ELF whose entry point
+    /// lies outside every segment it loads was accepted.
+    #[test]
+    fn an_elf_entry_outside_what_it_loads_is_refused() {
+        let m = mem(16 * MIB);
+        // (An entry below the load address linux-loader refuses itself.)
+        for entry in [0x10_0000u64 + 3, 0x10_0000_0000_0000] {
+            let mut bad = tiny_elf(&[0xf4, 0xeb, 0xfd]);
+            bad[24..32].copy_from_slice(&entry.to_le_bytes());
+            let path = temp_file("entry.elf", &bad);
+            let err = load_kernel(&m, 16 * MIB, &path).unwrap_err();
+            assert!(
+                matches!(err, BootError::EntryOutside { .. }),
+                "{entry:#x}: {err}"
+            );
+        }
     }
 
     #[test]

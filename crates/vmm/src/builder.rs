@@ -88,6 +88,7 @@ impl BuildError {
                 b,
                 B::Read { .. }
                     | B::NotAKernel(_)
+                    | B::EntryOutside { .. }
                     | B::Not64Bit(_)
                     | B::TooSmall { .. }
                     | B::CmdlineTooLong { .. }

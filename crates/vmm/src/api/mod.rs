@@ -29,7 +29,7 @@ pub use request::{
     parse_query, route, Action, MigrateRequest, Refusal, Request, DEFAULT_MAX_DOWNTIME,
     MIN_BANDWIDTH,
 };
-pub use server::{ApiServer, Pending, Queue, Responder, REQUEST_DEADLINE};
+pub use server::{parse_head, ApiServer, HeadError, Pending, Queue, Responder, REQUEST_DEADLINE};
 
 use serde::{Deserialize, Serialize};
 

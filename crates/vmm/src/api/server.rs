@@ -135,7 +135,12 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, S
             Err(e) => return Err(HeadError::Read(e)),
         }
     }
-    let head = String::from_utf8_lossy(&buf);
+    parse_head(&buf)
+}
+
+/// The method and path of a request head's first line.
+pub fn parse_head(head: &[u8]) -> Result<(String, String), HeadError> {
+    let head = String::from_utf8_lossy(head);
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split_whitespace();
     match (parts.next(), parts.next(), parts.next()) {
