@@ -28,11 +28,13 @@
 //!   ([`restore`], [`restore_checkpoint`], the migration receiver's
 //!   skeleton);
 //! - [`checkpoint`]: checkpoints as layers of changed pages
-//!   ([`nestvm_snapshot::layer`] is their on-disk format).
+//!   ([`nestvm_snapshot::layer`] is their on-disk format); `disks`: their
+//!   disk copies put back under the images' locks.
 
 pub(crate) mod capture;
 pub mod checkpoint;
 mod cpu;
+mod disks;
 mod format;
 mod memory;
 mod restore;
@@ -88,6 +90,20 @@ pub enum PersistError {
     /// The checkpoint asked for cannot be taken under that name.
     #[error(transparent)]
     Name(#[from] checkpoint::NameRefusal),
+    /// A disk image of a checkpoint cannot be copied, locked or put back.
+    #[error("cannot {what} disk image {}", path.display())]
+    Disk {
+        /// What was being done.
+        what: &'static str,
+        /// The image (or its copy).
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk image to put back is open in a running VM.
+    #[error("disk image {} is in use by another running VM: stop that VM, then restore again (nothing was changed)", .0.display())]
+    DiskInUse(PathBuf),
     /// A checkpoint's layer files.
     #[error(transparent)]
     Layer(#[from] nestvm_snapshot::layer::LayerError),
