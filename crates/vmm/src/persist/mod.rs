@@ -24,9 +24,12 @@
 //! - `capture`: pausing nothing itself, it reads a paused VM (vCPUs, KVM's
 //!   VM state, devices) into a [`VmSnapshot`] for a save, a checkpoint or a
 //!   migration;
+//! - `verify`: what a state must be before it is loaded: its memory where
+//!   its definition puts RAM, its VM the one the VM's own definition
+//!   describes ([`StateRefusal`]);
 //! - `restore`: a VM built back from a snapshot, complete and paused
-//!   ([`restore`], [`restore_checkpoint`], the migration receiver's
-//!   skeleton);
+//!   ([`check_state`], [`restore`], [`restore_checkpoint`], the migration
+//!   receiver's skeleton);
 //! - [`checkpoint`]: checkpoints as layers of changed pages
 //!   ([`nestvm_snapshot::layer`] is their on-disk format); `disks`: their
 //!   disk copies put back under the images' locks.
@@ -38,6 +41,7 @@ mod disks;
 mod format;
 mod memory;
 mod restore;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -49,7 +53,8 @@ pub use format::{load, save, staging_dir, VmSnapshot, STATE_FILE};
 pub(crate) use memory::{is_zero, map_memory};
 pub use memory::{RegionSnapshot, SaveSummary, MEMORY_FILE};
 pub(crate) use restore::Skeleton;
-pub use restore::{restore, restore_checkpoint, RestoreError};
+pub use restore::{check_state, restore, restore_checkpoint, RestoreError};
+pub use verify::{check_agrees, check_layout, StateRefusal};
 
 /// Errors saving, checkpointing or loading a VM.
 #[derive(Debug, thiserror::Error)]
