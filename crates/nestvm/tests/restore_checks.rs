@@ -2,7 +2,7 @@
 //! this machine's /dev/kvm with tiny guests: a checkpoint whose disk image
 //! another running VM holds, states that are not of the VM their definition
 //! describes or whose memory is not where RAM is, a state file too large to
-//! be one.
+//! be one; and the new VM generation ID each restore of a checkpoint gets.
 
 mod common;
 
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{guest, kvm_or_skip, StateEnv};
-use nestvm_guests::{ticker, Ending};
+use nestvm_guests::{hello, ticker, Ending};
 use nestvm_snapshot::container;
 use serde_json::Value;
 
@@ -260,4 +260,62 @@ fn a_checkpoint_of_another_vm_is_refused_before_the_vm_is_stopped() {
     assert_eq!(e.state("d"), "Running", "the VM was not stopped");
     assert!(all(&other, b'O') && all(&x, b'X'));
     e.ok(&["vm", "kill", "d"]);
+}
+
+/// The VM generation ID in a memory file (guest RAM from address 0).
+fn generation_id(memory: &Path) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    File::open(memory)
+        .unwrap()
+        .read_exact_at(&mut id, nestvm_arch::layout::VMGENID_START)
+        .unwrap();
+    id
+}
+
+/// Each restore of a checkpoint gives the guest a new generation ID (the
+/// checkpoint's own files keep theirs); resuming a saved state keeps it.
+#[test]
+fn each_restore_of_a_checkpoint_gets_a_new_generation_id() {
+    if !kvm_or_skip("each_restore_of_a_checkpoint_gets_a_new_generation_id") {
+        return;
+    }
+    let e = StateEnv::new("rc-genid");
+    let k = guest("rc-genid.elf", hello("up", Ending::HaltForever));
+    e.ok(&[
+        "vm",
+        "new",
+        "g",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "16M",
+        "--nested",
+        "off",
+    ]);
+    e.ok(&["vm", "start", "g"]);
+    e.ok(&["vm", "checkpoint", "g", "--name", "a"]);
+    // The root checkpoint's memory file holds all its non-zero pages.
+    let in_checkpoint = e.dir.join("vms/g/checkpoints/a/memory");
+    let saved = e.dir.join("vms/g/saved/memory");
+    let booted = generation_id(&in_checkpoint);
+    assert_ne!(booted, [0; 16], "a new VM has a generation ID");
+    let mut seen = vec![booted];
+    for round in 0..2 {
+        // `vm restore` drops the saved state of the round before.
+        e.ok(&["vm", "restore", "g", "a"]);
+        e.ok(&["vm", "save", "g"]);
+        let id = generation_id(&saved);
+        assert!(!seen.contains(&id), "round {round}: {id:?} was seen before");
+        seen.push(id);
+        assert_eq!(
+            generation_id(&in_checkpoint),
+            booted,
+            "the checkpoint keeps its own"
+        );
+    }
+    // A saved state is resumed once, as after a long pause: the same ID.
+    e.ok(&["vm", "start", "g"]);
+    e.ok(&["vm", "save", "g"]);
+    assert_eq!(generation_id(&saved), *seen.last().unwrap());
+    e.ok(&["vm", "discard-saved", "g"]);
 }

@@ -4,13 +4,14 @@
 //! ([`check_state`]), the CPU checked against this host, memory mapped from
 //! the file (or a checkpoint's layers), the devices rebuilt from their
 //! saved state and every vCPU's state written. A checkpoint's restore puts
-//! its disks back (locked, see [`super::checkpoint::restore_disks`]). A
-//! migration's receiver builds the KVM side first ([`Skeleton`]) while
-//! memory arrives.
+//! its disks back (locked, see [`super::checkpoint::restore_disks`]) and
+//! gives the guest a new VM generation ID. A migration's receiver builds
+//! the KVM side first ([`Skeleton`]) while memory arrives.
 
 use std::io::Write;
 use std::path::Path;
 
+use nestvm_arch::acpi;
 use nestvm_devices::serial::SerialPort;
 use nestvm_kvm::kvm_bindings::kvm_cpuid_entry2;
 use nestvm_kvm::Hypervisor;
@@ -18,7 +19,7 @@ use nestvm_virtio::Memory;
 
 use super::verify::{check_agrees, check_layout, StateRefusal};
 use super::{check_compatible, load, map_memory, PersistError, VmSnapshot};
-use crate::builder::{attach_devices, BuildError, BuiltVm};
+use crate::builder::{attach_devices, new_generation_id, BuildError, BuiltVm};
 use crate::config::VmConfig;
 
 /// Errors building a VM back from a snapshot.
@@ -40,6 +41,9 @@ pub enum RestoreError {
     /// Creating the VM, its devices or its vCPUs.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The guest's new generation ID could not be written or announced.
+    #[error("cannot give the restored VM its new generation ID")]
+    Generation(#[source] std::io::Error),
     /// KVM refused the saved VM-wide state.
     #[error("cannot restore the VM's own state (irqchip, PIT, clock)")]
     Vm(#[source] nestvm_kvm::VmError),
@@ -85,6 +89,9 @@ pub fn check_state(snap: &VmSnapshot, definition: &VmConfig) -> Result<(), Resto
 /// memory mapped from the file, KVM's VM state, devices and every vCPU
 /// restored. The console's output goes to `console`. `definition` is the
 /// VM's own (vm.toml): the state must agree with it ([`check_state`]).
+///
+/// Its generation ID is kept: a saved state is consumed by its restore, so
+/// the guest goes on once from where it was, as after a long pause.
 pub fn restore(
     snap: VmSnapshot,
     dir: &Path,
@@ -101,7 +108,10 @@ pub fn restore(
 /// Builds the VM of checkpoint `name` (under `root`), paused, after the
 /// checks of [`check_state`] against `definition`. Its writable disks are
 /// put back once its memory and the KVM VM are ready, just before the
-/// devices open them (and only while no other VM holds them).
+/// devices open them (and only while no other VM holds them). The guest
+/// gets a new generation ID and is told of it: a checkpoint may be
+/// restored any number of times, and each copy must not reuse the random
+/// state of the others.
 pub fn restore_checkpoint(
     root: &Path,
     name: &str,
@@ -114,9 +124,15 @@ pub fn restore_checkpoint(
     check_state(&snap, definition)?;
     check_compatible(&snap, hv)?;
     let memory = super::checkpoint::memory(root, name, &snap.memory)?;
+    // Memory is mapped privately: the checkpoint's files keep their ID.
+    acpi::write_generation_id(&memory, &new_generation_id()?).map_err(BuildError::from)?;
     let skeleton = Skeleton::new(&snap.cpuid, memory, hv)?;
     super::checkpoint::restore_disks(&dir, &snap.config.disks)?;
-    skeleton.restore(snap, hv, console)
+    let vm = skeleton.restore(snap, hv, console)?;
+    // After every vCPU's saved state (its LAPIC included) is in place, so
+    // the interrupt is pending when the guest runs.
+    vm.generation.0.write(1).map_err(RestoreError::Generation)?;
+    Ok(vm)
 }
 
 fn restore_with_memory(
