@@ -7,7 +7,15 @@ right after (16 entries), buffers below 0x4000. block_request inputs start
 with a read-only flag byte, net_frames inputs with the incoming-frames byte.
 The broken-ring inputs are regressions: an available index the queue
 refuses once made the device loop forever.
+
+state_container inputs are state files (the container around a payload);
+checkpoint_layers inputs are a 2-byte length and checkpoint b's meta.json,
+a 2-byte length and its page map, then its memory file (its parent a is
+the target's own). The `tiny-vm` seeds of state_container and state_decode
+are the state file and its payload of a real saved VM (a tiny guest of
+16 MiB, one vCPU, one disk): they are not written here.
 """
+import json
 import os
 import struct
 
@@ -78,3 +86,44 @@ write('net_frames', 'rx-two-frames', bytes([0x42]) + memory(
     [(0x4000, [[(0x1000, 4096, True)], [(0x2000, 100, True)]])]))
 write('net_frames', 'rx-broken-avail-idx', bytes([0x41]) + memory(
     [(0x4000, [[(0x1000, 4096, True)]])], avail_idx=0x8000))
+
+
+def crc64(data):
+    crc = 0xffffffffffffffff
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xc96c5795d7870f42 if crc & 1 else crc >> 1
+    return crc ^ 0xffffffffffffffff
+
+
+def container(payload, version=1):
+    return (b'NESTVMSS' + struct.pack('<IIQQ', version, 0, len(payload), crc64(payload))
+            + payload)
+
+
+for d in ('state_container', 'checkpoint_layers', 'state_decode'):
+    os.makedirs(os.path.join(HERE, 'corpus', d), exist_ok=True)
+write('state_container', 'small', container(b'{"config":{}}'))
+write('state_container', 'version-2', container(b'{}', version=2))
+write('state_container', 'truncated', container(b'0123456789')[:-3])
+
+
+def layers(meta, pages, memory):
+    m = json.dumps(meta).encode()
+    return struct.pack('<H', len(m)) + m + struct.pack('<H', len(pages)) + pages + memory
+
+
+def meta(parent, pages=16):
+    return {'name': 'b', 'parent': parent, 'created': 0,
+            'memory_bytes': pages * 4096, 'written_bytes': 4096}
+
+
+page = lambda fill: bytes([fill]) * 4096
+write('checkpoint_layers', 'child-of-a',
+      layers(meta('a'), bytes([0b10, 0]), page(0) + page(2) + bytes(14 * 4096)))
+write('checkpoint_layers', 'root', layers(meta(None), bytes([0b1, 0]), page(7)))
+write('checkpoint_layers', 'loop', layers(meta('b'), bytes([0, 0]), b''))
+write('checkpoint_layers', 'path-parent', layers(meta('../a'), bytes([0, 0]), b''))
+write('checkpoint_layers', 'short-memory',
+      layers(meta('a'), bytes([0xff, 0xff]), page(1)))

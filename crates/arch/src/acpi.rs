@@ -1,13 +1,16 @@
 //! ACPI tables: how the guest finds its CPUs (MADT) and powers off (a
 //! hardware-reduced FADT whose sleep-control register is an I/O port of ours,
-//! and a DSDT declaring the S5 soft-off state).
+//! and a DSDT declaring the S5 soft-off state), its power button, and its VM
+//! generation ID (the `VGEN` device: Microsoft's "Virtual Machine Generation
+//! ID" interface, as QEMU, Hyper-V and Firecracker offer it).
 //!
 //! Layout in the BIOS area at [`layout::ACPI_START`]: RSDP, XSDT, FADT, MADT,
-//! DSDT, each 16-byte aligned.
+//! DSDT, each 16-byte aligned, below the generation ID's page at
+//! [`layout::VMGENID_START`].
 
 use acpi_tables::aml::{
     Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
-    Path, ResourceTemplate, IO,
+    Path, ResourceTemplate, Return, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -70,8 +73,13 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
 /// The interrupt of the Generic Event Device that reports the power button.
 pub const GED_GSI: u32 = 5;
-/// ACPI's "button pressed" notification for a power button device.
+/// The second interrupt of the Generic Event Device: the VM generation ID
+/// changed (a line no other device of ours or of the PC platform uses).
+pub const VMGENID_GSI: u32 = 8;
+/// ACPI's "button pressed" notification for a power button device, and
+/// the generation ID device's "it changed".
 const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+const NOTIFY_GENERATION_CHANGED: u8 = 0x80;
 
 /// A virtio-mmio device as the DSDT declares it.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +93,7 @@ pub struct VirtioSlot {
 }
 
 /// The DSDT: the `\_S5_` package Linux needs to power off, COM1, the power
-/// button, and one `LNRO0005` device per virtio-mmio window (the ACPI ID
+/// button, the VM generation ID, and one `LNRO0005` device per virtio-mmio window (the ACPI ID
 /// Linux's virtio_mmio driver binds to).
 ///
 /// COM1 must be declared: with a hardware-reduced FADT Linux has no legacy
@@ -107,28 +115,8 @@ pub fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&irq, &io]));
     Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]).to_aml_bytes(&mut sdt);
 
-    // The power button: a hardware-reduced platform has no fixed button, so
-    // a PNP0C0C device is notified by the _EVT method of a Generic Event
-    // Device (ACPI0013) whose interrupt nestvm raises to ask for power-off.
-    let pwrb_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C0C"));
-    let pwrb_uid = Name::new(Path::new("_UID"), &0u8);
-    Device::new(Path::new("_SB_.PWRB"), vec![&pwrb_hid, &pwrb_uid]).to_aml_bytes(&mut sdt);
-    let ged_hid_str: &'static str = "ACPI0013";
-    let ged_hid = Name::new(Path::new("_HID"), &ged_hid_str);
-    let ged_uid = Name::new(Path::new("_UID"), &0u8);
-    let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
-    let ged_crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ged_irq]));
-    let button = Path::new("\\_SB_.PWRB");
-    let notify = Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
-    let gsi = GED_GSI as u8;
-    let is_button = Equal::new(&Arg(0), &gsi);
-    let when = If::new(&is_button, vec![&notify]);
-    let evt = Method::new(Path::new("_EVT"), 1, true, vec![&when]);
-    Device::new(
-        Path::new("_SB_.GED0"),
-        vec![&ged_hid, &ged_uid, &ged_crs, &evt],
-    )
-    .to_aml_bytes(&mut sdt);
+    power_button_and_events(&mut sdt);
+    generation_id_device(&mut sdt);
     for (i, v) in virtio.iter().enumerate() {
         let hid_str: &'static str = "LNRO0005";
         let hid = Name::new(Path::new("_HID"), &hid_str);
@@ -146,6 +134,74 @@ pub fn dsdt(virtio: &[VirtioSlot]) -> Vec<u8> {
     // Sdt::append keeps the length field right; the checksum needs refreshing.
     sdt.update_checksum();
     sdt.as_slice().to_vec()
+}
+
+/// The power button: a hardware-reduced platform has no fixed button, so a
+/// PNP0C0C device is notified by the `_EVT` method of a Generic Event
+/// Device (ACPI0013) whose interrupt nestvm raises to ask for power-off.
+/// The same device's second interrupt tells the `VGEN` device that the
+/// generation ID changed (`_EVT` is called with the interrupt's number).
+fn power_button_and_events(sdt: &mut Sdt) {
+    let pwrb_hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C0C"));
+    let pwrb_uid = Name::new(Path::new("_UID"), &0u8);
+    Device::new(Path::new("_SB_.PWRB"), vec![&pwrb_hid, &pwrb_uid]).to_aml_bytes(sdt);
+    let ged_hid_str: &'static str = "ACPI0013";
+    let ged_hid = Name::new(Path::new("_HID"), &ged_hid_str);
+    let ged_uid = Name::new(Path::new("_UID"), &0u8);
+    let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
+    let gen_irq = Interrupt::new(true, true, false, false, VMGENID_GSI);
+    let ged_crs = Name::new(
+        Path::new("_CRS"),
+        &ResourceTemplate::new(vec![&ged_irq, &gen_irq]),
+    );
+    let button = Path::new("\\_SB_.PWRB");
+    let press = Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
+    let gsi = GED_GSI as u8;
+    let is_button = Equal::new(&Arg(0), &gsi);
+    let when_button = If::new(&is_button, vec![&press]);
+    let generation = Path::new("\\_SB_.VGEN");
+    let changed = Notify::new(&generation, &NOTIFY_GENERATION_CHANGED);
+    let gen_gsi = VMGENID_GSI as u8;
+    let is_generation = Equal::new(&Arg(0), &gen_gsi);
+    let when_generation = If::new(&is_generation, vec![&changed]);
+    let evt = Method::new(
+        Path::new("_EVT"),
+        1,
+        true,
+        vec![&when_button, &when_generation],
+    );
+    Device::new(
+        Path::new("_SB_.GED0"),
+        vec![&ged_hid, &ged_uid, &ged_crs, &evt],
+    )
+    .to_aml_bytes(sdt);
+}
+
+/// The VM generation ID device: `ADDR` returns the guest-physical address
+/// of the 16-byte ID (low and high 32 bits), which nestvm writes at boot
+/// and changes on every restore of a checkpoint. Linux's vmgenid driver
+/// binds to its `_CID` and feeds the ID to its random number generator.
+fn generation_id_device(sdt: &mut Sdt) {
+    let hid_str: &'static str = "QEMUVGID";
+    let hid = Name::new(Path::new("_HID"), &hid_str);
+    let cid_str: &'static str = "VM_Gen_Counter";
+    let cid = Name::new(Path::new("_CID"), &cid_str);
+    let ddn = Name::new(Path::new("_DDN"), &cid_str);
+    let low = layout::VMGENID_START as u32;
+    let high = (layout::VMGENID_START >> 32) as u32;
+    let addr = Package::new(vec![&low, &high]);
+    let ret = Return::new(&addr);
+    let method = Method::new(Path::new("ADDR"), 0, false, vec![&ret]);
+    Device::new(Path::new("_SB_.VGEN"), vec![&hid, &cid, &ddn, &method]).to_aml_bytes(sdt);
+}
+
+/// Writes the VM generation ID `id` where the `VGEN` device says it is.
+pub fn write_generation_id<B: Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+    id: &[u8; layout::VMGENID_LEN],
+) -> Result<(), AcpiError> {
+    mem.write_slice(id, GuestAddress(layout::VMGENID_START))
+        .map_err(AcpiError::GuestMemory)
 }
 
 /// The FADT: hardware-reduced, sleep and reset through our ports.
@@ -199,7 +255,7 @@ pub fn write_tables<B: Bitmap>(
     let madt = madt(vcpus);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
     let dsdt = dsdt(virtio);
-    if dsdt_addr + dsdt.len() as u64 > layout::BIOS_END {
+    if dsdt_addr + dsdt.len() as u64 > layout::VMGENID_START {
         return Err(AcpiError::TooLarge(vcpus));
     }
     let mut xsdt = XSDT::new(OEM_ID, *b"NESTVMXS", 1);
@@ -313,5 +369,50 @@ mod tests {
             })
             .collect();
         write_tables(&mem, 255, &slots).unwrap();
+    }
+
+    #[test]
+    fn the_dsdt_declares_the_generation_id_and_its_event() {
+        let dsdt = dsdt(&[]);
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).position(|w| w == needle);
+        for name in [&b"QEMUVGID"[..], b"VM_Gen_Counter\0", b"_SB_VGEN", b"ADDR"] {
+            assert!(find(name).is_some(), "{:?}", String::from_utf8_lossy(name));
+        }
+        // ADDR: Return (Package (2) { VMGENID_START, 0 }).
+        let mut package = vec![0x02, 0x0c];
+        package.extend((layout::VMGENID_START as u32).to_le_bytes());
+        package.push(0x00);
+        let at = find(&package).expect("ADDR's package");
+        assert_eq!(dsdt[at - 3..at - 1], [0xa4, 0x12], "Return (Package ...)");
+        // _EVT: Notify (\_SB_.VGEN, 0x80) and Notify (\_SB_.PWRB, 0x80).
+        for device in [b"VGEN", b"PWRB"] {
+            let mut notify = vec![0x86, b'\\', 0x2e];
+            notify.extend(b"_SB_");
+            notify.extend(device);
+            notify.extend([0x0a, 0x80]);
+            assert!(
+                find(&notify).is_some(),
+                "{:?}",
+                String::from_utf8_lossy(device)
+            );
+        }
+        // The GED's _CRS: an edge, active-high extended interrupt for each.
+        for gsi in [GED_GSI, VMGENID_GSI] {
+            let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+            irq.extend(gsi.to_le_bytes());
+            assert!(find(&irq).is_some(), "GSI {gsi}");
+        }
+    }
+
+    #[test]
+    fn the_generation_id_lands_below_1_mib_after_the_tables() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_tables(&mem, 255, &[]).unwrap();
+        let id = [0x5au8; layout::VMGENID_LEN];
+        write_generation_id(&mem, &id).unwrap();
+        let mut back = [0u8; layout::VMGENID_LEN];
+        mem.read_slice(&mut back, GuestAddress(layout::VMGENID_START))
+            .unwrap();
+        assert_eq!(back, id);
     }
 }

@@ -4,7 +4,8 @@
 //! 0x0000_0500  GDT                      0x0000_7000  boot_params (zero page)
 //! 0x0000_8ff0  boot stack top           0x0000_9000  PML4, PDPT, 4 PDs (identity map of 4 GiB)
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved)
-//! 0x000e_0000  ACPI tables (reserved)   0x0010_0000  kernel
+//! 0x000e_0000  ACPI tables (reserved)   0x000f_f000  VM generation ID (reserved)
+//! 0x0010_0000  kernel
 //! ...          initrd (top of low RAM)  0xc000_0000  32-bit device hole (IOAPIC, LAPIC, TSS)
 //! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
 //! ```
@@ -31,6 +32,12 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// End of the BIOS area.
 pub const BIOS_END: u64 = 0x10_0000;
+/// The page holding the VM generation ID (a 16-byte GUID the guest reads
+/// through the ACPI `VGEN` device): the last of the BIOS area, so reserved
+/// in e820, above the ACPI tables.
+pub const VMGENID_START: u64 = BIOS_END - 0x1000;
+/// Length of the VM generation ID.
+pub const VMGENID_LEN: usize = 16;
 /// Where kernels are loaded (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit device hole: RAM stops here and resumes at 4 GiB.
@@ -201,5 +208,20 @@ mod tests {
                 assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{pair:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_generation_id_page_is_reserved_never_ram() {
+        for size in [16 * MIB, 3 * GIB, 8 * GIB] {
+            let map = e820_map(size);
+            let page = VMGENID_START..VMGENID_START + 0x1000;
+            let covers = |e: &&E820Entry| e.addr <= page.start && page.end <= e.addr + e.size;
+            let holder = map.iter().find(covers).expect("the page is in the map");
+            assert_eq!(holder.kind, E820Type::Reserved, "{holder:?}");
+            for e in map.iter().filter(|e| e.kind == E820Type::Ram) {
+                assert!(e.addr + e.size <= page.start || e.addr >= page.end, "{e:?}");
+            }
+        }
+        const { assert!(VMGENID_START >= ACPI_START && VMGENID_START % 0x1000 == 0) };
     }
 }

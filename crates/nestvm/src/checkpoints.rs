@@ -5,13 +5,18 @@
 //! checkpoint (`PUT /v1/vm/checkpoint`); the files' layout is
 //! `nestvm_snapshot::layer`'s, and their bookkeeping (the tree, the current
 //! checkpoint: the parent of the next) `nestvm_manager::checkpoints`'.
+//! A restore is refused before the VM is stopped when the checkpoint is not
+//! of the VM its definition describes, or when another running VM holds a
+//! disk image it would put back.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use nestvm_manager::checkpoints::Meta;
 use nestvm_manager::{CheckpointError, Store, VmName, VmState};
 use nestvm_vmm::api::CheckpointReply;
+use nestvm_vmm::persist::{self, PersistError};
 
 use crate::common::{print_json, report, runtime, store_err, usage, Failure};
 use crate::control;
@@ -105,6 +110,10 @@ pub fn restore(store: &Store, name: &VmName, c: &str, json: bool) -> Result<u8, 
                 "VM '{name}' has no checkpoint '{c}' (see 'nestvm vm checkpoints {name}')"
             )));
         }
+        // What can refuse the checkpoint is asked before the VM is stopped
+        // or its saved state removed, so a refusal changes nothing. The VMM
+        // checks again, and puts the disks back only under their locks.
+        check_restorable(store, name, c)?;
         if store.state(name) == VmState::Live {
             kill_hard(store, name)?;
         }
@@ -119,6 +128,58 @@ pub fn restore(store: &Store, name: &VmName, c: &str, json: bool) -> Result<u8, 
         .set_current(Some(c))
         .map_err(runtime)?;
     Ok(code)
+}
+
+/// Refuses checkpoint `c` of VM `name` if its state is not the VM its
+/// definition describes, or if a running VM holds a disk image it would
+/// put back.
+fn check_restorable(store: &Store, name: &VmName, c: &str) -> Result<(), Failure> {
+    let dir = store
+        .checkpoints(name)
+        .dir(c)
+        .map_err(|e| name_err(name, e))?;
+    let refused = |e: anyhow::Error| {
+        runtime(e.context(format!(
+            "cannot restore checkpoint '{c}' of VM '{name}' (nothing was changed)"
+        )))
+    };
+    let snap = persist::load(&dir).map_err(|e| refused(e.into()))?;
+    let definition = store.load(name).map_err(store_err)?;
+    persist::check_state(&snap, &definition).map_err(|e| refused(e.into()))?;
+    // A running VM holds its own disks: they are put back once it is stopped.
+    if store.state(name) == VmState::Live {
+        return Ok(());
+    }
+    persist::checkpoint::check_disks_free(&dir, &snap.config.disks).map_err(|e| match e {
+        PersistError::DiskInUse(image) => in_use(store, name, c, &image),
+        e => refused(e.into()),
+    })
+}
+
+/// The refusal of a restore whose disk `image` a running VM holds, naming
+/// that VM where it is one of this store's.
+fn in_use(store: &Store, name: &VmName, c: &str, image: &Path) -> Failure {
+    let uses_image = |other: &VmName| {
+        store.load(other).is_ok_and(|d| {
+            d.disks
+                .iter()
+                .any(|d| std::fs::canonicalize(&d.path).is_ok_and(|p| p == image))
+        })
+    };
+    let holder = store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|other| other != name && store.state(other) == VmState::Live)
+        .find(uses_image);
+    let who = match holder {
+        Some(h) => format!("VM '{h}': stop it ('nestvm vm stop {h}')"),
+        None => "another VM or program: stop it".to_owned(),
+    };
+    runtime(anyhow!(
+        "cannot restore checkpoint '{c}' of VM '{name}': its disk image {} is in use by {who}, then restore again (nothing was changed)",
+        image.display()
+    ))
 }
 
 /// `vm checkpoint rm NAME C`: its pages are folded into its children first.

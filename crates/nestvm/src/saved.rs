@@ -77,10 +77,12 @@ pub fn discard(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> 
     Ok(0)
 }
 
-/// Builds the VM saved in `dir`, paused; the saved state is consumed (its
-/// memory file stays mapped until the VM ends).
+/// Builds the VM saved in `dir`, paused, if its state agrees with the VM's
+/// `definition`; the saved state is consumed (its memory file stays mapped
+/// until the VM ends). Refused, it is kept.
 pub fn restore(
     dir: &Path,
+    definition: &nestvm_vmm::VmConfig,
     hv: &nestvm_kvm::Hypervisor,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<BuiltVm, Failure> {
@@ -90,7 +92,7 @@ pub fn restore(
             dir.display()
         )))
     })?;
-    let vm = persist::restore(snap, dir, hv, console)
+    let vm = persist::restore(snap, dir, definition, hv, console)
         .map_err(|e| runtime(anyhow::Error::new(e).context("cannot resume the saved VM")))?;
     remove_saved(dir)
         .map_err(|e| runtime(anyhow!("cannot remove the resumed saved state: {e}")))?;

@@ -65,6 +65,8 @@ fn build_vm(
 ) -> Result<(BuiltVm, Option<Arrival>), Failure> {
     let p = VmDir::of(store, name);
     let console = || Box::new(hub.writer());
+    // A saved state or checkpoint must be of the VM its definition describes.
+    let definition = config.as_ref();
     let vm = match from {
         From::Incoming {
             listen,
@@ -77,11 +79,19 @@ fn build_vm(
         }
         From::Checkpoint(c) => {
             let root = store.checkpoints(name).root().to_owned();
-            nestvm_vmm::persist::restore_checkpoint(&root, c, hv, console()).map_err(|e| {
-                runtime(anyhow::Error::new(e).context(format!("cannot restore checkpoint '{c}'")))
-            })?
+            let definition = definition.expect("loaded unless incoming");
+            nestvm_vmm::persist::restore_checkpoint(&root, c, definition, hv, console()).map_err(
+                |e| {
+                    runtime(
+                        anyhow::Error::new(e).context(format!("cannot restore checkpoint '{c}'")),
+                    )
+                },
+            )?
         }
-        From::Definition if p.saved.exists() => crate::saved::restore(&p.saved, hv, console())?,
+        From::Definition if p.saved.exists() => {
+            let definition = definition.expect("loaded unless incoming");
+            crate::saved::restore(&p.saved, definition, hv, console())?
+        }
         From::Definition => {
             let config = config.expect("loaded unless incoming");
             let (expose, notice) = resolve_nested(config.nested, hv)?;

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::bounded::BoundedError;
 use crate::crc64::crc64;
 
 /// The file's first bytes.
@@ -18,6 +19,10 @@ pub const MAGIC: &[u8; 8] = b"NESTVMSS";
 /// The format this nestvm writes and reads.
 pub const VERSION: u32 = 1;
 const HEADER: usize = 32;
+/// The largest payload [`read`] accepts: far above what a VM of 255 vCPUs
+/// with every device saves, so that a hostile or broken file is refused by
+/// its size before it is read.
+pub const MAX_PAYLOAD: u64 = 256 << 20;
 
 /// Why a state file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +35,14 @@ pub enum ContainerError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// It is larger than any state file nestvm writes.
+    #[error("snapshot {path} is larger than {limit} bytes, more than any state nestvm writes; it was not loaded")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The largest file accepted.
+        limit: u64,
     },
     /// It is not a nestvm snapshot.
     #[error("{0} is not a nestvm snapshot")]
@@ -99,11 +112,19 @@ pub fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], ContainerErr
     Ok(payload)
 }
 
-/// Reads and checks the state file at `path`; returns its payload.
+/// Reads and checks the state file at `path`; returns its payload. A file
+/// of more than [`MAX_PAYLOAD`] bytes of payload is refused unread.
 pub fn read(path: &Path) -> Result<Vec<u8>, ContainerError> {
-    let bytes = std::fs::read(path).map_err(|source| ContainerError::Read {
-        path: path.to_owned(),
-        source,
+    let limit = HEADER as u64 + MAX_PAYLOAD;
+    let bytes = crate::bounded::read(path, limit).map_err(|e| match e {
+        BoundedError::Io(source) => ContainerError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        BoundedError::TooLarge(limit) => ContainerError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        },
     })?;
     decode(path, &bytes).map(<[u8]>::to_vec)
 }
@@ -142,5 +163,21 @@ mod tests {
             decode(p, &[]),
             Err(ContainerError::NotASnapshot(_))
         ));
+    }
+
+    #[test]
+    fn a_state_file_larger_than_any_state_is_refused_unread() {
+        let d = std::env::temp_dir().join(format!("nestvm-container-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("state");
+        std::fs::write(&p, encode(b"small")).unwrap();
+        assert_eq!(read(&p).unwrap(), b"small");
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(HEADER as u64 + MAX_PAYLOAD + 1)
+            .unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(matches!(e, ContainerError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{self, AtomicError};
+use crate::bounded::BoundedError;
 
 /// Page size of the layers.
 pub const PAGE: u64 = 4096;
@@ -30,6 +31,12 @@ pub const PAGES_FILE: &str = "pages";
 pub const MEMORY_FILE: &str = "memory";
 /// The metadata file.
 pub const META_FILE: &str = "meta.json";
+/// The largest metadata file read (nestvm writes a few hundred bytes).
+pub const MAX_META: u64 = 64 << 10;
+/// The largest page map read: that of the largest guest memory a VM may
+/// have (1 TiB). A layer's map is also never larger than its memory file
+/// needs.
+pub const MAX_PAGES: u64 = (1 << 40) / PAGE / 8;
 
 /// Errors of the layer format.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +60,16 @@ pub enum LayerError {
         /// What the decoder said.
         #[source]
         source: serde_json::Error,
+    },
+    /// A file larger than it can be.
+    #[error(
+        "{path} is larger than {limit} bytes, more than nestvm writes there; it was not loaded"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The largest size accepted.
+        limit: u64,
     },
     /// A name that cannot be a checkpoint's (from a request or a metadata file).
     #[error("invalid checkpoint name '{0}'")]
@@ -85,10 +102,33 @@ pub struct Meta {
     pub written_bytes: u64,
 }
 
+/// Reads all of `path`, at most `limit` bytes (else it is refused unread).
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, LayerError> {
+    crate::bounded::read(path, limit).map_err(|e| match e {
+        BoundedError::Io(source) => io("read", path)(source),
+        BoundedError::TooLarge(limit) => LayerError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        },
+    })
+}
+
+/// The length of the page map of a memory file of `memory_len` bytes.
+pub fn pages_len(memory_len: u64) -> u64 {
+    memory_len.div_ceil(PAGE).div_ceil(8)
+}
+
+/// Reads the page map at `pages`, refused if it is longer than the memory
+/// file `memory` of its layer needs.
+fn read_pages(pages: &Path, memory: &File, memory_path: &Path) -> Result<Vec<u8>, LayerError> {
+    let len = memory.metadata().map_err(io("inspect", memory_path))?.len();
+    read_bounded(pages, pages_len(len).min(MAX_PAGES))
+}
+
 /// Reads a checkpoint's metadata.
 pub fn read_meta(dir: &Path) -> Result<Meta, LayerError> {
     let path = dir.join(META_FILE);
-    let text = std::fs::read(&path).map_err(io("read", &path))?;
+    let text = read_bounded(&path, MAX_META)?;
     serde_json::from_slice(&text).map_err(|source| LayerError::Meta { path, source })
 }
 
@@ -129,12 +169,12 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Opens the layer of checkpoint directory `dir`.
+    /// Opens the layer of checkpoint directory `dir`; its page map is
+    /// refused if it is longer than its memory file needs.
     pub fn open(dir: &Path) -> Result<Self, LayerError> {
-        let pages = dir.join(PAGES_FILE);
-        let bits = std::fs::read(&pages).map_err(io("read", &pages))?;
         let path = dir.join(MEMORY_FILE);
         let file = File::open(&path).map_err(io("open", &path))?;
+        let bits = read_pages(&dir.join(PAGES_FILE), &file, &path)?;
         Ok(Self { bits, file, path })
     }
 
@@ -207,12 +247,12 @@ pub fn fold_into_child(
     let parent = Layer::open(parent_dir)?;
     copy_files(child_dir, staged)?;
     let pages = staged.join(PAGES_FILE);
-    let mut bits = std::fs::read(&pages).map_err(io("read", &pages))?;
     let memory = staged.join(MEMORY_FILE);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&memory)
         .map_err(io("open", &memory))?;
+    let mut bits = read_pages(&pages, &file, &memory)?;
     let mut meta = read_meta(child_dir)?;
     let mut buf = vec![0u8; PAGE as usize];
     for p in 0..(bits.len() * 8) as u64 {
@@ -222,7 +262,7 @@ pub fn fold_into_child(
             file.write_all_at(&buf, p * PAGE)
                 .map_err(io("write", &memory))?;
             bits[(p / 8) as usize] |= 1 << (p % 8);
-            meta.written_bytes += PAGE;
+            meta.written_bytes = meta.written_bytes.saturating_add(PAGE);
         }
     }
     file.sync_all().map_err(io("sync", &memory))?;
@@ -344,5 +384,45 @@ mod tests {
         }
         assert!(valid_name("before-upgrade_2.1"));
         assert!(!valid_name(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn oversized_metadata_and_page_maps_are_refused_unread() {
+        let root = scratch("caps");
+        layer(&root, "a", None, 16, &[(0, 1)]);
+        assert!(chain(&root, "a").is_ok());
+        // A page map longer than 16 pages need (2 bytes).
+        std::fs::write(root.join("a").join(PAGES_FILE), [0xffu8; 3]).unwrap();
+        let e = chain(&root, "a").err().unwrap();
+        assert!(matches!(e, LayerError::TooLarge { limit: 2, .. }), "{e}");
+        // A huge sparse memory file does not make room for a huge map.
+        let memory = File::options()
+            .write(true)
+            .open(root.join("a").join(MEMORY_FILE))
+            .unwrap();
+        memory.set_len(1 << 42).unwrap();
+        File::create(root.join("a").join(PAGES_FILE))
+            .unwrap()
+            .set_len(MAX_PAGES + 1)
+            .unwrap();
+        let e = chain(&root, "a").err().unwrap();
+        assert!(
+            matches!(
+                e,
+                LayerError::TooLarge {
+                    limit: MAX_PAGES,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Metadata of more than MAX_META bytes.
+        layer(&root, "b", None, 16, &[]);
+        File::create(root.join("b").join(META_FILE))
+            .unwrap()
+            .set_len(MAX_META + 1)
+            .unwrap();
+        let e = read_meta(&root.join("b")).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

@@ -1,5 +1,5 @@
 //! Builds a VM complete and paused: guest memory, kernel, initrd, command
-//! line, ACPI tables and boot_params; then the KVM VM with its irqchip and
+//! line, ACPI tables, a fresh VM generation ID and boot_params; then the KVM VM with its irqchip and
 //! PIT, the devices on their buses (virtio disks and adapters through
 //! [`crate::virtio`]), and every vCPU with CPUID, MSRs, LAPIC and
 //! (for the boot vCPU) the 64-bit entry registers. Nothing runs until
@@ -71,6 +71,9 @@ pub enum BuildError {
     /// The saved UART.
     #[error("cannot restore the serial port")]
     Serial(#[from] nestvm_devices::serial::SerialError),
+    /// No random bytes for the VM generation ID.
+    #[error("cannot read random bytes for the VM generation ID from /dev/urandom")]
+    Random(#[source] std::io::Error),
     /// A setting that slipped past validation.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -112,6 +115,8 @@ pub struct BuiltVm {
     pub(crate) reset: EventTrigger,
     pub(crate) power_off: EventTrigger,
     pub(crate) power_button: EventTrigger,
+    /// Raises the interrupt that tells the guest its generation ID changed.
+    pub(crate) generation: EventTrigger,
     pub(crate) state_ctx: StateContext,
     pub(crate) nested: bool,
     pub(crate) virtio: crate::virtio::VirtioDevices,
@@ -231,6 +236,7 @@ impl BuiltVm {
             reset: devices.reset,
             power_off: devices.power_off,
             power_button: devices.power_button,
+            generation: devices.generation,
             nested,
             virtio: devices.virtio,
             cpuid,
@@ -247,12 +253,14 @@ pub(crate) struct Devices {
     pub reset: EventTrigger,
     pub power_off: EventTrigger,
     pub power_button: EventTrigger,
+    pub generation: EventTrigger,
     pub virtio: crate::virtio::VirtioDevices,
 }
 
 /// Puts every device on the buses and wires its interrupts: the UART
 /// (`make_serial` gets its interrupt line: a new UART, or one restored from
-/// a snapshot), the reset and ACPI registers, the power button, and the
+/// a snapshot), the reset and ACPI registers, the power button, the
+/// generation ID's event, and the
 /// virtio devices (new, or built from `saved_virtio`).
 pub(crate) fn attach_devices(
     config: &VmConfig,
@@ -269,6 +277,9 @@ pub(crate) fn attach_devices(
     // The ACPI power button: a write raises the Generic Event Device's interrupt.
     let power_button = event("the power button")?;
     vm.register_irqfd(&power_button.0, acpi::GED_GSI)?;
+    // The generation ID changed: the same device's second interrupt.
+    let generation = event("the generation ID")?;
+    vm.register_irqfd(&generation.0, acpi::VMGENID_GSI)?;
     let mut buses = Buses::default();
     let virtio = crate::virtio::attach(config, vm, memory, &mut buses.mmio, saved_virtio)?;
     buses
@@ -295,8 +306,19 @@ pub(crate) fn attach_devices(
         reset,
         power_off,
         power_button,
+        generation,
         virtio,
     })
+}
+
+/// A new random VM generation ID.
+pub(crate) fn new_generation_id() -> Result<[u8; layout::VMGENID_LEN], BuildError> {
+    use std::io::Read;
+    let mut id = [0u8; layout::VMGENID_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(BuildError::Random)?;
+    Ok(id)
 }
 
 /// Where the boot vCPU starts.
@@ -323,6 +345,7 @@ fn load_guest_memory(config: &VmConfig) -> Result<(Memory, Entry), BuildError> {
     };
     boot::write_cmdline(&memory, &kernel, &config.cmdline)?;
     let rsdp = acpi::write_tables(&memory, config.cpus, &crate::virtio::slots(config))?;
+    acpi::write_generation_id(&memory, &new_generation_id()?)?;
     let e820 = layout::e820_map(config.memory);
     let params = boot::build_boot_params(&boot::BootInfo {
         kernel: &kernel,

@@ -10,7 +10,8 @@
 //! - `pages`: a bitmap, one bit per 4 KiB page, of the pages `memory` holds;
 //! - `meta.json`: name, parent, creation time, sizes;
 //! - `disk-N.img`: a copy of each writable disk (restored with the memory,
-//!   so the guest's page cache and its disk agree).
+//!   so the guest's page cache and its disk agree; put back only under the
+//!   image's lock, never under a VM that runs on it: [`restore_disks`]).
 //!
 //! So a checkpoint costs the memory that changed since its parent, found by
 //! comparing contents (which also catches pages written by devices, that
@@ -32,6 +33,7 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 pub(crate) use nestvm_snapshot::layer::valid_name;
 use nestvm_snapshot::layer::{chain, disk_file, write_meta, Layer, Meta, PAGE, PAGES_FILE};
 
+pub use crate::persist::disks::{check_disks_free, restore_disks};
 use crate::persist::{PersistError, RegionSnapshot};
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> PersistError {
@@ -179,10 +181,14 @@ pub fn take(
         .filter(|(_, d)| !d.readonly)
     {
         let copy = staged.join(disk_file(i));
-        std::fs::copy(&d.path, &copy).map_err(io("copy a disk image into"))?;
+        let disk_err = |what| {
+            let path = d.path.clone();
+            move |source| PersistError::Disk { what, path, source }
+        };
+        std::fs::copy(&d.path, &copy).map_err(disk_err("copy"))?;
         File::open(&copy)
             .and_then(|f| f.sync_all())
-            .map_err(io("sync a disk image copy in"))?;
+            .map_err(disk_err("sync the copy of"))?;
     }
     let json = serde_json::to_vec(&snap).map_err(PersistError::Encode)?;
     nestvm_snapshot::atomic::write_synced(
@@ -203,28 +209,6 @@ pub fn take(
     nestvm_snapshot::atomic::sync_dir(&staged)?;
     nestvm_snapshot::atomic::publish_dir(&staged, &dir)?;
     Ok(meta)
-}
-
-/// Puts the writable disks of checkpoint `dir` back in place (each through
-/// a temporary file and a rename, so a crash leaves the old or the new
-/// image, never a mix).
-pub fn restore_disks(
-    dir: &Path,
-    disks: &[crate::adapters::DiskConfig],
-) -> Result<(), PersistError> {
-    for (i, d) in disks.iter().enumerate().filter(|(_, d)| !d.readonly) {
-        let copy = dir.join(disk_file(i));
-        if !copy.exists() {
-            continue;
-        }
-        let tmp = d.path.with_extension("nestvm-restore.tmp");
-        std::fs::copy(&copy, &tmp).map_err(io("copy back a disk image from"))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io("sync a restored disk image of"))?;
-        std::fs::rename(&tmp, &d.path).map_err(io("put back a disk image of"))?;
-    }
-    Ok(())
 }
 
 /// Guest memory for restoring checkpoint `name`: the root's memory file

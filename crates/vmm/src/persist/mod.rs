@@ -24,18 +24,24 @@
 //! - `capture`: pausing nothing itself, it reads a paused VM (vCPUs, KVM's
 //!   VM state, devices) into a [`VmSnapshot`] for a save, a checkpoint or a
 //!   migration;
+//! - `verify`: what a state must be before it is loaded: its memory where
+//!   its definition puts RAM, its VM the one the VM's own definition
+//!   describes ([`StateRefusal`]);
 //! - `restore`: a VM built back from a snapshot, complete and paused
-//!   ([`restore`], [`restore_checkpoint`], the migration receiver's
-//!   skeleton);
+//!   ([`check_state`], [`restore`], [`restore_checkpoint`], the migration
+//!   receiver's skeleton);
 //! - [`checkpoint`]: checkpoints as layers of changed pages
-//!   ([`nestvm_snapshot::layer`] is their on-disk format).
+//!   ([`nestvm_snapshot::layer`] is their on-disk format); `disks`: their
+//!   disk copies put back under the images' locks.
 
 pub(crate) mod capture;
 pub mod checkpoint;
 mod cpu;
+mod disks;
 mod format;
 mod memory;
 mod restore;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -47,7 +53,8 @@ pub use format::{load, save, staging_dir, VmSnapshot, STATE_FILE};
 pub(crate) use memory::{is_zero, map_memory};
 pub use memory::{RegionSnapshot, SaveSummary, MEMORY_FILE};
 pub(crate) use restore::Skeleton;
-pub use restore::{restore, restore_checkpoint, RestoreError};
+pub use restore::{check_state, restore, restore_checkpoint, RestoreError};
+pub use verify::{check_agrees, check_layout, StateRefusal};
 
 /// Errors saving, checkpointing or loading a VM.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +95,20 @@ pub enum PersistError {
     /// The checkpoint asked for cannot be taken under that name.
     #[error(transparent)]
     Name(#[from] checkpoint::NameRefusal),
+    /// A disk image of a checkpoint cannot be copied, locked or put back.
+    #[error("cannot {what} disk image {}", path.display())]
+    Disk {
+        /// What was being done.
+        what: &'static str,
+        /// The image (or its copy).
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk image to put back is open in a running VM.
+    #[error("disk image {} is in use by another running VM: stop that VM, then restore again (nothing was changed)", .0.display())]
+    DiskInUse(PathBuf),
     /// A checkpoint's layer files.
     #[error(transparent)]
     Layer(#[from] nestvm_snapshot::layer::LayerError),

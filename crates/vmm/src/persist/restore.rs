@@ -1,20 +1,26 @@
 //! Building a VM back from a snapshot, complete and paused: the saved
-//! definition is validated as a new VM's would be, the CPU checked against
-//! this host, memory mapped from the file (or a checkpoint's layers), the
-//! devices rebuilt from their saved state and every vCPU's state written.
-//! A migration's receiver builds the KVM side first ([`Skeleton`]) while
-//! memory arrives.
+//! definition is validated as a new VM's would be and must be the VM's own
+//! definition's, its memory regions where that definition puts RAM
+//! ([`check_state`]), the CPU checked against this host, memory mapped from
+//! the file (or a checkpoint's layers), the devices rebuilt from their
+//! saved state and every vCPU's state written. A checkpoint's restore puts
+//! its disks back (locked, see [`super::checkpoint::restore_disks`]) and
+//! gives the guest a new VM generation ID. A migration's receiver builds
+//! the KVM side first ([`Skeleton`]) while memory arrives.
 
 use std::io::Write;
 use std::path::Path;
 
+use nestvm_arch::acpi;
 use nestvm_devices::serial::SerialPort;
 use nestvm_kvm::kvm_bindings::kvm_cpuid_entry2;
 use nestvm_kvm::Hypervisor;
 use nestvm_virtio::Memory;
 
+use super::verify::{check_agrees, check_layout, StateRefusal};
 use super::{check_compatible, load, map_memory, PersistError, VmSnapshot};
-use crate::builder::{attach_devices, BuildError, BuiltVm};
+use crate::builder::{attach_devices, new_generation_id, BuildError, BuiltVm};
+use crate::config::VmConfig;
 
 /// Errors building a VM back from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +31,19 @@ pub enum RestoreError {
     /// The state contradicts its own definition.
     #[error("the saved state does not match its own definition ({0})")]
     Mismatch(&'static str),
+    /// The state is not of the VM its definition describes, or its memory
+    /// is not where that definition puts RAM.
+    #[error(transparent)]
+    Refused(#[from] StateRefusal),
     /// Reading the state, its memory or its checkpoint layers.
     #[error(transparent)]
     Persist(#[from] PersistError),
     /// Creating the VM, its devices or its vCPUs.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The guest's new generation ID could not be written or announced.
+    #[error("cannot give the restored VM its new generation ID")]
+    Generation(#[source] std::io::Error),
     /// KVM refused the saved VM-wide state.
     #[error("cannot restore the VM's own state (irqchip, PIT, clock)")]
     Vm(#[source] nestvm_kvm::VmError),
@@ -61,34 +74,65 @@ fn check_definition(snap: &VmSnapshot) -> Result<(), RestoreError> {
     mismatch.map_or(Ok(()), |m| Err(RestoreError::Mismatch(m)))
 }
 
+/// Refuses a snapshot that cannot be restored as the VM `definition` (its
+/// vm.toml) describes: every check that needs neither KVM nor the memory
+/// file — the saved definition is one a new VM may have, the state matches
+/// it, it agrees with `definition`, and its memory regions are where RAM is.
+pub fn check_state(snap: &VmSnapshot, definition: &VmConfig) -> Result<(), RestoreError> {
+    check_definition(snap)?;
+    check_agrees(&snap.config, definition)?;
+    check_layout(snap.config.memory, &snap.memory)?;
+    Ok(())
+}
+
 /// Builds the VM saved in `dir`, complete and paused, exactly as it was:
 /// memory mapped from the file, KVM's VM state, devices and every vCPU
-/// restored. The console's output goes to `console`.
+/// restored. The console's output goes to `console`. `definition` is the
+/// VM's own (vm.toml): the state must agree with it ([`check_state`]).
+///
+/// Its generation ID is kept: a saved state is consumed by its restore, so
+/// the guest goes on once from where it was, as after a long pause.
 pub fn restore(
     snap: VmSnapshot,
     dir: &Path,
+    definition: &VmConfig,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, RestoreError> {
-    check_definition(&snap)?;
+    check_state(&snap, definition)?;
     check_compatible(&snap, hv)?;
     let memory = map_memory(dir, &snap.memory)?;
     restore_with_memory(snap, memory, hv, console)
 }
 
-/// Builds the VM of checkpoint `name` (under `root`), paused.
+/// Builds the VM of checkpoint `name` (under `root`), paused, after the
+/// checks of [`check_state`] against `definition`. Its writable disks are
+/// put back once its memory and the KVM VM are ready, just before the
+/// devices open them (and only while no other VM holds them). The guest
+/// gets a new generation ID and is told of it: a checkpoint may be
+/// restored any number of times, and each copy must not reuse the random
+/// state of the others.
 pub fn restore_checkpoint(
     root: &Path,
     name: &str,
+    definition: &VmConfig,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, RestoreError> {
-    let snap = load(&root.join(name))?;
-    check_definition(&snap)?;
+    let dir = root.join(name);
+    let snap = load(&dir)?;
+    check_state(&snap, definition)?;
     check_compatible(&snap, hv)?;
     let memory = super::checkpoint::memory(root, name, &snap.memory)?;
-    super::checkpoint::restore_disks(&root.join(name), &snap.config.disks)?;
-    restore_with_memory(snap, memory, hv, console)
+    // Memory is mapped privately: the checkpoint's files keep their ID.
+    acpi::write_generation_id(&memory, &new_generation_id()?).map_err(BuildError::from)?;
+    let skeleton = Skeleton::new(&snap.cpuid, memory, hv)?;
+    super::checkpoint::restore_disks(&dir, &snap.config.disks)?;
+    let vm = skeleton.restore(snap, hv, console)?;
+    // After every vCPU's saved state (its LAPIC included) is in place, so
+    // the interrupt is pending when the guest runs.
+    vm.generation.0.write(1).map_err(RestoreError::Generation)?;
+    Ok(vm)
 }
 
 fn restore_with_memory(
