@@ -21,6 +21,7 @@
 //!    a cut connection, a killed receiver — resumes the source where it was.
 
 pub mod receive;
+pub mod secret;
 pub mod send;
 pub mod throttle;
 pub mod wire;
