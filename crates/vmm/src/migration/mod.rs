@@ -20,6 +20,7 @@
 //! 5. only then does the source VMM end. Any failure before that — refusal,
 //!    a cut connection, a killed receiver — resumes the source where it was.
 
+pub mod frame;
 pub mod receive;
 pub mod secret;
 pub mod send;
