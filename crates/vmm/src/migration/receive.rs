@@ -2,6 +2,12 @@
 //! this host can run its VM, take its memory round after round, then build
 //! the VM from the final state — complete and paused, like any other — and
 //! hand it to the run loop, which confirms to the sender once it resumed.
+//!
+//! Until a peer is authenticated it is a stranger: it gets
+//! [`HANDSHAKE_TIMEOUT`] for the whole handshake and a few hundred bytes per
+//! frame ([`super::channel::respond`]); one that fails — a wrong key,
+//! garbage, an oversized frame, silence — is logged and dropped, and the
+//! receiver waits on for the real sender until its own deadline.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +18,8 @@ use nestvm_kvm::Hypervisor;
 use nestvm_snapshot::container;
 use nestvm_virtio::Memory;
 
+use super::channel::{self, Channel};
+use super::secret::Psk;
 use super::send::Final;
 use super::wire::{self, Kind};
 use super::{Hello, MigrationError, PROTOCOL_VERSION};
@@ -19,6 +27,8 @@ use crate::builder::BuiltVm;
 use crate::persist;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a peer has to prove it holds the key, from its connection on.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A VM that arrived, built and paused.
 pub struct Arrived {
@@ -33,7 +43,7 @@ pub struct Arrived {
 }
 
 /// The sender, waiting to hear that the VM runs here.
-pub struct Confirm(TcpStream);
+pub struct Confirm(Channel<TcpStream>);
 
 impl Confirm {
     /// Tells the sender the VM runs here: it ends its copy of the VM.
@@ -62,9 +72,6 @@ fn accept(listener: &TcpListener, wait: Duration) -> Result<TcpStream, Migration
             Ok((s, peer)) => {
                 log::info!("migration: connection from {peer}");
                 s.set_nonblocking(false).map_err(MigrationError::Stream)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))
-                    .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
-                    .map_err(MigrationError::Stream)?;
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
@@ -105,53 +112,28 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
     None
 }
 
-/// Waits up to `wait` for a sender holding `token` on `listener`, receives
+/// Waits up to `wait` for a sender holding `key` on `listener`, receives
 /// its VM and builds it paused. The guest's console goes to `console`;
-/// `say` hears each step.
+/// `say` hears each step, and each peer that failed to authenticate.
 pub fn receive(
     listener: &TcpListener,
-    token: &[u8],
+    key: &Psk,
     wait: Duration,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
     say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
-    let deadline = Instant::now() + wait;
-    // A connection that goes away before proving anything (a port probe)
-    // is not the sender: wait on for the real one. A wrong token ends it.
-    let mut s = loop {
-        let mut s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
-        match wire::authenticate_sender(&mut s, token) {
-            Ok(()) => {
-                say(&format!(
-                    "sender {} authenticated",
-                    s.peer_addr().map_or("?".into(), |a| a.to_string())
-                ));
-                break s;
-            }
-            Err(MigrationError::Stream(e)) => log::info!("migration: a connection went away: {e}"),
-            Err(e) => return Err(e),
-        }
-    };
-    let hello: Hello = serde_json::from_slice(&wire::expect(&mut s, Kind::Hello)?)
-        .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
-    if let Some(why) = refusal(&hello, hv) {
-        let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
-        return Err(MigrationError::Refused(format!("this host refused: {why}")));
-    }
-    let result = (|| {
-        let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
-            .map_err(|e| MigrationError::Memory(e.to_string()))?;
-        // The KVM side is made now, while memory arrives, not in the downtime.
-        let skeleton = persist::Skeleton::new(&hello.cpuid, mem, hv)
-            .map_err(|e| MigrationError::Build(Box::new(e)))?;
-        wire::send(&mut s, Kind::Accept, &[])?;
-        say("accepted the VM; receiving its memory");
-        take(&mut s, &hello, skeleton, hv, console)
-    })();
+    let mut s = authenticated(listener, key, wait, say)?;
+    let result = take_vm(&mut s, hv, console, say);
     // The sender hears why, unless the stream itself is gone.
     if let Err(e) = &result {
-        if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {
+        let gone = matches!(
+            e,
+            MigrationError::Stream(_)
+                | MigrationError::Refused(_)
+                | MigrationError::Channel(channel::ChannelError::Io(_))
+        );
+        if !gone {
             let _ = wire::send(
                 &mut s,
                 Kind::Refuse,
@@ -168,9 +150,58 @@ pub fn receive(
     })
 }
 
+/// Reads the sender's description, refuses a VM this host cannot run,
+/// then takes its memory and state.
+fn take_vm(
+    s: &mut Channel<TcpStream>,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+    say: &dyn Fn(&str),
+) -> Result<(BuiltVm, bool, u64), MigrationError> {
+    let hello: Hello = serde_json::from_slice(&wire::expect(s, Kind::Hello)?)
+        .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
+    if let Some(why) = refusal(&hello, hv) {
+        let _ = wire::send(s, Kind::Refuse, why.as_bytes());
+        return Err(MigrationError::Refused(format!("this host refused: {why}")));
+    }
+    let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
+        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+    // The KVM side is made now, while memory arrives, not in the downtime.
+    let skeleton = persist::Skeleton::new(&hello.cpuid, mem, hv)
+        .map_err(|e| MigrationError::Build(Box::new(e)))?;
+    wire::send(s, Kind::Accept, &[])?;
+    say("accepted the VM; receiving its memory");
+    take(s, &hello, skeleton, hv, console)
+}
+
+/// Accepts connections until one authenticates, within `wait` in all;
+/// says why each other one was dropped.
+fn authenticated(
+    listener: &TcpListener,
+    key: &Psk,
+    wait: Duration,
+    say: &dyn Fn(&str),
+) -> Result<Channel<TcpStream>, MigrationError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
+        let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
+        match channel::respond(s, key, HANDSHAKE_TIMEOUT, IO_TIMEOUT) {
+            Ok(ch) => {
+                say(&format!("sender {peer} authenticated"));
+                return Ok(ch);
+            }
+            Err(e) => say(&format!(
+                "dropped a connection from {peer} that failed the handshake: {}; still waiting",
+                crate::persist::capture::chain_text(&e)
+            )),
+        }
+    }
+}
+
 /// Takes memory until the final state, then builds the VM.
 fn take(
-    s: &mut TcpStream,
+    s: &mut Channel<TcpStream>,
     hello: &Hello,
     skeleton: persist::Skeleton,
     hv: &Hypervisor,
