@@ -6,7 +6,9 @@ out: queue i's descriptor table at 0x4000 * (i + 1), its available ring
 right after (16 entries), buffers below 0x4000. block_request inputs start
 with a read-only flag byte, net_frames inputs with the incoming-frames byte.
 The broken-ring inputs are regressions: an available index the queue
-refuses once made the device loop forever.
+refuses once made the device loop forever. migration_wire inputs start with
+a mode byte (0: the receiver's handshake, 1: the sender's, 2: chunks, 3: a
+page batch), then what the peer sends (crates/vmm/src/migration/frame.rs).
 """
 import os
 import struct
@@ -39,6 +41,7 @@ def memory(queues, extra=(), avail_idx=None):
 
 
 def write(target, name, data):
+    os.makedirs(os.path.join(HERE, 'corpus', target), exist_ok=True)
     with open(os.path.join(HERE, 'corpus', target, name), 'wb') as f:
         f.write(data)
 
@@ -78,3 +81,14 @@ write('net_frames', 'rx-two-frames', bytes([0x42]) + memory(
     [(0x4000, [[(0x1000, 4096, True)], [(0x2000, 100, True)]])]))
 write('net_frames', 'rx-broken-avail-idx', bytes([0x41]) + memory(
     [(0x4000, [[(0x1000, 4096, True)]])], avail_idx=0x8000))
+
+VERSION = struct.pack('<I', 2)
+write('migration_wire', 'init', bytes([0, 1, 52, 0]) + VERSION + bytes(range(48)))
+write('migration_wire', 'init-old-version', bytes([0, 1, 52, 0]) + struct.pack('<I', 1) + bytes(48))
+write('migration_wire', 'init-oversized', bytes([0, 1, 0xff, 0xff]) + bytes(64))
+write('migration_wire', 'reply', bytes([1, 2, 48, 0]) + bytes(range(48)))
+write('migration_wire', 'refused-key', bytes([1, 3, 1, 0, 2]))
+write('migration_wire', 'refused-version', bytes([1, 3, 5, 0, 1]) + struct.pack('<I', 9))
+write('migration_wire', 'chunks-hello', bytes([2, 2, 1, 0x10, 0]) + b'h' * 64 + bytes([2, 0, 4, 0]) + b'}' * 4)
+write('migration_wire', 'chunks-interleaved', bytes([2, 5, 1, 8, 0]) + b'p' * 8 + bytes([6, 0, 1, 0, 0]))
+write('migration_wire', 'pages-two', bytes([3]) + struct.pack('<IQQ', 2, 0x1000, 0x2001) + b'\x07' * 4096)

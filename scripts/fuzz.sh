@@ -16,7 +16,7 @@ else
     fuzz=(cargo fuzz)
 fi
 cd fuzz
-for target in ${NESTVM_FUZZ_TARGETS:-virtqueue block_request net_frames}; do
+for target in ${NESTVM_FUZZ_TARGETS:-virtqueue block_request net_frames migration_wire}; do
     out=../target/fuzz-corpus/$target
     mkdir -p "$out"
     echo "fuzz: $target for ${seconds}s"
