@@ -326,8 +326,14 @@ fn hostile_peers_do_not_stop_the_receiver() {
         "{}",
         text(&out)
     );
-    // A peer that says nothing holds the receiver only for its handshake
-    // deadline: the real sender, queued behind it, gets through.
+    // A peer that says nothing is dropped at its handshake's deadline...
+    let silent = connect();
+    wait_for(|| dropped(&h) >= 6, "a silent peer was never dropped");
+    drop(silent);
+    let log = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log")).unwrap();
+    assert!(log.contains("did not finish the handshake within"), "{log}");
+    // ...and, connected first, does not keep the real sender out: it only
+    // ever holds its own handshake.
     let silent = connect();
     let out = h
         .spawn_migrate_to(&h.addr, &h.token, &[])
@@ -338,7 +344,6 @@ fn hostile_peers_do_not_stop_the_receiver() {
     let received = receiver.wait_with_output().unwrap();
     assert_eq!(received.status.code(), Some(0), "{}", text(&received));
     let log = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log")).unwrap();
-    assert!(log.contains("did not finish the handshake within"), "{log}");
     assert!(log.contains("does not hold this migration secret"), "{log}");
     h.dst.ok(&["vm", "kill", "t"]);
 }

@@ -5,12 +5,15 @@
 //!
 //! Until a peer is authenticated it is a stranger: it gets
 //! [`HANDSHAKE_TIMEOUT`] for the whole handshake and a few hundred bytes per
-//! frame ([`super::channel::respond`]); one that fails — a wrong key,
-//! garbage, an oversized frame, silence — is logged and dropped, and the
-//! receiver waits on for the real sender until its own deadline.
+//! frame ([`super::channel::respond`]), in a thread of its own so that a
+//! stalling peer does not hold up the others (at most [`MAX_HANDSHAKES`] at
+//! once); one that fails — a wrong key, garbage, an oversized frame,
+//! silence — is logged and dropped, and the receiver waits on for the real
+//! sender until its own deadline.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nestvm_arch::layout;
@@ -29,6 +32,8 @@ use crate::persist;
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a peer has to prove it holds the key, from its connection on.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes under way at once at most; connections past that are closed.
+pub const MAX_HANDSHAKES: usize = 16;
 
 /// A VM that arrived, built and paused.
 pub struct Arrived {
@@ -60,30 +65,6 @@ pub fn listen(addr: &str) -> Result<TcpListener, MigrationError> {
         addr: addr.to_owned(),
         source,
     })
-}
-
-fn accept(listener: &TcpListener, wait: Duration) -> Result<TcpStream, MigrationError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(MigrationError::Stream)?;
-    let start = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((s, peer)) => {
-                log::info!("migration: connection from {peer}");
-                s.set_nonblocking(false).map_err(MigrationError::Stream)?;
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() > wait {
-                    return Err(MigrationError::Timeout(wait));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(MigrationError::Stream(e)),
-        }
-    }
 }
 
 /// Why this host cannot take the VM `hello` describes, if it cannot.
@@ -174,8 +155,13 @@ fn take_vm(
     take(s, &hello, skeleton, hv, console)
 }
 
+/// The outcome of one connection's handshake, from its thread.
+type Handshake = (String, Result<Channel<TcpStream>, channel::ChannelError>);
+
 /// Accepts connections until one authenticates, within `wait` in all;
-/// says why each other one was dropped.
+/// says why each other one was dropped. Each handshake runs in a thread of
+/// its own, at most [`MAX_HANDSHAKES`] at once, so peers that stall until
+/// their deadline do not hold up the real sender behind them.
 fn authenticated(
     listener: &TcpListener,
     key: &Psk,
@@ -183,19 +169,64 @@ fn authenticated(
     say: &dyn Fn(&str),
 ) -> Result<Channel<TcpStream>, MigrationError> {
     let deadline = Instant::now() + wait;
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::Stream)?;
+    let (done, results) = mpsc::channel::<Handshake>();
+    let mut in_flight = 0usize;
     loop {
-        let s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
-        let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
-        match channel::respond(s, key, HANDSHAKE_TIMEOUT, IO_TIMEOUT) {
-            Ok(ch) => {
-                say(&format!("sender {peer} authenticated"));
-                return Ok(ch);
+        while let Ok((peer, result)) = results.try_recv() {
+            in_flight -= 1;
+            match result {
+                Ok(ch) => {
+                    say(&format!("sender {peer} authenticated"));
+                    return Ok(ch);
+                }
+                Err(e) => say(&format!(
+                    "dropped a connection from {peer} that failed the handshake: {}; still waiting",
+                    crate::persist::capture::chain_text(&e)
+                )),
             }
-            Err(e) => say(&format!(
-                "dropped a connection from {peer} that failed the handshake: {}; still waiting",
-                crate::persist::capture::chain_text(&e)
-            )),
         }
+        // Checked on every turn: a stream of connections does not extend it.
+        if Instant::now() > deadline {
+            return Err(MigrationError::Timeout(wait));
+        }
+        match listener.accept() {
+            Ok((s, peer)) if in_flight < MAX_HANDSHAKES => {
+                log::info!("migration: connection from {peer}");
+                in_flight += 1;
+                handshake(s, peer.to_string(), key.clone(), done.clone());
+            }
+            Ok((_, peer)) => say(&format!(
+                "dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes are under way"
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(MigrationError::Stream(e)),
+        }
+    }
+}
+
+/// Runs the receiver's half of the handshake with `s` in a thread, which
+/// reports to `done` (to nobody if a sender was chosen meanwhile).
+fn handshake(s: TcpStream, peer: String, key: Psk, done: mpsc::Sender<Handshake>) {
+    let (report, who) = (done.clone(), peer.clone());
+    let spawned = std::thread::Builder::new()
+        .name("migrate-handshake".into())
+        .spawn(move || {
+            let result = s
+                .set_nonblocking(false)
+                .map_err(channel::ChannelError::Io)
+                .and_then(|()| {
+                    let _ = s.set_nodelay(true);
+                    channel::respond(s, &key, HANDSHAKE_TIMEOUT, IO_TIMEOUT)
+                });
+            let _ = done.send((peer, result));
+        });
+    if let Err(e) = spawned {
+        let _ = report.send((who, Err(channel::ChannelError::Io(e))));
     }
 }
 
