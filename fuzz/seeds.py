@@ -14,6 +14,10 @@ a 2-byte length and its page map, then its memory file (its parent a is
 the target's own). The `tiny-vm` seeds of state_container and state_decode
 are the state file and its payload of a real saved VM (a tiny guest of
 16 MiB, one vCPU, one disk): they are not written here.
+
+migration_wire inputs start with a mode byte (0: the receiver's handshake, 1:
+the sender's, 2: chunks, 3: a page batch), then what the peer sends
+(crates/vmm/src/migration/frame.rs).
 """
 import json
 import os
@@ -47,6 +51,7 @@ def memory(queues, extra=(), avail_idx=None):
 
 
 def write(target, name, data):
+    os.makedirs(os.path.join(HERE, 'corpus', target), exist_ok=True)
     with open(os.path.join(HERE, 'corpus', target, name), 'wb') as f:
         f.write(data)
 
@@ -127,3 +132,14 @@ write('checkpoint_layers', 'loop', layers(meta('b'), bytes([0, 0]), b''))
 write('checkpoint_layers', 'path-parent', layers(meta('../a'), bytes([0, 0]), b''))
 write('checkpoint_layers', 'short-memory',
       layers(meta('a'), bytes([0xff, 0xff]), page(1)))
+
+VERSION = struct.pack('<I', 2)
+write('migration_wire', 'init', bytes([0, 1, 52, 0]) + VERSION + bytes(range(48)))
+write('migration_wire', 'init-old-version', bytes([0, 1, 52, 0]) + struct.pack('<I', 1) + bytes(48))
+write('migration_wire', 'init-oversized', bytes([0, 1, 0xff, 0xff]) + bytes(64))
+write('migration_wire', 'reply', bytes([1, 2, 48, 0]) + bytes(range(48)))
+write('migration_wire', 'refused-key', bytes([1, 3, 1, 0, 2]))
+write('migration_wire', 'refused-version', bytes([1, 3, 5, 0, 1]) + struct.pack('<I', 9))
+write('migration_wire', 'chunks-hello', bytes([2, 2, 1, 0x10, 0]) + b'h' * 64 + bytes([2, 0, 4, 0]) + b'}' * 4)
+write('migration_wire', 'chunks-interleaved', bytes([2, 5, 1, 8, 0]) + b'p' * 8 + bytes([6, 0, 1, 0, 0]))
+write('migration_wire', 'pages-two', bytes([3]) + struct.pack('<IQQ', 2, 0x1000, 0x2001) + b'\x07' * 4096)

@@ -51,7 +51,8 @@ fn measure(
     let k = dir.join(format!("mig-{tag}.elf"));
     std::fs::write(&k, image)?;
     let token = dir.join("mig-token");
-    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n")?;
+    // The first `vm receive` writes a new secret there; the later ones read it.
+    let _ = std::fs::remove_file(&token);
     let kernel = k.to_string_lossy().into_owned();
     let token_s = token.to_string_lossy().into_owned();
     nestvm(

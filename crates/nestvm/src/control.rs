@@ -65,7 +65,7 @@ fn decode<T: DeserializeOwned>(
     method: &str,
     path: &str,
 ) -> Result<T, ReplyError> {
-    // The query may hold a secret (the migration token): never show it.
+    // The query is no business of the error (it may name the secret's file).
     let route = path.split('?').next().unwrap_or(path);
     let kind = std::any::type_name::<T>()
         .rsplit("::")

@@ -2,9 +2,10 @@
 //! `vm receive NAME --listen ADDR` on the destination starts a `vm serve`
 //! that waits for the VM; `vm migrate NAME --to ADDR` on the source asks the
 //! VM's VMM to send it, and draws the progress until the VM runs there.
-//! Both sides read the same shared token from `--token-file`.
+//! Both sides read the same migration secret from `--token-file`: `vm
+//! receive` writes it, and only its path ever goes into the API's URL or a
+//! process's arguments.
 
-use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use anyhow::anyhow;
 use indicatif::{ProgressBar, ProgressStyle};
 use nestvm_manager::{Store, VmName, VmState};
 use nestvm_vmm::migration::receive::{self, Arrived};
+use nestvm_vmm::migration::secret::{self, Psk};
 use nestvm_vmm::migration::{Phase, Progress};
 use serde::de::IgnoredAny;
 
@@ -59,42 +61,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Reads the shared token (the file's first line, at least 16 characters).
-fn read_token(path: &Path) -> Result<Vec<u8>, Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        usage(anyhow!(
-            "cannot read the migration token {}: {e} (the receiver creates one with 'nestvm vm receive')",
-            path.display()
-        ))
-    })?;
-    let token = text.lines().next().unwrap_or("").trim();
-    if token.len() < 16 {
-        return Err(usage(anyhow!(
-            "the migration token in {} is shorter than 16 characters: use the file 'nestvm vm receive' wrote",
-            path.display()
-        )));
-    }
-    Ok(token.as_bytes().to_vec())
-}
-
-/// Reads the token, or writes a new random one (mode 0600) if the file does
-/// not exist; says whether it wrote one.
-fn ensure_token(path: &Path) -> Result<(Vec<u8>, bool), Failure> {
-    if path.exists() {
-        return Ok((read_token(path)?, false));
-    }
-    let mut raw = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .map_err(runtime)?;
-    let token = hex(&raw);
-    nestvm_snapshot::atomic::write_file(path, format!("{token}\n").as_bytes(), 0o600)
-        .map_err(|e| usage(anyhow!("cannot write a new migration token: {e}")))?;
-    Ok((token.into_bytes(), true))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Reads the migration secret, refusing weak or exposed ones.
+fn read_secret(path: &Path) -> Result<Psk, Failure> {
+    secret::read(path).map_err(|e| usage(anyhow::Error::new(e)))
 }
 
 /// `vm receive`: reserves NAME here and starts a VMM that waits on `listen`
@@ -116,10 +85,11 @@ pub fn receive(
         return Err(usage(anyhow!("VM '{name}' is already being received here")));
     }
     let token_file = std::path::absolute(token_file).map_err(runtime)?;
-    let (_, created) = ensure_token(&token_file)?;
+    let (_, created) =
+        secret::read_or_create(&token_file).map_err(|e| usage(anyhow::Error::new(e)))?;
     if created && !json {
         eprintln!(
-            "nestvm: wrote a new migration token to {}; the source needs the same file",
+            "nestvm: wrote a new migration secret to {}; copy it to the source over a secure channel (scp, not e-mail): whoever holds it can send VMs here",
             token_file.display()
         );
     }
@@ -177,11 +147,11 @@ pub fn incoming(
     hv: &nestvm_kvm::Hypervisor,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Arrived, Failure> {
-    let token = read_token(token_file)?;
+    let key = read_secret(token_file)?;
     let listener = receive::listen(listen).map_err(|e| usage(anyhow::Error::new(e)))?;
     eprintln!("nestvm: waiting for VM '{name}' on {listen}");
     let say = |s: &str| eprintln!("nestvm: {s}");
-    let arrived = receive::receive(&listener, &token, wait, hv, console, &say)
+    let arrived = receive::receive(&listener, &key, wait, hv, console, &say)
         .map_err(|e| runtime(anyhow::Error::new(e).context("the migration failed")))?;
     store.create(name, &arrived.vm.config).map_err(store_err)?;
     eprintln!(
@@ -289,11 +259,19 @@ pub fn migrate(
     if to.contains(['&', '?', ' ', '#']) {
         return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
     }
-    let token = read_token(token_file)?;
+    // Checked here for a clear usage error; the VMM reads it itself.
+    read_secret(token_file)?;
+    let token_file = std::path::absolute(token_file).map_err(runtime)?;
+    let token_file = token_file.to_str().ok_or_else(|| {
+        usage(anyhow!(
+            "the migration secret's path {} is not UTF-8: move the file",
+            token_file.display()
+        ))
+    })?;
     let p = VmDir::of(store, name);
     let path = format!(
-        "/v1/vm/migrate?to={to}&token={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
-        hex(&token),
+        "/v1/vm/migrate?to={to}&token_file={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
+        nestvm_vmm::api::percent_encode(token_file),
         limits.max_downtime.as_millis(),
         limits.max_bandwidth.unwrap_or(0),
         u8::from(limits.verify)

@@ -31,7 +31,7 @@ pub enum From {
     Incoming {
         /// `HOST:PORT`.
         listen: String,
-        /// The shared token.
+        /// The migration secret's file.
         token_file: PathBuf,
         /// How long to wait for the sender.
         wait: Duration,

@@ -99,7 +99,7 @@ pub enum VmCmd {
         /// Wait on HOST:PORT for the VM to arrive by migration.
         #[arg(long, value_name = "HOST:PORT")]
         incoming: Option<String>,
-        /// The shared migration token (with --incoming).
+        /// The migration secret's file (with --incoming).
         #[arg(long, value_name = "FILE")]
         token_file: Option<std::path::PathBuf>,
         /// Seconds to wait for the sender (with --incoming).
@@ -113,7 +113,7 @@ pub enum VmCmd {
         /// Where the receiver listens.
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
-        /// The shared token; the receiver wrote it.
+        /// The migration secret's file, which 'vm receive' wrote (a secret: copy it securely).
         #[arg(long, value_name = "FILE")]
         token_file: std::path::PathBuf,
         /// The longest pause allowed for the final copy.
@@ -148,7 +148,7 @@ pub enum VmCmd {
         /// Where to listen.
         #[arg(long, value_name = "HOST:PORT")]
         listen: String,
-        /// The shared token; a new one is written if the file does not exist.
+        /// The migration secret's file; a new random one is written (mode 0600) if there is none.
         #[arg(long, value_name = "FILE")]
         token_file: std::path::PathBuf,
         /// Seconds to wait for the sender.

@@ -1,16 +1,21 @@
 //! Live migration between two nestvm "hosts" (two state directories) on
 //! this machine's /dev/kvm, over loopback: a ticking tiny guest moves and
-//! finishes its exact count on the destination; a wrong token and a
-//! receiver killed mid-copy leave the source running unharmed.
+//! finishes its exact count on the destination; a man in the middle that
+//! flips, replays or rewrites a frame, and a receiver killed mid-copy, leave
+//! the source running unharmed; peers with garbage, a wrong key or nothing
+//! to say do not keep the receiver from taking the real sender's VM.
 
 mod common;
+mod mitm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{freeze, guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
+use mitm::{Attack, Proxy};
 use nestvm_guests::{dirtier, ticker, Ending};
+use nestvm_vmm::migration::{channel, secret};
 
 const T: Duration = Duration::from_secs(90);
 const TICKS: usize = 400;
@@ -89,19 +94,29 @@ impl Hosts {
         self.spawn_migrate(extra).wait_with_output().unwrap()
     }
 
-    /// `vm migrate t` to the receiver, in the background, once it listens.
-    fn spawn_migrate(&self, extra: &[&str]) -> Child {
+    /// Waits until the receiver listens (the probe is one connection that
+    /// fails its handshake there).
+    fn wait_listening(&self) {
         let start = Instant::now();
-        // The receiver needs a moment to listen.
         while std::net::TcpStream::connect(&self.addr).is_err() {
             assert!(start.elapsed() < T, "the receiver never listened");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `vm migrate t` to the receiver, in the background, once it listens.
+    fn spawn_migrate(&self, extra: &[&str]) -> Child {
+        self.wait_listening();
+        self.spawn_migrate_to(&self.addr, &self.token, extra)
+    }
+
+    /// `vm migrate t --to TO --token-file TOKEN`, in the background.
+    fn spawn_migrate_to(&self, to: &str, token: &Path, extra: &[&str]) -> Child {
         nestvm()
             .arg("--state-dir")
             .arg(&self.src.dir)
-            .args(["vm", "migrate", "t", "--to", &self.addr, "--token-file"])
-            .arg(&self.token)
+            .args(["vm", "migrate", "t", "--to", to, "--token-file"])
+            .arg(token)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -144,14 +159,38 @@ fn text(o: &Output) -> String {
 }
 
 /// The source VM keeps running: it is Running and still ticking.
-fn source_runs_on(h: &Hosts) {
+fn source_still_runs(h: &Hosts) {
     assert_eq!(h.src.state("t"), "Running", "{}", console(&h.src.dir));
     let now = dots(&h.src.dir);
     wait_for(
         || dots(&h.src.dir) > now + 20,
         "the source VM stopped ticking",
     );
+}
+
+/// The source VM keeps running; then it is killed.
+fn source_runs_on(h: &Hosts) {
+    source_still_runs(h);
     h.src.ok(&["vm", "kill", "t"]);
+}
+
+/// A migration that failed: the CLI says the VM runs on here, and the
+/// receiver ended without the VM, saying `why`.
+fn failed_and_nothing_arrived(h: &Hosts, out: &Output, receiver: Child, why: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    assert!(text(out).contains("keeps running here"), "{}", text(out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_ne!(received.status.code(), Some(0), "{}", text(&received));
+    assert!(text(&received).contains(why), "{}", text(&received));
+    assert!(!h.dst.dir.join("vms/t").exists());
+}
+
+/// How many connections the receiver dropped for a failed handshake.
+fn dropped(h: &Hosts) -> usize {
+    std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log"))
+        .unwrap_or_default()
+        .matches("failed the handshake")
+        .count()
 }
 
 #[test]
@@ -194,29 +233,119 @@ fn a_running_vm_moves_and_finishes_on_the_destination() {
 }
 
 #[test]
-fn a_wrong_token_is_refused_and_the_source_runs_on() {
-    if !kvm_or_skip("a_wrong_token_is_refused_and_the_source_runs_on") {
+fn a_man_in_the_middle_cannot_rewrite_flip_or_replay_a_frame() {
+    if !kvm_or_skip("a_man_in_the_middle_cannot_rewrite_flip_or_replay_a_frame") {
         return;
     }
-    let h = Hosts::new("token");
+    let h = Hosts::new("mitm");
     h.start_ticker("32M", u32::MAX);
-    let other = h.dst.dir.with_extension("other-token");
-    std::fs::write(&other, "0123456789abcdef0123456789abcdef\n").unwrap();
-    std::fs::write(&h.token, "fedcba9876543210fedcba9876543210\n").unwrap();
-    let receiver = h.receive(&other);
-    let out = h.migrate();
+    // Frame 0 is the sender's confirmation, 1 the Hello (one chunk for a
+    // VM this small), 2 the first batch of pages: the receiver always reads
+    // on after it.
+    for attack in [Attack::RewriteHello, Attack::Flip(2), Attack::Replay(2)] {
+        let receiver = h.receive(&h.token);
+        h.wait_listening();
+        let proxy = Proxy::start(h.addr.clone(), attack);
+        let out = h
+            .spawn_migrate_to(&proxy.addr, &h.token, &[])
+            .wait_with_output()
+            .unwrap();
+        assert!(proxy.tampered(), "{attack:?}: the frame never came by");
+        failed_and_nothing_arrived(&h, &out, receiver, "a frame failed authentication");
+        source_still_runs(&h);
+    }
+    // The same proxy leaving every frame alone: the VM moves, so the
+    // failures above were the tampering's doing.
+    let receiver = h.receive(&h.token);
+    h.wait_listening();
+    let proxy = Proxy::start(h.addr.clone(), Attack::Nothing);
+    let out = h
+        .spawn_migrate_to(&proxy.addr, &h.token, &[])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!proxy.tampered());
+    assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
+#[test]
+fn hostile_peers_do_not_stop_the_receiver() {
+    if !kvm_or_skip("hostile_peers_do_not_stop_the_receiver") {
+        return;
+    }
+    let h = Hosts::new("hostile");
+    h.start_ticker("32M", u32::MAX);
+    let receiver = h.receive(&h.token);
+    h.wait_listening();
+    wait_for(|| dropped(&h) >= 1, "the probe was not dropped");
+    let connect = || std::net::TcpStream::connect(&h.addr).unwrap();
+    // Garbage, and a first frame far over the pre-authentication cap.
+    use std::io::Write;
+    connect().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    wait_for(|| dropped(&h) >= 2, "garbage was not dropped");
+    connect().write_all(&[1, 0xff, 0xff, 0, 0]).unwrap();
+    wait_for(|| dropped(&h) >= 3, "an oversized frame was not dropped");
+    // A peer with another key.
+    let wrong = secret::Psk::random().unwrap();
+    let e = channel::initiate(connect(), &wrong).unwrap_err();
+    assert!(matches!(e, channel::ChannelError::KeyRefused), "{e}");
+    wait_for(|| dropped(&h) >= 4, "a wrong key was not dropped");
+    // `vm migrate` with another secret file fails, and the VM runs on.
+    let other = h.src.dir.join("other-token");
+    secret::create(&other).unwrap();
+    let out = h
+        .spawn_migrate_to(&h.addr, &other, &[])
+        .wait_with_output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("keeps running here"), "{}", text(&out));
-    let received = receiver.wait_with_output().unwrap();
-    assert_eq!(received.status.code(), Some(1));
     assert!(
-        text(&received).contains("does not hold this token"),
+        text(&out).contains("refused this migration secret"),
         "{}",
-        text(&received)
+        text(&out)
     );
-    // Nothing of the VM is left on the destination.
-    assert!(!h.dst.dir.join("vms/t").exists());
-    source_runs_on(&h);
+    wait_for(|| dropped(&h) >= 5, "the wrong secret was not dropped");
+    source_still_runs(&h);
+    // Weak or exposed secret files are refused before anything starts.
+    let weak = h.src.dir.join("weak-token");
+    std::fs::write(&weak, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let out = h
+        .spawn_migrate_to(&h.addr, &weak, &[])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("chmod 600"), "{}", text(&out));
+    std::fs::set_permissions(&weak, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = h
+        .spawn_migrate_to(&h.addr, &weak, &[])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("not a strong migration secret"),
+        "{}",
+        text(&out)
+    );
+    // A peer that says nothing is dropped at its handshake's deadline...
+    let silent = connect();
+    wait_for(|| dropped(&h) >= 6, "a silent peer was never dropped");
+    drop(silent);
+    let log = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log")).unwrap();
+    assert!(log.contains("did not finish the handshake within"), "{log}");
+    // ...and, connected first, does not keep the real sender out: it only
+    // ever holds its own handshake.
+    let silent = connect();
+    let out = h
+        .spawn_migrate_to(&h.addr, &h.token, &[])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    drop(silent);
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    let log = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log")).unwrap();
+    assert!(log.contains("does not hold this migration secret"), "{log}");
+    h.dst.ok(&["vm", "kill", "t"]);
 }
 
 #[test]

@@ -26,8 +26,8 @@ mod server;
 
 pub use client::{call, CallError};
 pub use request::{
-    parse_query, route, Action, MigrateRequest, Refusal, Request, DEFAULT_MAX_DOWNTIME,
-    MIN_BANDWIDTH,
+    parse_query, percent_encode, route, Action, MigrateRequest, Refusal, Request,
+    DEFAULT_MAX_DOWNTIME, MIN_BANDWIDTH,
 };
 pub use server::{parse_head, ApiServer, HeadError, Pending, Queue, Responder, REQUEST_DEADLINE};
 

@@ -1,9 +1,14 @@
 //! Turning a request line into a typed [`Request`]: the method and path
 //! pick an [`Action`] (or a 404/405 [`Refusal`]), and the query string is
 //! parsed into the action's parameters (or a 400). Runs on the API thread,
-//! so the controller only ever sees well-formed requests.
+//! so the controller only ever sees well-formed requests. A migration's
+//! secret is read here from the file the query names: the secret itself
+//! never travels in a URL.
 
+use std::path::Path;
 use std::time::Duration;
+
+use crate::migration::secret::{self, Psk};
 
 /// The downtime budget of a migration when none is given (the issue's
 /// target; QEMU and Cloud Hypervisor default to 300 ms).
@@ -16,8 +21,8 @@ pub const MIN_BANDWIDTH: u64 = 64 << 10;
 pub struct MigrateRequest {
     /// `HOST:PORT` of the receiver.
     pub to: String,
-    /// The shared token.
-    pub token: Vec<u8>,
+    /// The migration secret, read from the file `token_file=` names.
+    pub key: Psk,
     /// The downtime budget.
     pub max_downtime: Duration,
     /// The most bytes per second the pre-copy rounds may send (`None`:
@@ -59,8 +64,8 @@ pub enum Action {
     /// PUT /v1/vm/checkpoint?name=C[&parent=P]: pause, write a checkpoint,
     /// carry on as before.
     Checkpoint,
-    /// PUT /v1/vm/migrate?to=HOST:PORT&token=HEX[&max_downtime_ms=N][&max_bandwidth=B]: start
-    /// a live migration.
+    /// PUT /v1/vm/migrate?to=HOST:PORT&token_file=PATH[&max_downtime_ms=N][&max_bandwidth=B]:
+    /// start a live migration.
     Migrate,
     /// GET /v1/vm/migration: the current or last migration's progress.
     Migration,
@@ -93,7 +98,7 @@ pub enum Request {
         /// The checkpoint it descends from, if any.
         parent: Option<String>,
     },
-    /// PUT /v1/vm/migrate?to=&token=[&max_downtime_ms=][&max_bandwidth=][&verify=1].
+    /// PUT /v1/vm/migrate?to=&token_file=[&max_downtime_ms=][&max_bandwidth=][&verify=1].
     Migrate(MigrateRequest),
     /// GET /v1/vm/migration.
     Migration,
@@ -131,65 +136,103 @@ impl Request {
                 ),
                 None => return Err(bad("no size given (size=BYTES or size=auto)".into())),
             }),
-            Action::Migrate => Self::Migrate(migrate(&get).map_err(bad)?),
+            Action::Migrate => Self::Migrate(migrate(&get)?),
         })
     }
 }
 
 /// The parameters of `PUT /v1/vm/migrate`.
-fn migrate<'a>(get: &dyn Fn(&str) -> Option<&'a str>) -> Result<MigrateRequest, String> {
-    let to = get("to").ok_or("no destination given (to=HOST:PORT)")?;
-    let token = get("token")
-        .and_then(hex_decode)
-        .filter(|t| !t.is_empty())
-        .ok_or("no migration token given (token=HEX)")?;
+fn migrate<'a>(get: &dyn Fn(&str) -> Option<&'a str>) -> Result<MigrateRequest, Refusal> {
+    let bad = |why: String| Refusal::new(400, why);
+    let to = get("to").ok_or_else(|| bad("no destination given (to=HOST:PORT)".into()))?;
+    if get("token").is_some() {
+        return Err(bad(
+            "token= is not taken: give token_file=PATH, the secret's file (a secret stays out of URLs)"
+                .into(),
+        ));
+    }
+    let file = get("token_file")
+        .map(Path::new)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| bad("no migration secret given (token_file=ABSOLUTE-PATH)".into()))?;
+    let key = secret::read(file).map_err(|e| bad(crate::persist::capture::chain_text(&e)))?;
     let max_downtime = match get("max_downtime_ms") {
         None => DEFAULT_MAX_DOWNTIME,
-        Some(v) => Duration::from_millis(
-            v.parse()
-                .map_err(|_| format!("max_downtime_ms={v} is not a number of milliseconds"))?,
-        ),
+        Some(v) => Duration::from_millis(v.parse().map_err(|_| {
+            bad(format!(
+                "max_downtime_ms={v} is not a number of milliseconds"
+            ))
+        })?),
     };
     let max_bandwidth = match get("max_bandwidth").map(str::parse::<u64>) {
         None | Some(Ok(0)) => None,
         Some(Ok(b)) if b >= MIN_BANDWIDTH => Some(b),
         Some(_) => {
-            return Err(format!(
+            return Err(bad(format!(
                 "max_bandwidth={} is not a rate: give bytes per second, at least {MIN_BANDWIDTH} (0 for no cap)",
                 get("max_bandwidth").unwrap_or_default()
-            ))
+            )))
         }
     };
     Ok(MigrateRequest {
         to: to.to_owned(),
-        token,
+        key,
         max_downtime,
         max_bandwidth,
         verify: get("verify") == Some("1"),
     })
 }
 
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// The `key=value` pairs after `?` in `path` (no percent-decoding: names
-/// nestvm passes are plain).
+/// The `key=value` pairs after `?` in `path`, each percent-decoded (a
+/// file's path may hold any character).
 pub fn parse_query(path: &str) -> Vec<(String, String)> {
     path.split_once('?')
         .map(|(_, q)| {
             q.split('&')
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// `s` with each `%XX` turned into its byte (a `%` not followed by two hex
+/// digits stays as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let byte = b
+            .get(i + 1..i + 3)
+            .filter(|h| b[i] == b'%' && h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match byte {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `s` percent-encoded for a query value: all but letters, digits and
+/// `-._~/` (what [`parse_query`] decodes).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Why the server itself refused a request, before the run loop saw it.
@@ -291,38 +334,74 @@ mod tests {
             parse(Action::Resize, "size=1048576"),
             Ok(Request::Resize(Some(1048576)))
         ));
+        let dir = std::env::temp_dir().join(format!("nestvm-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("odd name&=%.key");
+        let _ = std::fs::remove_file(&file);
+        let key = secret::create(&file).unwrap();
+        let file_q = percent_encode(file.to_str().unwrap());
         let Ok(Request::Migrate(m)) = parse(
             Action::Migrate,
-            "to=h:1&token=00ff&max_downtime_ms=9&max_bandwidth=0&verify=1",
+            &format!("to=h:1&token_file={file_q}&max_downtime_ms=9&max_bandwidth=0&verify=1"),
         ) else {
             panic!("a good migrate request refused")
         };
-        assert_eq!((m.to.as_str(), m.token.as_slice()), ("h:1", &[0, 0xff][..]));
+        assert_eq!((m.to.as_str(), &m.key), ("h:1", &key));
         assert_eq!(
             (m.max_downtime, m.max_bandwidth, m.verify),
             (Duration::from_millis(9), None, true)
         );
-        for (action, query, says) in [
+        let weak = dir.join("weak");
+        std::fs::write(&weak, "0123456789abcdef\n").unwrap();
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(&weak, private).unwrap();
+        let good = format!("to=h:1&token_file={file_q}");
+        let weak = format!("to=h:1&token_file={}", weak.display());
+        let cases = [
             (Action::Checkpoint, "parent=b", "no checkpoint name"),
             (Action::Resize, "", "no size"),
             (Action::Resize, "size=-1", "is not a number"),
-            (Action::Migrate, "token=00", "no destination"),
-            (Action::Migrate, "to=h:1&token=0g", "no migration token"),
-            (Action::Migrate, "to=h:1&token=", "no migration token"),
+            (Action::Migrate, "token_file=/x", "no destination"),
+            (Action::Migrate, "to=h:1&token=00ff", "token_file=PATH"),
             (
                 Action::Migrate,
-                "to=h:1&token=00&max_downtime_ms=x",
+                "to=h:1&token_file=rel",
+                "no migration secret",
+            ),
+            (Action::Migrate, "to=h:1", "no migration secret"),
+            (
+                Action::Migrate,
+                "to=h:1&token_file=/nonexistent",
+                "cannot read",
+            ),
+            (Action::Migrate, &weak, "migration secret"),
+            (
+                Action::Migrate,
+                &format!("{good}&max_downtime_ms=x"),
                 "milliseconds",
             ),
             (
                 Action::Migrate,
-                "to=h:1&token=00&max_bandwidth=5",
+                &format!("{good}&max_bandwidth=5"),
                 "at least",
             ),
-        ] {
+        ];
+        for (action, query, says) in cases {
             let r = parse(action, query).unwrap_err();
             assert_eq!(r.status, 400, "{query}");
             assert!(r.error.contains(says), "{query}: {}", r.error);
         }
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let q = parse_query("/x?a=%2Fb%20c%26&b=100%&c=%zz%+1");
+        assert_eq!(q[0], ("a".into(), "/b c&".into()));
+        assert_eq!(q[1], ("b".into(), "100%".into()));
+        assert_eq!(q[2], ("c".into(), "%zz%+1".into()));
+        let odd = "/tmp/a b&c=d%e?f#g/é";
+        let enc = percent_encode(odd);
+        assert!(!enc.contains(['&', '?', '#', ' ', '=']), "{enc}");
+        assert_eq!(parse_query(&format!("/x?p={enc}"))[0].1, odd);
     }
 }

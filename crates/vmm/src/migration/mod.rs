@@ -4,7 +4,10 @@
 //! The sender ([`send`]) runs in a thread of the source VMM beside its event
 //! loop; the receiver ([`receive`]) is a `vm serve` that waits for the VM
 //! instead of building one. In order:
-//! 1. both sides prove they hold the shared token ([`wire`]);
+//! 1. a Noise handshake keyed by the shared secret file ([`secret`])
+//!    authenticates both sides and opens an encrypted channel in which
+//!    every later message is sealed ([`channel`], framed as [`frame`]
+//!    says); a receiver drops a peer that fails it and waits on;
 //! 2. the sender describes the VM (definition, nesting, each vCPU's CPUID);
 //!    the receiver refuses a VM this host's KVM cannot run — before any
 //!    memory moves;
@@ -20,7 +23,10 @@
 //! 5. only then does the source VMM end. Any failure before that — refusal,
 //!    a cut connection, a killed receiver — resumes the source where it was.
 
+pub mod channel;
+pub mod frame;
 pub mod receive;
+pub mod secret;
 pub mod send;
 pub mod throttle;
 pub mod wire;
@@ -32,8 +38,9 @@ use serde::{Deserialize, Serialize};
 use crate::builder::BuildError;
 use crate::config::VmConfig;
 
-/// Version of the migration stream; both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the migration stream; both sides must speak the same
+/// (2: the Noise channel).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The downtime budget when none is given (the API's default).
 pub use crate::api::DEFAULT_MAX_DOWNTIME;
 /// Pre-copy rounds before the final copy is made whatever is left.
@@ -66,9 +73,9 @@ pub enum MigrationError {
     /// The peer sent something this side does not accept.
     #[error("the peer broke the migration protocol: {0}")]
     Protocol(String),
-    /// The handshake failed.
-    #[error("authentication failed: {0} (both sides need the same --token-file)")]
-    Auth(&'static str),
+    /// The secure channel failed: the handshake, or a sealed frame.
+    #[error("the migration channel failed")]
+    Channel(#[from] channel::ChannelError),
     /// The peer said no.
     #[error("the other side refused: {0}")]
     Refused(String),

@@ -2,9 +2,18 @@
 //! this host can run its VM, take its memory round after round, then build
 //! the VM from the final state — complete and paused, like any other — and
 //! hand it to the run loop, which confirms to the sender once it resumed.
+//!
+//! Until a peer is authenticated it is a stranger: it gets
+//! [`HANDSHAKE_TIMEOUT`] for the whole handshake and a few hundred bytes per
+//! frame ([`super::channel::respond`]), in a thread of its own so that a
+//! stalling peer does not hold up the others (at most [`MAX_HANDSHAKES`] at
+//! once); one that fails — a wrong key, garbage, an oversized frame,
+//! silence — is logged and dropped, and the receiver waits on for the real
+//! sender until its own deadline.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nestvm_arch::layout;
@@ -12,6 +21,8 @@ use nestvm_kvm::Hypervisor;
 use nestvm_snapshot::container;
 use nestvm_virtio::Memory;
 
+use super::channel::{self, Channel};
+use super::secret::Psk;
 use super::send::Final;
 use super::wire::{self, Kind};
 use super::{Hello, MigrationError, PROTOCOL_VERSION};
@@ -19,6 +30,10 @@ use crate::builder::BuiltVm;
 use crate::persist;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a peer has to prove it holds the key, from its connection on.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes under way at once at most; connections past that are closed.
+pub const MAX_HANDSHAKES: usize = 16;
 
 /// A VM that arrived, built and paused.
 pub struct Arrived {
@@ -33,7 +48,7 @@ pub struct Arrived {
 }
 
 /// The sender, waiting to hear that the VM runs here.
-pub struct Confirm(TcpStream);
+pub struct Confirm(Channel<TcpStream>);
 
 impl Confirm {
     /// Tells the sender the VM runs here: it ends its copy of the VM.
@@ -50,33 +65,6 @@ pub fn listen(addr: &str) -> Result<TcpListener, MigrationError> {
         addr: addr.to_owned(),
         source,
     })
-}
-
-fn accept(listener: &TcpListener, wait: Duration) -> Result<TcpStream, MigrationError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(MigrationError::Stream)?;
-    let start = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((s, peer)) => {
-                log::info!("migration: connection from {peer}");
-                s.set_nonblocking(false).map_err(MigrationError::Stream)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))
-                    .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
-                    .map_err(MigrationError::Stream)?;
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if start.elapsed() > wait {
-                    return Err(MigrationError::Timeout(wait));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(MigrationError::Stream(e)),
-        }
-    }
 }
 
 /// Why this host cannot take the VM `hello` describes, if it cannot.
@@ -105,53 +93,28 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
     None
 }
 
-/// Waits up to `wait` for a sender holding `token` on `listener`, receives
+/// Waits up to `wait` for a sender holding `key` on `listener`, receives
 /// its VM and builds it paused. The guest's console goes to `console`;
-/// `say` hears each step.
+/// `say` hears each step, and each peer that failed to authenticate.
 pub fn receive(
     listener: &TcpListener,
-    token: &[u8],
+    key: &Psk,
     wait: Duration,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
     say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
-    let deadline = Instant::now() + wait;
-    // A connection that goes away before proving anything (a port probe)
-    // is not the sender: wait on for the real one. A wrong token ends it.
-    let mut s = loop {
-        let mut s = accept(listener, deadline.saturating_duration_since(Instant::now()))?;
-        match wire::authenticate_sender(&mut s, token) {
-            Ok(()) => {
-                say(&format!(
-                    "sender {} authenticated",
-                    s.peer_addr().map_or("?".into(), |a| a.to_string())
-                ));
-                break s;
-            }
-            Err(MigrationError::Stream(e)) => log::info!("migration: a connection went away: {e}"),
-            Err(e) => return Err(e),
-        }
-    };
-    let hello: Hello = serde_json::from_slice(&wire::expect(&mut s, Kind::Hello)?)
-        .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
-    if let Some(why) = refusal(&hello, hv) {
-        let _ = wire::send(&mut s, Kind::Refuse, why.as_bytes());
-        return Err(MigrationError::Refused(format!("this host refused: {why}")));
-    }
-    let result = (|| {
-        let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
-            .map_err(|e| MigrationError::Memory(e.to_string()))?;
-        // The KVM side is made now, while memory arrives, not in the downtime.
-        let skeleton = persist::Skeleton::new(&hello.cpuid, mem, hv)
-            .map_err(|e| MigrationError::Build(Box::new(e)))?;
-        wire::send(&mut s, Kind::Accept, &[])?;
-        say("accepted the VM; receiving its memory");
-        take(&mut s, &hello, skeleton, hv, console)
-    })();
+    let mut s = authenticated(listener, key, wait, say)?;
+    let result = take_vm(&mut s, hv, console, say);
     // The sender hears why, unless the stream itself is gone.
     if let Err(e) = &result {
-        if !matches!(e, MigrationError::Stream(_) | MigrationError::Refused(_)) {
+        let gone = matches!(
+            e,
+            MigrationError::Stream(_)
+                | MigrationError::Refused(_)
+                | MigrationError::Channel(channel::ChannelError::Io(_))
+        );
+        if !gone {
             let _ = wire::send(
                 &mut s,
                 Kind::Refuse,
@@ -168,9 +131,108 @@ pub fn receive(
     })
 }
 
+/// Reads the sender's description, refuses a VM this host cannot run,
+/// then takes its memory and state.
+fn take_vm(
+    s: &mut Channel<TcpStream>,
+    hv: &Hypervisor,
+    console: Box<dyn Write + Send>,
+    say: &dyn Fn(&str),
+) -> Result<(BuiltVm, bool, u64), MigrationError> {
+    let hello: Hello = serde_json::from_slice(&wire::expect(s, Kind::Hello)?)
+        .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
+    if let Some(why) = refusal(&hello, hv) {
+        let _ = wire::send(s, Kind::Refuse, why.as_bytes());
+        return Err(MigrationError::Refused(format!("this host refused: {why}")));
+    }
+    let mem = Memory::from_ranges(&layout::ram_ranges(hello.config.memory))
+        .map_err(|e| MigrationError::Memory(e.to_string()))?;
+    // The KVM side is made now, while memory arrives, not in the downtime.
+    let skeleton = persist::Skeleton::new(&hello.cpuid, mem, hv)
+        .map_err(|e| MigrationError::Build(Box::new(e)))?;
+    wire::send(s, Kind::Accept, &[])?;
+    say("accepted the VM; receiving its memory");
+    take(s, &hello, skeleton, hv, console)
+}
+
+/// The outcome of one connection's handshake, from its thread.
+type Handshake = (String, Result<Channel<TcpStream>, channel::ChannelError>);
+
+/// Accepts connections until one authenticates, within `wait` in all;
+/// says why each other one was dropped. Each handshake runs in a thread of
+/// its own, at most [`MAX_HANDSHAKES`] at once, so peers that stall until
+/// their deadline do not hold up the real sender behind them.
+fn authenticated(
+    listener: &TcpListener,
+    key: &Psk,
+    wait: Duration,
+    say: &dyn Fn(&str),
+) -> Result<Channel<TcpStream>, MigrationError> {
+    let deadline = Instant::now() + wait;
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::Stream)?;
+    let (done, results) = mpsc::channel::<Handshake>();
+    let mut in_flight = 0usize;
+    loop {
+        while let Ok((peer, result)) = results.try_recv() {
+            in_flight -= 1;
+            match result {
+                Ok(ch) => {
+                    say(&format!("sender {peer} authenticated"));
+                    return Ok(ch);
+                }
+                Err(e) => say(&format!(
+                    "dropped a connection from {peer} that failed the handshake: {}; still waiting",
+                    crate::persist::capture::chain_text(&e)
+                )),
+            }
+        }
+        // Checked on every turn: a stream of connections does not extend it.
+        if Instant::now() > deadline {
+            return Err(MigrationError::Timeout(wait));
+        }
+        match listener.accept() {
+            Ok((s, peer)) if in_flight < MAX_HANDSHAKES => {
+                log::info!("migration: connection from {peer}");
+                in_flight += 1;
+                handshake(s, peer.to_string(), key.clone(), done.clone());
+            }
+            Ok((_, peer)) => say(&format!(
+                "dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes are under way"
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(MigrationError::Stream(e)),
+        }
+    }
+}
+
+/// Runs the receiver's half of the handshake with `s` in a thread, which
+/// reports to `done` (to nobody if a sender was chosen meanwhile).
+fn handshake(s: TcpStream, peer: String, key: Psk, done: mpsc::Sender<Handshake>) {
+    let (report, who) = (done.clone(), peer.clone());
+    let spawned = std::thread::Builder::new()
+        .name("migrate-handshake".into())
+        .spawn(move || {
+            let result = s
+                .set_nonblocking(false)
+                .map_err(channel::ChannelError::Io)
+                .and_then(|()| {
+                    let _ = s.set_nodelay(true);
+                    channel::respond(s, &key, HANDSHAKE_TIMEOUT, IO_TIMEOUT)
+                });
+            let _ = done.send((peer, result));
+        });
+    if let Err(e) = spawned {
+        let _ = report.send((who, Err(channel::ChannelError::Io(e))));
+    }
+}
+
 /// Takes memory until the final state, then builds the VM.
 fn take(
-    s: &mut TcpStream,
+    s: &mut Channel<TcpStream>,
     hello: &Hello,
     skeleton: persist::Skeleton,
     hv: &Hypervisor,

@@ -21,6 +21,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::channel::{self, Channel};
 use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
@@ -197,13 +198,13 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
 }
 
 fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
-    let mut s = connect(&job.req.to)?;
+    let s = connect(&job.req.to)?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|_| s.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(MigrationError::Stream)?;
     *lock(&job.stream) = Some(s.try_clone().map_err(MigrationError::Stream)?);
-    wire::authenticate_receiver(&mut s, &job.req.token)?;
+    let mut s = channel::initiate(s, &job.req.key)?;
     let hello =
         serde_json::to_vec(&job.hello).map_err(|e| MigrationError::protocol(e.to_string()))?;
     wire::send(&mut s, Kind::Hello, &hello)?;
@@ -311,7 +312,7 @@ fn set_phase(job: &Job, phase: Phase, start: Instant) {
 /// page data sent.
 fn send_pages(
     job: &Job,
-    s: &mut TcpStream,
+    s: &mut Channel<TcpStream>,
     pages: &[u64],
     skip_zero: bool,
     mut throttle: Option<&mut Throttle>,

@@ -1,172 +1,51 @@
-//! The migration stream: length-prefixed messages over one TCP connection,
-//! the mutual token handshake, and the page batches.
+//! The migration's messages over its channel ([`super::channel`]), and
+//! the page batches.
 //!
-//! A message is one kind byte, a little-endian `u32` length and the payload.
-//! The peer is not trusted: lengths are bounded before anything is
-//! allocated, and a page batch is checked against guest memory before a
-//! byte of it is written.
+//! A page batch is a `u32` LE count, that many `u64` LE entries (a page's
+//! guest address, its low bit set for an all-zero page that carries no
+//! data), then the 4 KiB of each other page in order. The peer is trusted
+//! only as far as the channel authenticated it: a batch is checked against
+//! guest memory before a byte of it is written.
 
-use std::io::{Read, Write};
-
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::channel::{Channel, Stream};
+pub use super::frame::{Kind, BATCH_PAGES, PAGE};
 use super::MigrationError;
 use nestvm_virtio::Memory;
 
-/// Guest page size.
-pub const PAGE: usize = 4096;
-/// Pages per batch at most.
-pub const BATCH_PAGES: usize = 256;
-/// The largest message either side accepts (the final state of a VM with
-/// many vCPUs is the biggest).
-const MAX_MESSAGE: usize = 64 << 20;
 /// Marks a batch entry whose page is all zeros (no data follows for it).
 const ZERO_PAGE: u64 = 1;
-const NONCE: usize = 32;
 
-/// What a message is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
-    /// Receiver → sender: a nonce to answer.
-    Challenge = 1,
-    /// Sender → receiver: proof of the token, and a nonce of its own.
-    Proof = 2,
-    /// Receiver → sender: proof of the token.
-    ProofBack = 3,
-    /// Sender → receiver: the VM's definition and CPU (JSON).
-    Hello = 4,
-    /// Receiver → sender: it can take this VM.
-    Accept = 5,
-    /// Either way: no (UTF-8 reason); the stream ends.
-    Refuse = 6,
-    /// Sender → receiver: a batch of pages.
-    Pages = 7,
-    /// Sender → receiver: the paused VM's state (a snapshot container).
-    State = 8,
-    /// Receiver → sender: the VM runs here now.
-    Resumed = 9,
+/// Sends one message.
+pub fn send(
+    ch: &mut Channel<impl Stream>,
+    kind: Kind,
+    payload: &[u8],
+) -> Result<(), MigrationError> {
+    Ok(ch.send(kind, payload)?)
 }
 
-impl Kind {
-    fn from_u8(b: u8) -> Option<Kind> {
-        use Kind::*;
-        [
-            Challenge, Proof, ProofBack, Hello, Accept, Refuse, Pages, State, Resumed,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == b)
-    }
-}
-
-/// Writes one message.
-pub fn send(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
-    let len =
-        u32::try_from(payload.len()).map_err(|_| MigrationError::protocol("message too long"))?;
-    let mut head = [0u8; 5];
-    head[0] = kind as u8;
-    head[1..].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&head).map_err(MigrationError::Stream)?;
-    w.write_all(payload).map_err(MigrationError::Stream)?;
-    Ok(())
-}
-
-/// Reads one message. A `Refuse` from the peer becomes
+/// Receives one message. A `Refuse` from the peer becomes
 /// [`MigrationError::Refused`].
-pub fn recv(r: &mut impl Read) -> Result<(Kind, Vec<u8>), MigrationError> {
-    let mut head = [0u8; 5];
-    r.read_exact(&mut head).map_err(MigrationError::Stream)?;
-    let kind = Kind::from_u8(head[0]).ok_or_else(|| MigrationError::protocol("unknown message"))?;
-    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_MESSAGE {
-        return Err(MigrationError::protocol("message too long"));
+pub fn recv(ch: &mut Channel<impl Stream>) -> Result<(Kind, Vec<u8>), MigrationError> {
+    match ch.recv()? {
+        (Kind::Refuse, why) => Err(MigrationError::Refused(
+            String::from_utf8_lossy(&why).into_owned(),
+        )),
+        message => Ok(message),
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(MigrationError::Stream)?;
-    if kind == Kind::Refuse {
-        return Err(MigrationError::Refused(
-            String::from_utf8_lossy(&payload).into_owned(),
-        ));
-    }
-    Ok((kind, payload))
 }
 
-/// Reads one message that must be of kind `want`.
-pub fn expect(r: &mut impl Read, want: Kind) -> Result<Vec<u8>, MigrationError> {
-    let (kind, payload) = recv(r)?;
+/// Receives one message that must be of kind `want`.
+pub fn expect(ch: &mut Channel<impl Stream>, want: Kind) -> Result<Vec<u8>, MigrationError> {
+    let (kind, payload) = recv(ch)?;
     if kind != want {
         return Err(MigrationError::protocol(format!(
             "expected {want:?}, got {kind:?}"
         )));
     }
     Ok(payload)
-}
-
-fn nonce() -> Result<[u8; NONCE], MigrationError> {
-    let mut n = [0u8; NONCE];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(MigrationError::Stream)?;
-    Ok(n)
-}
-
-fn proof(token: &[u8], role: &[u8], first: &[u8], second: &[u8]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(token).expect("HMAC takes keys of any length");
-    mac.update(role);
-    mac.update(first);
-    mac.update(second);
-    mac
-}
-
-/// The receiver's half of the handshake: both sides prove they hold the
-/// token without sending it (HMAC-SHA256 over fresh nonces).
-pub fn authenticate_sender(
-    s: &mut (impl Read + Write),
-    token: &[u8],
-) -> Result<(), MigrationError> {
-    let ours = nonce()?;
-    send(s, Kind::Challenge, &ours)?;
-    let p = expect(s, Kind::Proof)?;
-    if p.len() != 32 + NONCE {
-        return Err(MigrationError::protocol("bad proof"));
-    }
-    let (mac, theirs) = p.split_at(32);
-    if proof(token, b"nestvm sender", &ours, theirs)
-        .verify_slice(mac)
-        .is_err()
-    {
-        let _ = send(s, Kind::Refuse, b"wrong migration token");
-        return Err(MigrationError::Auth("the sender does not hold this token"));
-    }
-    let back = proof(token, b"nestvm receiver", theirs, &ours).finalize();
-    send(s, Kind::ProofBack, &back.into_bytes())
-}
-
-/// The sender's half of the handshake.
-pub fn authenticate_receiver(
-    s: &mut (impl Read + Write),
-    token: &[u8],
-) -> Result<(), MigrationError> {
-    let challenge = expect(s, Kind::Challenge)?;
-    if challenge.len() != NONCE {
-        return Err(MigrationError::protocol("bad challenge"));
-    }
-    let ours = nonce()?;
-    let mac = proof(token, b"nestvm sender", &challenge, &ours).finalize();
-    let mut p = mac.into_bytes().to_vec();
-    p.extend_from_slice(&ours);
-    send(s, Kind::Proof, &p)?;
-    let back = match expect(s, Kind::ProofBack) {
-        Err(MigrationError::Refused(_)) => {
-            return Err(MigrationError::Auth("the receiver refused our token"))
-        }
-        other => other?,
-    };
-    proof(token, b"nestvm receiver", &ours, &challenge)
-        .verify_slice(&back)
-        .map_err(|_| MigrationError::Auth("the receiver does not hold this token"))
 }
 
 /// Encodes a batch of pages read from `mem`: all-zero pages travel as a
@@ -265,7 +144,6 @@ pub fn memory_digest(mem: &Memory) -> Result<u64, MigrationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
 
     fn memory() -> Memory {
         Memory::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap()
@@ -318,45 +196,5 @@ mod tests {
             let e = apply_pages(&mem, &payload).unwrap_err().to_string();
             assert!(e.contains(why), "{why}: {e}");
         }
-    }
-
-    #[test]
-    fn messages_are_bounded_and_typed() {
-        let mut buf = Vec::new();
-        send(&mut buf, Kind::Hello, b"hi").unwrap();
-        assert_eq!(recv(&mut &buf[..]).unwrap(), (Kind::Hello, b"hi".to_vec()));
-        let huge = [Kind::State as u8, 0xff, 0xff, 0xff, 0xff];
-        assert!(recv(&mut &huge[..])
-            .unwrap_err()
-            .to_string()
-            .contains("too long"));
-        assert!(recv(&mut &[42u8, 0, 0, 0, 0][..]).is_err());
-        let mut refuse = Vec::new();
-        send(&mut refuse, Kind::Refuse, b"no room").unwrap();
-        assert!(
-            matches!(recv(&mut &refuse[..]), Err(MigrationError::Refused(r)) if r == "no room")
-        );
-    }
-
-    fn handshake(sender_token: &'static [u8], receiver_token: &'static [u8]) -> (String, String) {
-        let (mut a, mut b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || {
-            authenticate_sender(&mut b, receiver_token).map_err(|e| e.to_string())
-        });
-        let s = authenticate_receiver(&mut a, sender_token).map_err(|e| e.to_string());
-        drop(a);
-        let r = t.join().unwrap();
-        (format!("{s:?}"), format!("{r:?}"))
-    }
-
-    #[test]
-    fn the_token_is_proven_both_ways() {
-        assert_eq!(
-            handshake(b"secret", b"secret"),
-            ("Ok(())".into(), "Ok(())".into())
-        );
-        let (s, r) = handshake(b"secret", b"other");
-        assert!(s.contains("refused our token"), "{s}");
-        assert!(r.contains("does not hold"), "{r}");
     }
 }
