@@ -19,7 +19,8 @@
 //!   format, the memory file, CPU compatibility, capturing a paused VM,
 //!   building one back (validated like a new VM's definition), and
 //!   checkpoint layers — with one error type.
-//! - [`migration`]: live migration, the sending thread and the receiver.
+//! - [`migration`]: live migration, the sending thread and the receiver;
+//!   [`secret`]: its pre-shared key and the private file it lives in.
 //! - [`balloon`]: the control API's side of virtio-balloon (memory target,
 //!   the guest's statistics, the automatic policy).
 //! - [`terminal`]: raw mode for an interactive console, always restored.
@@ -40,6 +41,7 @@ pub mod logfile;
 pub mod migration;
 mod outcome;
 pub mod persist;
+pub mod secret;
 pub mod terminal;
 mod vcpu;
 mod vcpus;

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::migration::secret::{self, Psk};
+use crate::secret::{self, Psk};
 
 /// The downtime budget of a migration when none is given (the issue's
 /// target; QEMU and Cloud Hypervisor default to 300 ms).

@@ -26,7 +26,7 @@
 pub mod channel;
 pub mod frame;
 pub mod receive;
-pub mod secret;
+pub use crate::secret;
 pub mod send;
 pub mod throttle;
 pub mod wire;
