@@ -304,6 +304,11 @@ pub fn load_kernel<B: Bitmap>(
                 },
                 other => load_err(other),
             })?;
+            // A segment's memory size may reach past what its file size
+            // filled (its zeroed tail): all of it must fit guest memory.
+            if res.kernel_end > low_end {
+                return Err(too_small(res.kernel_end));
+            }
             // The entry point must lie in what was loaded: a corrupt (or
             // hostile) header would send the boot vCPU into nowhere.
             let entry = res.kernel_load.0;
