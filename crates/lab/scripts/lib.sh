@@ -53,6 +53,9 @@ load_kvm() {
     done
     if insmod "$mods/kvm-amd.ko" "nested=$1" 2>/tmp/kvm-amd.err; then
         say "kvm-amd loaded nested=$(cat /sys/module/kvm_amd/parameters/nested)"
+        # Where the modules' code is, for reading a lab watchdog's
+        # register dump (L1 boots without KASLR).
+        [ "$(arg level)" = 1 ] && say "kvm .text $(cat /sys/module/kvm/sections/.text) kvm_amd .text $(cat /sys/module/kvm_amd/sections/.text)"
     else
         say "kvm-amd refused to load: $(cat /tmp/kvm-amd.err)"
     fi

@@ -17,6 +17,7 @@ pub mod debian;
 pub mod host;
 pub mod image;
 pub mod scenario;
+pub mod watchdog;
 
 use std::path::PathBuf;
 

@@ -51,16 +51,11 @@ fn core_boots_debian_as_l2() {
 #[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
 fn nested_guests_three_levels_deep() {
     let img = l1_image();
-    let mut sc = scenario::Scenario::new(
+    let sc = scenario::Scenario::new(
         "nested",
         include_str!("../scenarios/nested.sh"),
         Duration::from_secs(1500),
     );
-    // Two L1 CPUs: with one, the shell that sends SIGUSR1 only runs when
-    // L2's vCPU thread yields, which can line every sample up outside
-    // guest mode (seen once: 0 of 6 in guest mode; with two CPUs every
-    // run had 6 of 6). The other scenarios keep one CPU (see Scenario::new).
-    sc.cpus = 2;
     let report = scenario::run(&img, &sc).expect("run the scenario");
     report.assert_passed(&[
         "l1-host-check-yes",
@@ -227,14 +222,11 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
 #[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
 fn save_and_resume_a_vm_that_runs_its_own_vm() {
     let img = l1_image();
-    let mut sc = scenario::Scenario::new(
+    let sc = scenario::Scenario::new(
         "snapshots",
         include_str!("../scenarios/snapshots.sh"),
         Duration::from_secs(1500),
     );
-    // Two L1 CPUs, as for the nested scenario: with one, the save's pause
-    // tends to reach L2's vCPU only when it is outside guest mode.
-    sc.cpus = 2;
     let report = scenario::run(&img, &sc).expect("run the scenario");
     let mut expected: Vec<String> = vec!["sr-l3-started".into()];
     for c in 1..=3 {
@@ -270,13 +262,11 @@ fn save_and_resume_a_vm_that_runs_its_own_vm() {
 #[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
 fn live_migrate_a_vm_that_runs_its_own_vm() {
     let img = l1_image();
-    let mut sc = scenario::Scenario::new(
+    let sc = scenario::Scenario::new(
         "migration",
         include_str!("../scenarios/migration.sh"),
         Duration::from_secs(1500),
     );
-    // Two L1 CPUs: the source and destination VMMs and L2 run side by side.
-    sc.cpus = 2;
     let report = scenario::run(&img, &sc).expect("run the scenario");
     report.assert_passed(&[
         "mg-l3-started",
@@ -309,12 +299,11 @@ fn live_migrate_a_vm_that_runs_its_own_vm() {
 #[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
 fn resize_the_memory_of_a_vm_that_runs_its_own_vm() {
     let img = l1_image();
-    let mut sc = scenario::Scenario::new(
+    let sc = scenario::Scenario::new(
         "memory",
         include_str!("../scenarios/memory.sh"),
         Duration::from_secs(1500),
     );
-    sc.cpus = 2;
     let report = scenario::run(&img, &sc).expect("run the scenario");
     report.assert_passed(&[
         "bl-l3-started",

@@ -1,0 +1,149 @@
+//! What L1's CPUs are doing when L1 falls silent: QEMU's human monitor on
+//! a private Unix socket, asked for every CPU's registers. A scenario that
+//! hangs (L1 printing nothing, not even its own lockup warnings) then
+//! leaves in its log where each CPU was, instead of only a timeout. L1
+//! boots with `nokaslr`, and its init prints where the KVM modules were
+//! loaded, so the instruction pointers read straight against the kernel
+//! package's System.map and the modules' symbols.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long L1 may print nothing before its CPUs are looked at.
+pub const SILENCE: Duration = Duration::from_secs(90);
+/// Looks per run at most (a run that stays silent is looked at this often,
+/// enough to tell a CPU stuck in one place from one going round a loop).
+pub const LOOKS: usize = 3;
+/// How long one answer of the monitor may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The prompt that ends each of the monitor's answers.
+const PROMPT: &str = "(qemu) ";
+
+/// QEMU's monitor socket for one run; the socket file goes with it.
+pub struct Monitor {
+    path: PathBuf,
+}
+
+impl Monitor {
+    /// A socket path of its own for the run of scenario `name`.
+    pub fn new(name: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("nestvm-lab-{}-{name}.monitor", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Self { path }
+    }
+
+    /// QEMU's `-monitor` argument for it.
+    pub fn qemu_arg(&self) -> String {
+        format!("unix:{},server=on,wait=off", self.path.display())
+    }
+
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every CPU's registers, and which CPU is where, as the monitor
+    /// prints them (terminal escapes removed).
+    pub fn cpus(&self) -> std::io::Result<String> {
+        let mut s = UnixStream::connect(&self.path)?;
+        s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        // The greeting ends in the first prompt.
+        let mut text = read_until_prompts(&mut s, 1)?;
+        s.write_all(b"info cpus\ninfo registers -a\n")?;
+        text.push_str(&read_until_prompts(&mut s, 2)?);
+        Ok(plain(&text))
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads until `n` more prompts came, the monitor closed, or it went
+/// quiet for [`ANSWER_TIMEOUT`].
+fn read_until_prompts(s: &mut UnixStream, n: usize) -> std::io::Result<String> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&out).matches(PROMPT).count() < n {
+        if start.elapsed() > ANSWER_TIMEOUT * 2 {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `text` without terminal escapes (`ESC [ ... letter`) and carriage
+/// returns, which the monitor's line editor sprinkles in.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                for e in chars.by_ref() {
+                    if e.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn escapes_and_carriage_returns_are_removed() {
+        assert_eq!(plain("a\x1b[K\x1b[Db\r\nc"), "ab\nc");
+    }
+
+    /// A stand-in monitor that greets, then answers the two commands with
+    /// a line and a prompt each, as QEMU's does.
+    #[test]
+    fn the_answer_is_read_up_to_the_last_prompt() {
+        let m = Monitor::new("watchdog-test");
+        let listener = UnixListener::bind(m.path()).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"QEMU monitor\r\n(qemu) ").unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.iter().filter(|&&b| b == b'\n').count() < 2 {
+                let n = s.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"* CPU #0: thread_id=1\r\n(qemu) RIP=ffffffff81000000\r\n(qemu) ")
+                .unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let text = m.cpus().unwrap();
+        assert_eq!(peer.join().unwrap(), "info cpus\ninfo registers -a\n");
+        assert!(text.contains("CPU #0") && text.contains("RIP=ffffffff81000000"));
+        assert!(!text.contains('\r'));
+    }
+}
