@@ -207,6 +207,15 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
         );
         if let Some(m) = &v.migration {
             println!("migration: {:?} to {}: {}", m.phase, m.to, progress_line(m));
+            if let Some(e) = &m.error {
+                println!("           {e}");
+            }
+            if m.phase == nestvm_vmm::migration::Phase::Unconfirmed {
+                println!(
+                    "           the VM may run at {}: if it does, 'nestvm vm kill {}' here; if not, 'nestvm vm resume {}' here",
+                    m.to, v.name, v.name
+                );
+            }
         }
         if !v.last_log.is_empty() {
             println!("last VMM log lines:");

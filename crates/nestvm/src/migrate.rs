@@ -209,7 +209,7 @@ fn follow(store: &Store, name: &VmName, p: &VmDir, json: bool) -> Result<Progres
             runtime(anyhow!("VM '{name}''s migration: {e}"))
         })?;
         let done = match &now {
-            Some(n) => matches!(n.phase, Phase::Completed | Phase::Failed),
+            Some(n) => n.phase.ended(),
             // The VMM is gone (it ends once the VM runs elsewhere): the
             // report it left says how it went.
             None => true,
@@ -280,11 +280,26 @@ pub fn migrate(
     control::done::<IgnoredAny>(&p.control, "PUT", &path, API_TIMEOUT, 202)
         .map_err(|e| runtime(anyhow!("VM '{name}' was not migrated: {e}")))?;
     let last = follow(store, name, &p, json)?;
-    if last.phase == Phase::Failed {
-        let error = last.error.clone().unwrap_or_default();
-        return Err(runtime(anyhow!(
-            "VM '{name}' was not migrated ({error}); it keeps running here"
-        )));
+    let error = last.error.clone().unwrap_or_default();
+    match last.phase {
+        Phase::Failed => {
+            // Paused if it was, or if a disk lock could not be taken back.
+            let here = match control::up(&p) {
+                Ok(Some(v)) if v.state == nestvm_vmm::api::RunState::Running => {
+                    "it keeps running here"
+                }
+                _ => "it stays paused here ('nestvm vm show' says why)",
+            };
+            return Err(runtime(anyhow!(
+                "VM '{name}' was not migrated ({error}); {here}"
+            )));
+        }
+        Phase::Unconfirmed => {
+            return Err(runtime(anyhow!(
+                "VM '{name}' was handed over to {to}, which did not confirm it runs it ({error}); it stays paused here. Check on the destination with 'nestvm vm show {name}': if it runs there, end this copy with 'nestvm vm kill {name}'; if not, resume it here with 'nestvm vm resume {name}'"
+            )));
+        }
+        _ => {}
     }
     // The source VMM ends once the VM runs there.
     let deadline = Instant::now() + Duration::from_secs(30);

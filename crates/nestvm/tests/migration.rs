@@ -50,6 +50,12 @@ impl Hosts {
 
     /// A VM `t` running `image` on the source.
     fn start(&self, memory: &str, image: Vec<u8>) {
+        self.start_with(memory, image, &[]);
+    }
+
+    /// A VM `t` running `image` on the source, with `extra` arguments to
+    /// `vm new`.
+    fn start_with(&self, memory: &str, image: Vec<u8>, extra: &[&str]) {
         let k = guest(
             &format!(
                 "mig-{}.elf",
@@ -67,7 +73,11 @@ impl Hosts {
             memory,
             "--nested",
             "off",
-        ]);
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>());
         self.src.ok(&["vm", "start", "t"]);
         wait_for(|| dots(&self.src.dir) >= 10, "the ticker never ticked");
     }
@@ -266,6 +276,119 @@ fn a_man_in_the_middle_cannot_rewrite_flip_or_replay_a_frame() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!proxy.tampered());
     assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
+/// A migration through `attack`'s proxy; the CLI's output and the
+/// receiver's.
+fn through(h: &Hosts, attack: Attack) -> (Output, Output) {
+    let receiver = h.receive(&h.token);
+    h.wait_listening();
+    let proxy = Proxy::start(h.addr.clone(), attack);
+    let out = h
+        .spawn_migrate_to(&proxy.addr, &h.token, &[])
+        .wait_with_output()
+        .unwrap();
+    assert!(proxy.tampered(), "{attack:?}: the frame never came by");
+    (out, receiver.wait_with_output().unwrap())
+}
+
+/// The source committed but heard nothing back: the CLI says so and how
+/// to settle it, and the VM is paused here.
+fn unconfirmed(h: &Hosts, out: &Output) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    let said = text(out);
+    assert!(
+        said.contains("did not confirm") && said.contains("nestvm vm kill t"),
+        "{said}"
+    );
+    assert_eq!(
+        h.src.state("t"),
+        "Paused",
+        "{}",
+        h.src.ok(&["vm", "show", "t"])
+    );
+    let show = h.src.ok(&["vm", "show", "t"]);
+    assert!(show.contains("Unconfirmed"), "{show}");
+}
+
+/// Cuts just before, at and just after the commit point (`Ready`, `Go`,
+/// `Resumed` dropped): the destination runs the VM only if the source
+/// gave it up; the source resumes on its own only if the destination
+/// provably did not start it; when neither knows, the source stays paused
+/// and `vm resume` there takes the disk back only if the destination does
+/// not hold it. Never do two copies run, nor hold the disk for writing.
+#[test]
+fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
+    if !kvm_or_skip("a_cut_at_the_commit_point_never_leaves_two_copies_running") {
+        return;
+    }
+    let h = Hosts::new("commit");
+    let disk = h.src.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    h.start_with(
+        "32M",
+        ticker(u32::MAX, 3000, "", Ending::PowerOff),
+        &["--disk", &disk_arg],
+    );
+
+    // No `Ready`: not committed; the source takes its disk back and runs.
+    let (out, received) = through(&h, Attack::DropReady);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("keeps running here"), "{}", text(&out));
+    assert_ne!(received.status.code(), Some(0), "{}", text(&received));
+    assert!(!h.dst.dir.join("vms/t").exists());
+    source_still_runs(&h);
+
+    // No `Go`: the source committed, the destination never ran the VM.
+    // Nobody runs it until the user resumes the source, which gets its
+    // disk back (nobody holds it).
+    let (out, received) = through(&h, Attack::DropGo);
+    unconfirmed(&h, &out);
+    assert_ne!(received.status.code(), Some(0), "{}", text(&received));
+    assert!(
+        text(&received).contains("did not commit"),
+        "{}",
+        text(&received)
+    );
+    assert!(!h.dst.dir.join("vms/t").exists());
+    let refused = h.src.run(&["vm", "save", "t"]);
+    assert_ne!(
+        refused.status.code(),
+        Some(0),
+        "a save while the outcome is unknown"
+    );
+    h.src.ok(&["vm", "resume", "t"]);
+    source_still_runs(&h);
+
+    // No `Resumed`: the VM runs at the destination, which holds the disk;
+    // the source stays paused and cannot be resumed while it does.
+    let (out, received) = through(&h, Attack::DropResumed);
+    unconfirmed(&h, &out);
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    assert_eq!(h.dst.state("t"), "Running");
+    let now = dots(&h.dst.dir);
+    wait_for(
+        || dots(&h.dst.dir) > now + 20,
+        "the destination's copy does not run",
+    );
+    let resume = h.src.run(&["vm", "resume", "t"]);
+    assert_ne!(resume.status.code(), Some(0), "{}", text(&resume));
+    assert!(
+        text(&resume).contains("cannot take back")
+            && text(&resume).contains("destination may be running"),
+        "{}",
+        text(&resume)
+    );
+    assert_eq!(h.src.state("t"), "Paused");
+    // Settled as the CLI said: this copy goes, the destination's runs on.
+    h.src.ok(&["vm", "kill", "t"]);
+    let now = dots(&h.dst.dir);
+    wait_for(
+        || dots(&h.dst.dir) > now + 20,
+        "the destination's copy stopped",
+    );
     h.dst.ok(&["vm", "kill", "t"]);
 }
 

@@ -28,6 +28,10 @@ use crate::outcome::{Outcome, VmOutcome};
 use crate::persist::capture::{chain_text, CaptureError, SaveParts};
 use crate::vcpus::{VcpuSet, VcpuSetError};
 
+/// How long a failed migration's source waits for the destination to let
+/// go of the disks it opened before giving up (and staying paused).
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Where a managed VM's files go; `None` where the VM has no such place.
 #[derive(Default)]
 pub(crate) struct Places {
@@ -58,6 +62,10 @@ pub(crate) struct Controller {
     vcpus: VcpuSet,
     state: RunState,
     outgoing: Option<Outgoing>,
+    /// Set while the VM is handed to a migration's thread, or left so by
+    /// one that committed without confirmation: its vCPUs paused, its disk
+    /// locks released. `true` if it was running before.
+    handed_over: Option<bool>,
     last_migration: Option<Progress>,
     places: Places,
     /// Written by the migration thread when it needs the event loop.
@@ -91,6 +99,7 @@ impl Controller {
             vcpus,
             state: RunState::Starting,
             outgoing: None,
+            handed_over: None,
             last_migration: None,
             places,
             wake,
@@ -171,13 +180,17 @@ impl Controller {
     /// `PUT /v1/vm/pause`.
     pub(crate) fn pause(&mut self) -> Result<VmInfo, Refusal> {
         if self.state != RunState::Paused {
+            if self.handed_over.is_some() {
+                return Err(refusal(409, "a migration of this VM is under way".into()));
+            }
             self.pause_vcpus()?;
             self.state = RunState::Paused;
         }
         Ok(self.info())
     }
 
-    /// `PUT /v1/vm/resume`.
+    /// `PUT /v1/vm/resume`. A VM a migration left unconfirmed takes its
+    /// disk locks back first, and stays paused if it cannot.
     pub(crate) fn resume(&mut self) -> Result<VmInfo, Refusal> {
         if self.state != RunState::Paused {
             return Err(refusal(
@@ -185,6 +198,7 @@ impl Controller {
                 format!("the VM is not paused ({:?})", self.state),
             ));
         }
+        self.take_back()?;
         self.resume_vcpus()?;
         self.state = RunState::Running;
         Ok(self.info())
@@ -193,6 +207,7 @@ impl Controller {
     /// `PUT /v1/vm/power-button`: a paused VM runs again to shut down.
     pub(crate) fn power_button(&mut self) -> Result<VmInfo, Refusal> {
         if self.state == RunState::Paused {
+            self.take_back()?;
             self.resume_vcpus()?;
         }
         self.parts
@@ -214,10 +229,37 @@ impl Controller {
     }
 
     fn no_migration(&self) -> Result<(), Refusal> {
-        match self.outgoing {
-            Some(_) => Err(refusal(409, "a migration of this VM is under way".into())),
-            None => Ok(()),
+        match (&self.outgoing, self.handed_over) {
+            (Some(_), _) => Err(refusal(409, "a migration of this VM is under way".into())),
+            (None, Some(_)) => Err(refusal(
+                409,
+                "a migration committed without the destination confirming: check whether the VM runs there; then kill this copy (nestvm vm kill) or resume it (nestvm vm resume)".into(),
+            )),
+            (None, None) => Ok(()),
         }
+    }
+
+    /// Takes back the disk locks a migration let go of (nothing to do if
+    /// none did); refused while a migration holds the VM, or while another
+    /// VM (the destination, on this host) holds a lock.
+    fn take_back(&mut self) -> Result<(), Refusal> {
+        if self.handed_over.is_none() {
+            return Ok(());
+        }
+        if self.outgoing.is_some() {
+            return Err(refusal(
+                409,
+                "the VM is being handed over to a migration's destination: wait for the migration to end".into(),
+            ));
+        }
+        crate::migration::send::reclaim_disks(&self.save_parts()).map_err(|e| {
+            refusal(
+                409,
+                format!("{e}: the destination may be running this VM; the VM stays paused here"),
+            )
+        })?;
+        self.handed_over = None;
+        Ok(())
     }
 
     /// `PUT /v1/vm/save`: the VM is saved and ends (or, on failure, goes
@@ -304,19 +346,57 @@ impl Controller {
     }
 
     /// What the migration thread needs from the loop: its stop request
-    /// served (the VM handed over or taken back) and, once it ended, its
-    /// report written.
+    /// served (the VM paused, captured and handed over, without waiting)
+    /// and, once it ended, its outcome carried out and its report written.
     pub(crate) fn poll_migration(&mut self) {
         let Some(o) = &self.outgoing else { return };
         if let Some(reply) = o.stop_request() {
             let running = self.state != RunState::Paused;
             if Outgoing::hand_over(reply, &self.vcpus, &self.save_parts(), running) {
-                self.outcome.settle(VmOutcome::Migrated);
+                self.handed_over = Some(running);
+                self.state = RunState::Paused;
             }
         }
         if self.outgoing.as_ref().is_some_and(Outgoing::finished) {
             let o = self.outgoing.take().expect("checked above");
-            self.last_migration = Some(self.end_migration(o, false));
+            let o = o.join();
+            let mut progress = o.progress();
+            self.settle_migration(&mut progress);
+            self.write_report(&progress);
+            self.last_migration = Some(progress);
+        }
+    }
+
+    /// Carries out an ended migration's outcome: the VM ends (it runs at
+    /// the destination), comes back (the destination never ran it), or
+    /// stays paused (nobody knows whether the destination runs it).
+    fn settle_migration(&mut self, progress: &mut Progress) {
+        use crate::migration::Phase;
+        match progress.phase {
+            Phase::Completed => self.outcome.settle(VmOutcome::Migrated),
+            Phase::Failed => {
+                let Some(running) = self.handed_over else {
+                    return;
+                };
+                // The destination never runs the VM, but may still hold a
+                // disk it opened until it notices the failure: wait for it.
+                let deadline = std::time::Instant::now() + RECLAIM_WAIT;
+                while let Err(r) = self.take_back() {
+                    if std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    }
+                    log::error!("migration failed, and {}", r.error);
+                    let e = progress.error.get_or_insert_with(String::new);
+                    e.push_str(&format!("; and {}", r.error));
+                    return;
+                }
+                if running && self.resume_vcpus().is_ok() {
+                    self.state = RunState::Running;
+                }
+            }
+            // Paused, locks released, until the user settles it.
+            _ => {}
         }
     }
 
@@ -325,13 +405,18 @@ impl Controller {
     fn end_migration(&self, o: Outgoing, cancel: bool) -> Progress {
         let o = if cancel { o.cancel() } else { o.join() };
         let progress = o.progress();
+        self.write_report(&progress);
+        progress
+    }
+
+    /// Writes a migration's final progress to the report file.
+    fn write_report(&self, progress: &Progress) {
         if let Some(path) = &self.places.migration_report {
-            let json = serde_json::to_vec(&progress).unwrap_or_default();
+            let json = serde_json::to_vec(progress).unwrap_or_default();
             if let Err(e) = nestvm_snapshot::atomic::write_file(path, &json, 0o600) {
                 log::warn!("cannot write the migration report: {e}");
             }
         }
-        progress
     }
 
     /// SIGUSR1: every vCPU's complete state read and written back, the VM

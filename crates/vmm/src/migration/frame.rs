@@ -91,21 +91,29 @@ pub enum Kind {
     State = 6,
     /// Receiver → sender: the VM runs here now.
     Resumed = 7,
+    /// Receiver → sender: the VM is built here, paused, its disks held;
+    /// it runs only on [`Kind::Go`].
+    Ready = 8,
+    /// Sender → receiver: the commit point. The sender has given the VM
+    /// up: it never resumes its copy on its own from here on.
+    Go = 9,
 }
 
 impl Kind {
     /// The kind numbered `b`, if any.
     pub fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
-        [Confirm, Hello, Accept, Refuse, Pages, State, Resumed]
-            .into_iter()
-            .find(|k| *k as u8 == b)
+        [
+            Confirm, Hello, Accept, Refuse, Pages, State, Resumed, Ready, Go,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == b)
     }
 
     /// The longest message of this kind either side accepts.
     pub fn cap(self) -> usize {
         match self {
-            Kind::Confirm | Kind::Accept | Kind::Resumed => 0,
+            Kind::Confirm | Kind::Accept | Kind::Resumed | Kind::Ready | Kind::Go => 0,
             Kind::Refuse => 4096,
             // Definition and CPUID tables: tens of KiB per vCPU at most.
             Kind::Hello => 16 << 20,

@@ -17,11 +17,26 @@
 //!    dirty bitmap, [`nestvm_virtio::Memory`]), no faster than
 //!    `--max-bandwidth` allows ([`throttle`]);
 //! 4. once what is left would go within the downtime budget at the measured
-//!    rate, the event loop pauses the vCPUs and captures the VM (as a save
-//!    does) and blocks: the last dirty pages and the state go over, the
-//!    receiver builds the VM, resumes it and says so;
-//! 5. only then does the source VMM end. Any failure before that — refusal,
-//!    a cut connection, a killed receiver — resumes the source where it was.
+//!    rate, the event loop pauses the vCPUs, captures the VM (as a save
+//!    does), lets go of its disk locks and goes back to its work; the
+//!    thread sends the last dirty pages and the state; the receiver builds
+//!    the VM — paused, its disks locked — and says `Ready`;
+//! 5. **the commit point**: the sender answers `Go`. Only on `Go` does the
+//!    receiver run the VM (then says `Resumed`), and from the moment it
+//!    writes `Go` the sender never resumes its copy on its own. So:
+//!    - any failure before `Go` — a refusal, a cut connection, a killed
+//!      receiver, no `Ready` — means the destination provably never ran
+//!      the VM: the source takes its disk locks back and resumes where it
+//!      was (if a lock cannot be taken back, it stays paused and says so);
+//!    - `Resumed` after `Go`: the source VMM ends ([`Phase::Completed`]);
+//!    - no `Resumed` after `Go` (cut, timeout): the destination may or may
+//!      not run the VM. The source stays paused with its locks released
+//!      ([`Phase::Unconfirmed`]) and the user settles it: `vm show` on the
+//!      destination, then `vm kill` here, or `vm resume` here (which takes
+//!      the disk locks back first, and is refused while another VM holds
+//!      them).
+//!
+//! A receiver that does not get `Go` drops the VM it built, unrun.
 
 pub mod channel;
 pub mod frame;
@@ -39,8 +54,8 @@ use crate::builder::BuildError;
 use crate::config::VmConfig;
 
 /// Version of the migration stream; both sides must speak the same
-/// (2: the Noise channel).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// (2: the Noise channel; 3: `Ready` and `Go`, the commit point).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The downtime budget when none is given (the API's default).
 pub use crate::api::DEFAULT_MAX_DOWNTIME;
 /// Pre-copy rounds before the final copy is made whatever is left.
@@ -105,6 +120,10 @@ pub enum MigrationError {
         /// The sender's.
         want: u64,
     },
+    /// The sender did not give the VM up (no `Go` after `Ready`): it was
+    /// not run here.
+    #[error("the source did not commit the migration; the VM was not started here")]
+    NotCommitted(#[source] Box<MigrationError>),
     /// Nobody connected in time.
     #[error("no migration arrived within {0:?}")]
     Timeout(Duration),
@@ -143,8 +162,22 @@ pub enum Phase {
     Stopping,
     /// The VM runs on the destination.
     Completed,
-    /// The migration failed; the VM runs here as before.
+    /// The migration failed before the commit point; the VM runs here as
+    /// before (or stays paused, if it was, or if a disk lock could not be
+    /// taken back).
     Failed,
+    /// The source committed (sent `Go`) but the destination did not
+    /// confirm it runs the VM: it may. The VM stays paused here, its disk
+    /// locks released, until the user checks the destination and kills or
+    /// resumes this copy.
+    Unconfirmed,
+}
+
+impl Phase {
+    /// Whether the migration is over (it no longer changes).
+    pub fn ended(&self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::Unconfirmed)
+    }
 }
 
 /// The downtime of a migration, part by part (ms).

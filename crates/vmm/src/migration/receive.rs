@@ -1,7 +1,10 @@
 //! The receiving side of a live migration: accept one sender, check that
 //! this host can run its VM, take its memory round after round, then build
-//! the VM from the final state — complete and paused, like any other — and
-//! hand it to the run loop, which confirms to the sender once it resumed.
+//! the VM from the final state — complete and paused, like any other, its
+//! disks locked — say `Ready`, and wait for the sender's `Go` (the commit
+//! point, see [`super`]). Only then is the VM handed to the run loop, which
+//! confirms to the sender once it resumed; without `Go` the VM is dropped
+//! unrun.
 //!
 //! Until a peer is authenticated it is a stranger: it gets
 //! [`HANDSHAKE_TIMEOUT`] for the whole handshake and a few hundred bytes per
@@ -123,12 +126,22 @@ pub fn receive(
         }
     }
     let (vm, running, bytes) = result?;
+    commit(&mut s)?;
     Ok(Arrived {
         vm,
         running,
         confirm: Confirm(s),
         bytes,
     })
+}
+
+/// Says the VM is ready here and waits for the sender to give it up. Any
+/// failure means this side must not run it: the sender may resume its own.
+fn commit(s: &mut Channel<TcpStream>) -> Result<(), MigrationError> {
+    wire::send(s, Kind::Ready, &[])
+        .and_then(|()| wire::expect(s, Kind::Go))
+        .map(|_| ())
+        .map_err(|e| MigrationError::NotCommitted(Box::new(e)))
 }
 
 /// Reads the sender's description, refuses a VM this host cannot run,

@@ -3,8 +3,10 @@
 //! the VM for the final copy (see the module above for the order).
 //!
 //! The loop's side is [`Outgoing`]: it starts the thread, answers its one
-//! request ([`Outgoing::serve_stop`]: pause, capture, hand over, wait for the
-//! verdict) and cancels it if the VM ends first.
+//! request ([`Outgoing::hand_over`]: pause, capture, let go of the disk
+//! locks, hand the state to the thread — without waiting for the outcome)
+//! and cancels it if the VM ends first. The thread's outcome is its last
+//! [`Phase`]: the controller reads it once the thread ends.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,8 +44,6 @@ pub(crate) struct Captured {
     pub snapshot: VmSnapshot,
     /// Whether it was running (the destination resumes it only then).
     pub running: bool,
-    /// `true` once the destination runs it; dropped unsent on failure.
-    pub verdict: Sender<bool>,
 }
 
 /// The thread's request: stop the VM and capture it.
@@ -115,7 +115,8 @@ impl Outgoing {
             .name("migrate".into())
             .spawn(move || {
                 let start = Instant::now();
-                let result = migrate(&job, start);
+                let mut committed = false;
+                let result = migrate(&job, start, &mut committed);
                 // Dirty logging costs the guest a fault per first write: off again.
                 if let Err(e) = job.vm.log_dirty_pages(false) {
                     log::warn!("migration: cannot turn dirty logging off: {e}");
@@ -126,8 +127,19 @@ impl Outgoing {
                     Ok(()) => p.phase = Phase::Completed,
                     Err(e) => {
                         let msg = crate::persist::capture::chain_text(&e);
-                        log::warn!("migration to {} failed: {msg}", job.req.to);
-                        p.phase = Phase::Failed;
+                        p.phase = match committed {
+                            true => {
+                                log::error!(
+                                    "migration to {}: committed, but the destination did not confirm it runs the VM ({msg}); the VM stays paused here",
+                                    job.req.to
+                                );
+                                Phase::Unconfirmed
+                            }
+                            false => {
+                                log::warn!("migration to {} failed: {msg}", job.req.to);
+                                Phase::Failed
+                            }
+                        };
                         p.error = Some(msg);
                     }
                 }
@@ -148,9 +160,9 @@ impl Outgoing {
         lock(&self.progress).clone()
     }
 
-    /// Whether it has ended (completed or failed).
+    /// Whether it has ended (completed, failed or unconfirmed).
     pub fn finished(&self) -> bool {
-        matches!(lock(&self.progress).phase, Phase::Completed | Phase::Failed)
+        lock(&self.progress).phase.ended()
     }
 
     /// The thread's pending stop request, if any.
@@ -197,7 +209,9 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
     Err(err(last))
 }
 
-fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
+/// The whole migration, in the thread. `committed` turns true as `Go` is
+/// about to be written: from then on a failure leaves the VM paused here.
+fn migrate(job: &Job, start: Instant, committed: &mut bool) -> Result<(), MigrationError> {
     let s = connect(&job.req.to)?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(IO_TIMEOUT))
@@ -285,11 +299,18 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     .map_err(|e| MigrationError::protocol(e.to_string()))?;
     wire::send(&mut s, Kind::State, &container::encode(&state))?;
     let sent_at = Instant::now();
+    // Until `Go` is written, the destination has not run the VM: any
+    // failure up to here resumes it on this side.
+    wire::expect(&mut s, Kind::Ready)?;
+    if job.cancel.load(Ordering::SeqCst) {
+        return Err(MigrationError::Cancelled);
+    }
+    // The commit point (see the module above): the VM is the destination's.
+    *committed = true;
+    wire::send(&mut s, Kind::Go, &[])?;
     wire::expect(&mut s, Kind::Resumed)?;
     let downtime = paused_at.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    // The commit point: the VM runs there; this side ends.
-    let _ = captured.verdict.send(true);
     let mut p = lock(&job.progress);
     p.downtime_ms = Some(downtime.as_millis() as u64);
     p.downtime_parts = Some(DowntimeParts {
@@ -377,10 +398,6 @@ pub(crate) fn hello(
     }
 }
 
-/// How long the loop waits for the verdict once it handed the VM over (the
-/// thread's own I/O timeouts end it sooner if the peer goes silent).
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(900);
-
 impl Outgoing {
     /// Starts the migration `req` of the VM `parts` describe.
     pub(crate) fn begin(
@@ -395,55 +412,71 @@ impl Outgoing {
 
     /// Serves the thread's stop request: pauses the vCPUs (if `running`),
     /// captures the VM, lets go of host resources the destination needs on
-    /// this same host (disk locks), hands the VM over and waits. Returns
-    /// `true` once the VM runs at the destination; otherwise everything is
-    /// taken back and the VM runs (or stays paused) here as before.
+    /// this same host (disk locks) and hands the state to the thread; it
+    /// does not wait for the outcome. Returns `true` once the thread has
+    /// the state (the VM stays paused, its locks released, until the
+    /// thread's last phase says what became of it); otherwise the VM runs
+    /// (or stays paused) here as before, and the thread hears why.
     pub(crate) fn hand_over(
         reply: Sender<Result<Captured, CaptureError>>,
         vcpus: &VcpuSet,
         parts: &SaveParts<'_>,
         running: bool,
     ) -> bool {
-        let (verdict, wait) = channel();
         let paused = match running {
             true => vcpus.pause().map_err(CaptureError::from),
             false => Ok(()),
         };
-        let captured = paused
-            .and_then(|()| crate::persist::capture::build_snapshot(vcpus, parts))
-            .map(|(snapshot, _)| {
-                for d in parts.virtio {
-                    if let Err(e) = lock(d).release() {
-                        log::warn!("migration: {}", crate::persist::capture::chain_text(&e));
+        let captured = paused.and_then(|()| crate::persist::capture::build_snapshot(vcpus, parts));
+        let handed = match captured {
+            Ok((snapshot, _)) => {
+                release_disks(parts);
+                let sent = reply.send(Ok(Captured { snapshot, running })).is_ok();
+                // A thread that is gone took nothing: the locks come back.
+                if !sent {
+                    if let Err(e) = reclaim_disks(parts) {
+                        log::error!("migration: {e}; the VM stays paused");
+                        return false;
                     }
                 }
-                Captured {
-                    snapshot,
-                    running,
-                    verdict,
-                }
-            });
-        let handed = captured.is_ok();
-        let migrated = reply.send(captured).is_ok()
-            && handed
-            && wait.recv_timeout(VERDICT_TIMEOUT) == Ok(true);
-        if !migrated {
-            if handed {
-                for d in parts.virtio {
-                    if let Err(e) = lock(d).reclaim() {
-                        log::warn!(
-                            "migration failed, and {}",
-                            crate::persist::capture::chain_text(&e)
-                        );
-                    }
-                }
+                sent
             }
-            if running {
-                if let Err(e) = vcpus.resume() {
-                    log::error!("migration failed, and the VM cannot resume: {e}");
-                }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                false
+            }
+        };
+        if !handed && running {
+            if let Err(e) = vcpus.resume() {
+                log::error!("migration failed, and the VM cannot resume: {e}");
             }
         }
-        migrated
+        handed
     }
+}
+
+/// Lets go of every device's host locks (disk images), for a destination
+/// on this same host.
+fn release_disks(parts: &SaveParts<'_>) {
+    for d in parts.virtio {
+        if let Err(e) = lock(d).release() {
+            log::warn!("migration: {}", crate::persist::capture::chain_text(&e));
+        }
+    }
+}
+
+/// Takes every device's host locks back, after a migration that did not
+/// happen; the first one that cannot be had, as a sentence.
+pub(crate) fn reclaim_disks(parts: &SaveParts<'_>) -> Result<(), String> {
+    for d in parts.virtio {
+        let mut dev = lock(d);
+        if let Err(e) = dev.reclaim() {
+            return Err(format!(
+                "cannot take back {}: {}",
+                dev.report().attached,
+                crate::persist::capture::chain_text(&e)
+            ));
+        }
+    }
+    Ok(())
 }
