@@ -6,12 +6,13 @@
 //! receive` writes it, and only its path ever goes into the API's URL or a
 //! process's arguments.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use indicatif::{ProgressBar, ProgressStyle};
 use nestvm_manager::{Store, VmName, VmState};
+use nestvm_vmm::migration::placement::Placement;
 use nestvm_vmm::migration::receive::{self, Arrived};
 use nestvm_vmm::migration::secret::{self, Psk};
 use nestvm_vmm::migration::{Phase, Progress};
@@ -66,14 +67,88 @@ fn read_secret(path: &Path) -> Result<Psk, Failure> {
     secret::read(path).map_err(|e| usage(anyhow::Error::new(e)))
 }
 
+/// Where an arriving VM's disks and TAPs are on this host (`vm receive`
+/// and `vm serve --incoming`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PlaceArgs {
+    /// The sender's disk image OLD is NEW here (repeat per disk; --disk OLD keeps the path).
+    #[arg(long = "disk", value_name = "OLD[=NEW]")]
+    disks: Vec<String>,
+    /// The sender's TAP OLD is NEW here (repeat per adapter; --tap OLD keeps the name).
+    #[arg(long = "tap", value_name = "OLD[=NEW]")]
+    taps: Vec<String>,
+    /// Take every disk and TAP not named under the sender's paths and names (each must exist here).
+    #[arg(long)]
+    same_paths: bool,
+}
+
+/// `OLD=NEW` (split at the first `=`), or `OLD` for `OLD=OLD`.
+fn mapping(flag: &str, s: &str) -> Result<(String, String), Failure> {
+    let (old, new) = s.split_once('=').unwrap_or((s, s));
+    if old.is_empty() || new.is_empty() {
+        return Err(usage(anyhow!(
+            "--{flag} '{s}' is not OLD=NEW or OLD: name the sender's {flag} and where it is here"
+        )));
+    }
+    Ok((old.to_owned(), new.to_owned()))
+}
+
+impl PlaceArgs {
+    /// What they say, each disk here as an absolute path.
+    pub fn placement(&self) -> Result<Placement, Failure> {
+        let mut disks = vec![];
+        for d in &self.disks {
+            let (old, new) = mapping("disk", d)?;
+            let here = std::path::absolute(&new).map_err(runtime)?;
+            disks.push((PathBuf::from(old), here));
+        }
+        let taps = self
+            .taps
+            .iter()
+            .map(|t| mapping("tap", t))
+            .collect::<Result<_, _>>()?;
+        Ok(Placement {
+            disks,
+            taps,
+            same_paths: self.same_paths,
+        })
+    }
+
+    /// Them again, as `vm serve`'s arguments (disks here absolute).
+    fn serve_args(&self) -> Result<Vec<String>, Failure> {
+        let p = self.placement()?;
+        let mut args = vec![];
+        for (old, here) in &p.disks {
+            args.push(format!("--disk={}={}", old.display(), here.display()));
+        }
+        for (old, here) in &p.taps {
+            args.push(format!("--tap={old}={here}"));
+        }
+        if p.same_paths {
+            args.push("--same-paths".into());
+        }
+        Ok(args)
+    }
+}
+
+/// What `vm receive` was told.
+pub struct Receiving<'a> {
+    /// `HOST:PORT`.
+    pub listen: &'a str,
+    /// The migration secret's file.
+    pub token_file: &'a Path,
+    /// How long to wait for the sender.
+    pub wait: Duration,
+    /// Where the VM's disks and TAPs are here.
+    pub place: &'a PlaceArgs,
+}
+
 /// `vm receive`: reserves NAME here and starts a VMM that waits on `listen`
 /// for it; returns once the VM runs here, or the receiving failed.
 pub fn receive(
     store: &Store,
     name: &VmName,
-    listen: &str,
-    token_file: &Path,
-    wait: Duration,
+    how: Receiving<'_>,
     json: bool,
 ) -> Result<u8, Failure> {
     if store.exists(name) {
@@ -84,7 +159,8 @@ pub fn receive(
     if store.state(name) == VmState::Live {
         return Err(usage(anyhow!("VM '{name}' is already being received here")));
     }
-    let token_file = std::path::absolute(token_file).map_err(runtime)?;
+    let place = how.place.serve_args()?;
+    let token_file = std::path::absolute(how.token_file).map_err(runtime)?;
     let (_, created) =
         secret::read_or_create(&token_file).map_err(|e| usage(anyhow::Error::new(e)))?;
     if created && !json {
@@ -95,31 +171,42 @@ pub fn receive(
     }
     let dir = store.reserve(name).map_err(store_err)?;
     let p = VmDir::of(store, name);
-    let mut child = spawn_serve(
-        store,
-        name,
-        &[
-            format!("--incoming={listen}"),
-            format!("--token-file={}", token_file.display()),
-            format!("--wait={}", wait.as_secs()),
-        ],
-    )?;
+    let mut args = vec![
+        format!("--incoming={}", how.listen),
+        format!("--token-file={}", token_file.display()),
+        format!("--wait={}", how.wait.as_secs()),
+    ];
+    args.extend(place);
+    let mut child = spawn_serve(store, name, &args)?;
     if !json {
-        eprintln!("nestvm: waiting for VM '{name}' on {listen}");
+        eprintln!("nestvm: waiting for VM '{name}' on {}", how.listen);
     }
+    wait_arrival(store, name, &p, &dir, &mut child, json)
+}
+
+/// Waits until the VM `vm serve --incoming` (`child`) receives runs here,
+/// or it ended without it (then nothing of the VM stays in `dir`).
+fn wait_arrival(
+    store: &Store,
+    name: &VmName,
+    p: &VmDir,
+    dir: &Path,
+    child: &mut std::process::Child,
+    json: bool,
+) -> Result<u8, Failure> {
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             let why = tail(&p.log, 1).join(" / ");
             // Nothing of the VM is kept: it never ran here.
             if !store.exists(name) {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(dir);
             }
             return Err(runtime(anyhow!(
                 "VM '{name}' was not received ({status}): {why}"
             )));
         }
         if store.exists(name) {
-            if let Some(v) = control::up(&p).map_err(runtime)? {
+            if let Some(v) = control::up(p).map_err(runtime)? {
                 report(
                     json,
                     &format!(
@@ -136,22 +223,37 @@ pub fn receive(
     }
 }
 
+/// What `vm serve --incoming` was told.
+pub struct Incoming<'a> {
+    /// `HOST:PORT`.
+    pub listen: &'a str,
+    /// The migration secret's file.
+    pub token_file: &'a Path,
+    /// How long to wait for the sender.
+    pub wait: Duration,
+    /// Where the VM's disks and TAPs are here.
+    pub placement: &'a Placement,
+}
+
 /// The receiving half inside `vm serve --incoming`: waits for the VM, and
 /// writes its definition here once it is built.
 pub fn incoming(
     store: &Store,
     name: &VmName,
-    listen: &str,
-    token_file: &Path,
-    wait: Duration,
+    how: &Incoming<'_>,
     hv: &nestvm_kvm::Hypervisor,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Arrived, Failure> {
-    let key = read_secret(token_file)?;
-    let listener = receive::listen(listen).map_err(|e| usage(anyhow::Error::new(e)))?;
-    eprintln!("nestvm: waiting for VM '{name}' on {listen}");
+    let key = read_secret(how.token_file)?;
+    let listener = receive::listen(how.listen).map_err(|e| usage(anyhow::Error::new(e)))?;
+    eprintln!("nestvm: waiting for VM '{name}' on {}", how.listen);
     let say = |s: &str| eprintln!("nestvm: {s}");
-    let arrived = receive::receive(&listener, &key, wait, hv, console, &say)
+    let terms = receive::Terms {
+        key: &key,
+        wait: how.wait,
+        placement: how.placement,
+    };
+    let arrived = receive::receive(&listener, &terms, hv, console, &say)
         .map_err(|e| runtime(anyhow::Error::new(e).context("the migration failed")))?;
     store.create(name, &arrived.vm.config).map_err(store_err)?;
     eprintln!(

@@ -35,6 +35,8 @@ pub enum From {
         token_file: PathBuf,
         /// How long to wait for the sender.
         wait: Duration,
+        /// Where its disks and TAPs are here.
+        placement: nestvm_vmm::migration::placement::Placement,
     },
 }
 
@@ -72,9 +74,15 @@ fn build_vm(
             listen,
             token_file,
             wait,
+            placement,
         } => {
-            let arrived =
-                crate::migrate::incoming(store, name, listen, token_file, *wait, hv, console())?;
+            let terms = crate::migrate::Incoming {
+                listen,
+                token_file,
+                wait: *wait,
+                placement,
+            };
+            let arrived = crate::migrate::incoming(store, name, &terms, hv, console())?;
             return Ok((arrived.vm, Some((arrived.running, arrived.confirm))));
         }
         From::Checkpoint(c) => {

@@ -105,6 +105,9 @@ pub enum VmCmd {
         /// Seconds to wait for the sender (with --incoming).
         #[arg(long, default_value_t = 600)]
         wait: u64,
+        /// Where the arriving VM's disks and TAPs are (with --incoming).
+        #[command(flatten)]
+        place: crate::migrate::PlaceArgs,
     },
     /// Move a running VM to a 'nestvm vm receive' on another host (live: it keeps running during the copy).
     Migrate {
@@ -154,6 +157,9 @@ pub enum VmCmd {
         /// Seconds to wait for the sender.
         #[arg(long, default_value_t = 600)]
         wait: u64,
+        /// Where the arriving VM's disks and TAPs are here.
+        #[command(flatten)]
+        place: crate::migrate::PlaceArgs,
     },
     /// Take a checkpoint of a running or paused VM ('vm checkpoint rm NAME C' removes one).
     Checkpoint {
@@ -231,8 +237,9 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             incoming,
             token_file,
             wait,
+            place,
         } => {
-            let from = serve_from(checkpoint, incoming, token_file, wait)?;
+            let from = serve_from(checkpoint, incoming, token_file, wait, &place)?;
             serve::serve(store, &vm_name(&name)?, from)
         }
         VmCmd::Migrate {
@@ -263,12 +270,16 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             listen,
             token_file,
             wait,
+            place,
         } => migrate::receive(
             store,
             &vm_name(&name)?,
-            &listen,
-            &token_file,
-            secs(wait),
+            migrate::Receiving {
+                listen: &listen,
+                token_file: &token_file,
+                wait: secs(wait),
+                place: &place,
+            },
             json,
         ),
         VmCmd::Checkpoint { args, checkpoint } => checkpoint_cmd(store, &args, checkpoint, json),
@@ -285,6 +296,7 @@ fn serve_from(
     incoming: Option<String>,
     token_file: Option<std::path::PathBuf>,
     wait: u64,
+    place: &crate::migrate::PlaceArgs,
 ) -> Result<serve::From, Failure> {
     match (checkpoint, incoming, token_file) {
         (Some(c), None, _) => Ok(serve::From::Checkpoint(c)),
@@ -292,6 +304,7 @@ fn serve_from(
             listen,
             token_file,
             wait: secs(wait),
+            placement: place.placement()?,
         }),
         (None, None, _) => Ok(serve::From::Definition),
         _ => Err(usage(anyhow!(

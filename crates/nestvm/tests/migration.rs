@@ -84,12 +84,18 @@ impl Hosts {
 
     /// `vm receive t` on the destination, in the background.
     fn receive(&self, token: &Path) -> Child {
+        self.receive_with(token, &[])
+    }
+
+    /// `vm receive t ... EXTRA` on the destination, in the background.
+    fn receive_with(&self, token: &Path, extra: &[String]) -> Child {
         nestvm()
             .arg("--state-dir")
             .arg(&self.dst.dir)
             .args(["vm", "receive", "t", "--listen", &self.addr, "--wait", "60"])
             .arg("--token-file")
             .arg(token)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -281,8 +287,8 @@ fn a_man_in_the_middle_cannot_rewrite_flip_or_replay_a_frame() {
 
 /// A migration through `attack`'s proxy; the CLI's output and the
 /// receiver's.
-fn through(h: &Hosts, attack: Attack) -> (Output, Output) {
-    let receiver = h.receive(&h.token);
+fn through(h: &Hosts, attack: Attack, extra: &[String]) -> (Output, Output) {
+    let receiver = h.receive_with(&h.token, extra);
     h.wait_listening();
     let proxy = Proxy::start(h.addr.clone(), attack);
     let out = h
@@ -332,9 +338,11 @@ fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
         ticker(u32::MAX, 3000, "", Ending::PowerOff),
         &["--disk", &disk_arg],
     );
+    // The same image, as shared storage would have it.
+    let place = ["--disk".to_owned(), disk.display().to_string()];
 
     // No `Ready`: not committed; the source takes its disk back and runs.
-    let (out, received) = through(&h, Attack::DropReady);
+    let (out, received) = through(&h, Attack::DropReady, &place);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("keeps running here"), "{}", text(&out));
     assert_ne!(received.status.code(), Some(0), "{}", text(&received));
@@ -344,7 +352,7 @@ fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
     // No `Go`: the source committed, the destination never ran the VM.
     // Nobody runs it until the user resumes the source, which gets its
     // disk back (nobody holds it).
-    let (out, received) = through(&h, Attack::DropGo);
+    let (out, received) = through(&h, Attack::DropGo, &place);
     unconfirmed(&h, &out);
     assert_ne!(received.status.code(), Some(0), "{}", text(&received));
     assert!(
@@ -364,7 +372,7 @@ fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
 
     // No `Resumed`: the VM runs at the destination, which holds the disk;
     // the source stays paused and cannot be resumed while it does.
-    let (out, received) = through(&h, Attack::DropResumed);
+    let (out, received) = through(&h, Attack::DropResumed, &place);
     unconfirmed(&h, &out);
     assert_eq!(received.status.code(), Some(0), "{}", text(&received));
     assert_eq!(h.dst.state("t"), "Running");
@@ -389,6 +397,80 @@ fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
         || dots(&h.dst.dir) > now + 20,
         "the destination's copy stopped",
     );
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
+/// The source's report on its last migration.
+fn report(h: &Hosts) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap()).unwrap()
+}
+
+/// The destination decides where the disks are: a VM whose disk the
+/// receiver did not place, placed on an image that is not there, with a
+/// mapping for a disk it does not have, or placed on an image another
+/// process holds is refused before any memory moves; placed on a copy of
+/// its image, it arrives and uses the copy.
+#[test]
+fn the_destination_places_the_disks_and_refuses_held_ones_before_memory_moves() {
+    if !kvm_or_skip("the_destination_places_the_disks_and_refuses_held_ones_before_memory_moves") {
+        return;
+    }
+    let h = Hosts::new("place");
+    let disk = h.src.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    h.start_with(
+        "32M",
+        ticker(u32::MAX, 3000, "", Ending::PowerOff),
+        &["--disk", &disk_arg],
+    );
+    std::fs::create_dir_all(&h.dst.dir).unwrap();
+    let copy = h.dst.dir.join("copy.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let map = |to: &Path| {
+        vec![
+            "--disk".to_owned(),
+            format!("{}={}", disk.display(), to.display()),
+        ]
+    };
+    let holder = std::fs::File::open(&copy).unwrap();
+    let cases: [(Vec<String>, &str, bool); 4] = [
+        (vec![], "say where it is here with --disk", false),
+        (
+            map(&h.dst.dir.join("none.img")),
+            "does not exist here",
+            false,
+        ),
+        (
+            vec!["--disk".into(), format!("/not/its.img={}", copy.display())],
+            "names no disk of the arriving VM",
+            false,
+        ),
+        (map(&copy), "is in use by another process here", true),
+    ];
+    for (args, why, hold) in cases {
+        if hold {
+            holder.try_lock().unwrap();
+        }
+        let receiver = h.receive_with(&h.token, &args);
+        let out = h.migrate();
+        failed_and_nothing_arrived(&h, &out, receiver, why);
+        assert_eq!(
+            report(&h)["sent_bytes"],
+            0,
+            "memory moved before the refusal"
+        );
+        source_still_runs(&h);
+        if hold {
+            holder.unlock().unwrap();
+        }
+    }
+    let receiver = h.receive_with(&h.token, &map(&copy));
+    let out = h.migrate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+    let v = h.dst.json(&["vm", "show", "t"]);
+    assert_eq!(v["disks"][0]["path"], copy.display().to_string(), "{v}");
     h.dst.ok(&["vm", "kill", "t"]);
 }
 

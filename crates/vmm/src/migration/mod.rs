@@ -9,8 +9,10 @@
 //!    every later message is sealed ([`channel`], framed as [`frame`]
 //!    says); a receiver drops a peer that fails it and waits on;
 //! 2. the sender describes the VM (definition, nesting, each vCPU's CPUID);
-//!    the receiver refuses a VM this host's KVM cannot run — before any
-//!    memory moves;
+//!    the receiver puts its disks and TAPs where its own user said
+//!    ([`placement`]: never where the sender alone says) and refuses a VM
+//!    this host's KVM cannot run, or whose disks are missing or held by
+//!    another process here — before any memory moves;
 //! 3. pre-copy: KVM's dirty-page log is turned on, all non-zero memory is
 //!    sent, then round after round the pages written since the last round:
 //!    those KVM logged for the vCPUs and those the devices wrote (vm-memory's
@@ -40,6 +42,7 @@
 
 pub mod channel;
 pub mod frame;
+pub mod placement;
 pub mod receive;
 pub use crate::secret;
 pub mod send;
@@ -147,6 +150,9 @@ pub struct Hello {
     pub nested: bool,
     /// Each vCPU's CPUID.
     pub cpuid: Vec<Vec<nestvm_kvm::kvm_bindings::kvm_cpuid_entry2>>,
+    /// The sending VMM (its own disk locks are not another VM's).
+    #[serde(default)]
+    pub source: placement::Source,
 }
 
 /// Where a migration is, for `GET /v1/vm/migration` and the progress bar.

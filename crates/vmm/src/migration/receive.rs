@@ -25,6 +25,7 @@ use nestvm_snapshot::container;
 use nestvm_virtio::Memory;
 
 use super::channel::{self, Channel};
+use super::placement::{self, Placement};
 use super::secret::Psk;
 use super::send::Final;
 use super::wire::{self, Kind};
@@ -87,28 +88,37 @@ fn refusal(hello: &Hello, hv: &Hypervisor) -> Option<String> {
     if let Err(e) = persist::check_cpu(&hello.cpuid, hello.nested, hv) {
         return Some(e.to_string());
     }
-    if let Some(d) = hello.config.disks.iter().find(|d| !d.path.exists()) {
-        return Some(format!(
-            "its disk image {} does not exist here (migration needs storage both hosts see)",
-            d.path.display()
-        ));
+    // Its disks and TAPs, where the receiver placed them, must be here.
+    if let Err(e) = placement::check_here(&hello.config, &hello.source) {
+        return Some(e.to_string());
     }
     None
 }
 
-/// Waits up to `wait` for a sender holding `key` on `listener`, receives
-/// its VM and builds it paused. The guest's console goes to `console`;
-/// `say` hears each step, and each peer that failed to authenticate.
+/// How a receiver takes a VM: its secret, how long it waits for the
+/// sender, and where the VM's disks and TAPs go here.
+pub struct Terms<'a> {
+    /// The migration secret.
+    pub key: &'a Psk,
+    /// How long to wait for the sender.
+    pub wait: Duration,
+    /// Where the VM's disks and TAPs are on this host.
+    pub placement: &'a Placement,
+}
+
+/// Waits up to `terms.wait` for a sender holding the key on `listener`,
+/// receives its VM, placed as `terms` say, and builds it paused. The
+/// guest's console goes to `console`; `say` hears each step, and each
+/// peer that failed to authenticate.
 pub fn receive(
     listener: &TcpListener,
-    key: &Psk,
-    wait: Duration,
+    terms: &Terms<'_>,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
     say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
-    let mut s = authenticated(listener, key, wait, say)?;
-    let result = take_vm(&mut s, hv, console, say);
+    let mut s = authenticated(listener, terms.key, terms.wait, say)?;
+    let result = take_vm(&mut s, terms.placement, hv, console, say);
     // The sender hears why, unless the stream itself is gone.
     if let Err(e) = &result {
         let gone = matches!(
@@ -148,13 +158,17 @@ fn commit(s: &mut Channel<TcpStream>) -> Result<(), MigrationError> {
 /// then takes its memory and state.
 fn take_vm(
     s: &mut Channel<TcpStream>,
+    placement: &Placement,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
     say: &dyn Fn(&str),
 ) -> Result<(BuiltVm, bool, u64), MigrationError> {
-    let hello: Hello = serde_json::from_slice(&wire::expect(s, Kind::Hello)?)
+    let mut hello: Hello = serde_json::from_slice(&wire::expect(s, Kind::Hello)?)
         .map_err(|e| MigrationError::protocol(format!("bad hello: {e}")))?;
-    if let Some(why) = refusal(&hello, hv) {
+    let placed = placement
+        .rewrite(&mut hello.config)
+        .map_err(|e| e.to_string());
+    if let Some(why) = placed.err().or_else(|| refusal(&hello, hv)) {
         let _ = wire::send(s, Kind::Refuse, why.as_bytes());
         return Err(MigrationError::Refused(format!("this host refused: {why}")));
     }
@@ -165,7 +179,7 @@ fn take_vm(
         .map_err(|e| MigrationError::Build(Box::new(e)))?;
     wire::send(s, Kind::Accept, &[])?;
     say("accepted the VM; receiving its memory");
-    take(s, &hello, skeleton, hv, console)
+    take(s, &hello, placement, skeleton, hv, console)
 }
 
 /// The outcome of one connection's handshake, from its thread.
@@ -247,6 +261,7 @@ fn handshake(s: TcpStream, peer: String, key: Psk, done: mpsc::Sender<Handshake>
 fn take(
     s: &mut Channel<TcpStream>,
     hello: &Hello,
+    placement: &Placement,
     skeleton: persist::Skeleton,
     hv: &Hypervisor,
     console: Box<dyn Write + Send>,
@@ -269,9 +284,13 @@ fn take(
     };
     let json = container::decode(std::path::Path::new("the migrated state"), &state)
         .map_err(|e| MigrationError::protocol(e.to_string()))?;
-    let fin: Final = serde_json::from_slice(json)
+    let mut fin: Final = serde_json::from_slice(json)
         .map_err(|e| MigrationError::protocol(format!("bad state: {e}")))?;
-    // The state must describe the VM that was accepted, not another one.
+    // The state must describe the VM that was accepted, not another one,
+    // and its disks and TAPs go where the first description's went.
+    placement
+        .rewrite(&mut fin.snapshot.config)
+        .map_err(|e| MigrationError::protocol(format!("the final state: {e}")))?;
     if fin.snapshot.config != hello.config
         || fin.snapshot.nested != hello.nested
         || fin.snapshot.cpuid != hello.cpuid

@@ -395,6 +395,7 @@ pub(crate) fn hello(
         config: config.clone(),
         nested,
         cpuid: cpuid.to_vec(),
+        source: super::placement::Source::this_process(),
     }
 }
 
