@@ -89,3 +89,8 @@ check mg-l3-continues-to-the-end wait_live $DST l2 "$DLOG" "long ticker done" 90
 check mg-l2-powered-off-there dst_off
 tail -n 5 "$DLOG"
 check mg-l3-all-ticks-in-one-run [ "$(sed -n 's/.*l3-ticks=\([0-9]*\).*/\1/p' "$DLOG" | tail -n 1)" = 600 ]
+# A migrated VM is the same VM: it keeps its VM generation ID.
+ID0=$(sed -n 's/.*LAB-L2: vmgenid bound: [0-9]* id \([0-9a-f]*\).*/\1/p' "$LOG" | head -n 1)
+ID1=$(sed -n 's/.*LAB-L2: vmgenid at the end: \([0-9a-f]*\).*/\1/p' "$DLOG" | tail -n 1)
+say "vmgenid at the source $ID0, at the end $ID1"
+check mg-vmgenid-kept sh -c "[ \${#1} = 32 ] && [ \"\$1\" = \"\$2\" ]" - "$ID0" "$ID1"

@@ -76,3 +76,10 @@ check sr-l2-powered-off wait_state l2 Off 300
 tail -n 5 "$LOG"
 check sr-l3-all-ticks-in-one-run [ "$(sed -n 's/.*l3-ticks=\([0-9]*\).*/\1/p' "$LOG" | tail -n 1)" = 600 ]
 check sr-l2-ended-cleanly sh -c "grep -q PowerOff /tmp/state/vms/l2/vmm.log"
+# The checkpoint's restore gave L2 a new VM generation ID (saves keep it),
+# through a device Linux's own vmgenid driver took.
+ID0=$(sed -n 's/.*LAB-L2: vmgenid bound: [0-9]* id \([0-9a-f]*\).*/\1/p' "$LOG" | head -n 1)
+ID1=$(sed -n 's/.*LAB-L2: vmgenid at the end: \([0-9a-f]*\).*/\1/p' "$LOG" | tail -n 1)
+say "vmgenid at boot $ID0, at the end $ID1"
+check ck-vmgenid-driver-bound grep -q "LAB-L2: vmgenid bound: 1 " "$LOG"
+check ck-vmgenid-changed sh -c "[ \${#1} = 32 ] && [ \${#2} = 32 ] && [ \"\$1\" != \"\$2\" ]" - "$ID0" "$ID1"

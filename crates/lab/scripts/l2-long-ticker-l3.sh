@@ -6,10 +6,16 @@ mods=/lib/modules/$(uname -r)
 for m in virtio_ring virtio virtio_mmio virtio_balloon; do
     insmod "$mods/$m.ko" 2>/dev/null
 done
+# The VM generation ID this guest sees (nestvm's ACPI VGEN device puts it
+# at 0xff000, in the first MiB that /dev/mem shows), and whether Linux's
+# vmgenid driver took the device; again at the end, after any restores.
+genid() { dd if=/dev/mem bs=16 count=1 skip=$((0xff000 / 16)) 2>/dev/null | od -An -tx1 | tr -d ' \n'; }
+say "vmgenid bound: $(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c :) id $(genid)"
 say "long ticker starting"
 # lab.l3=longer: four times as many ticks.
 L3=/guests/ticker-long.elf
 [ "$(arg l3)" = longer ] && L3=/guests/ticker-longer.elf
 vm l3long 1800 --kernel $L3 --memory 16M
 check l2-long-ticker-exit-0 rc_is l3long 0
+say "vmgenid at the end: $(genid)"
 say "l3-ticks=$(sed -n 's/^\(\.*\)LAB-TINY: long ticker done.*/\1/p' /tmp/l3long.log | tr -d '\n' | wc -c)"

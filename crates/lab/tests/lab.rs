@@ -251,6 +251,8 @@ fn save_and_resume_a_vm_that_runs_its_own_vm() {
         "sr-l2-powered-off",
         "sr-l3-all-ticks-in-one-run",
         "sr-l2-ended-cleanly",
+        "ck-vmgenid-driver-bound",
+        "ck-vmgenid-changed",
     ] {
         expected.push(name.into());
     }
@@ -292,6 +294,7 @@ fn live_migrate_a_vm_that_runs_its_own_vm() {
         "l2-long-ticker-exit-0",
         "mg-l2-powered-off-there",
         "mg-l3-all-ticks-in-one-run",
+        "mg-vmgenid-kept",
     ]);
 }
 
