@@ -14,6 +14,7 @@
 pub mod hypervisor;
 pub mod kick;
 pub mod memory;
+pub mod sigsys;
 pub mod state;
 pub mod tap;
 pub mod vcpu;

@@ -9,6 +9,20 @@ use std::path::Path;
 use nestvm_manager::{StoreError, VmName};
 use serde::Serialize;
 
+/// How this command's VMMs confine their threads: `--seccomp`, else
+/// `$NESTVM_SECCOMP`, else on. Set once by `main`.
+static SECCOMP: std::sync::OnceLock<nestvm_vmm::seccomp::Mode> = std::sync::OnceLock::new();
+
+/// Records the seccomp mode for this process's VMMs.
+pub fn set_seccomp(mode: nestvm_vmm::seccomp::Mode) {
+    let _ = SECCOMP.set(mode);
+}
+
+/// The seccomp mode for this process's VMMs (and the ones it starts).
+pub fn seccomp() -> nestvm_vmm::seccomp::Mode {
+    SECCOMP.get().copied().unwrap_or_default()
+}
+
 /// An error with the exit code it maps to.
 pub struct Failure {
     /// The exit code.

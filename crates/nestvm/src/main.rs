@@ -55,6 +55,9 @@ struct Cli {
     /// Print results as JSON (every command but run and vm console).
     #[arg(long, global = true)]
     json: bool,
+    /// The VMM's seccomp filters: on (a call outside them stops the VMM), log (the kernel logs it), off [default: on, or $NESTVM_SECCOMP].
+    #[arg(long, global = true, value_name = "on|log|off")]
+    seccomp: Option<nestvm_vmm::seccomp::Mode>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -115,6 +118,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let seccomp = match cli.seccomp.map(Ok).or_else(|| {
+        std::env::var("NESTVM_SECCOMP")
+            .ok()
+            .map(|v| v.parse::<nestvm_vmm::seccomp::Mode>())
+    }) {
+        None => nestvm_vmm::seccomp::Mode::On,
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            eprintln!("nestvm: error: NESTVM_SECCOMP: {e}; set it to on, log or off");
+            return ExitCode::from(2);
+        }
+    };
+    common::set_seccomp(seccomp);
     let result = match cli.command {
         Cmd::Run(args) => run::run_vm(args),
         Cmd::Host(HostCmd::Check) => host::check(cli.json),

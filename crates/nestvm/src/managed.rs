@@ -108,6 +108,7 @@ pub fn spawn_serve(
     let mut cmd = Command::new(exe);
     cmd.arg("--state-dir")
         .arg(store.root())
+        .arg(format!("--seccomp={}", crate::common::seccomp().as_str()))
         .args(["vm", "serve", name.as_str()])
         .args(extra)
         .stdin(Stdio::null())

@@ -127,6 +127,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
         },
         RunOptions {
             handle_signals: true,
+            seccomp: crate::common::seccomp(),
             ..Default::default()
         },
     )

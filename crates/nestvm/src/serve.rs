@@ -161,6 +161,7 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
             start_paused: arrival.as_ref().is_some_and(|(running, _)| !running),
             on_started: arrival
                 .map(|(_, confirm)| Box::new(move || confirm.resumed()) as Box<dyn FnOnce()>),
+            seccomp: crate::common::seccomp(),
         },
     )
     .map_err(runtime);

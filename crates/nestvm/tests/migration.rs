@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{freeze, guest, kvm_or_skip, nestvm, sigkill, vmm_pid, StateEnv};
+use common::{freeze, guest, kvm_or_skip, nestvm, sigkill, threads, vmm_pid, StateEnv};
 use mitm::{Attack, Proxy};
 use nestvm_guests::{dirtier, ticker, Ending};
 use nestvm_vmm::migration::{channel, secret};
@@ -602,7 +602,20 @@ fn a_bandwidth_cap_makes_the_copy_last_and_is_reported() {
     h.start("64M", dirtier(4));
     wait_for(|| dots(&h.src.dir) >= 1, "the guest never finished a pass");
     let receiver = h.receive(&h.token);
-    let out = h.migrate_with(&["--max-bandwidth", "1M", "--max-downtime", "10s"]);
+    let pid = vmm_pid(&h.src.dir, "t");
+    let migrating = h.spawn_migrate(&["--max-bandwidth", "1M", "--max-downtime", "10s"]);
+    // While the capped copy goes on, its thread is there, and every
+    // thread of the source VMM runs under its seccomp filter.
+    wait_for(
+        || threads(pid).iter().any(|(n, _)| n == "migrate"),
+        "the migration thread never showed",
+    );
+    let all = threads(pid);
+    for name in ["vcpu0", "api", "migrate"] {
+        assert!(all.iter().any(|(n, _)| n == name), "{all:?}");
+    }
+    assert!(all.iter().all(|(_, confined)| *confined), "{all:?}");
+    let out = migrating.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
     let v: serde_json::Value =

@@ -226,6 +226,8 @@ impl BuiltVm {
         let state_ctx = StateContext {
             msr_indices: Arc::new(hv.msr_index_list()?),
             nested_state: hv.nested_state_size() > 0,
+            // Confined only when run: `run` sets what its options say.
+            seccomp: crate::seccomp::Mode::Off,
         };
         Ok(Self {
             config,

@@ -41,6 +41,8 @@ pub(crate) struct Places {
     pub checkpoint_root: Option<PathBuf>,
     /// Where an outgoing migration's final progress is written (JSON).
     pub migration_report: Option<PathBuf>,
+    /// How the threads the controller starts (a migration's) are confined.
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// The parts of a built VM the controller owns.
@@ -323,10 +325,10 @@ impl Controller {
     /// `PUT /v1/vm/migrate`: starts the sending thread.
     pub(crate) fn migrate(&mut self, req: MigrateRequest) -> Result<Progress, Refusal> {
         self.no_migration()?;
-        let start = self
-            .wake
-            .try_clone()
-            .and_then(|wake| Outgoing::begin(req, &self.save_parts(), self.parts.vm.clone(), wake));
+        let start = self.wake.try_clone().and_then(|wake| {
+            let vm = self.parts.vm.clone();
+            Outgoing::begin(req, &self.save_parts(), vm, wake, self.places.seccomp)
+        });
         let o = start.map_err(|e| failed("cannot start the migration", &e))?;
         if let Some(path) = &self.places.migration_report {
             let _ = std::fs::remove_file(path);

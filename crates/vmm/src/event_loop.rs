@@ -46,6 +46,9 @@ pub enum RunError {
     /// The vCPU threads could not be started or resumed.
     #[error("cannot start the vCPUs")]
     Vcpus(#[source] VcpuSetError),
+    /// The event loop's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
@@ -81,6 +84,8 @@ pub struct RunOptions {
     /// Called once the VM runs (or is ready, if `start_paused`): a migration
     /// receiver confirms to its sender here.
     pub on_started: Option<Box<dyn FnOnce()>>,
+    /// The threads' seccomp filters (see [`crate::seccomp`]).
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// Watches reset/power-off eventfds, vCPU reports and signals.
@@ -322,8 +327,11 @@ fn take_charge(
     Ok((controller, control, feeder))
 }
 
-/// Resumes `vm` and runs it until it stops.
-pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome, RunError> {
+/// Resumes `vm` and runs it until it stops. Every thread is confined as
+/// `opts.seccomp` says before the vCPUs first run; the calling thread, the
+/// event loop's, stays confined after it returns.
+pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome, RunError> {
+    vm.state_ctx.seccomp = opts.seccomp;
     kick::install().map_err(setup("vCPU kick signal"))?;
     let signals = opts.handle_signals.then(block_signals).transpose()?;
     let mut em: Loop =
@@ -334,6 +342,7 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
         save_dir: opts.save_dir,
         checkpoint_root: opts.checkpoint_root,
         migration_report: opts.migration_report,
+        seccomp: opts.seccomp,
     };
     let (mut controller, mut control, feeder) = take_charge(vm, &mut em, &wake, places, &outcome)?;
     control.signals = signals;
@@ -357,9 +366,17 @@ pub fn run(vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome,
     }
     let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
     if let Some(listener) = opts.api {
-        let server =
-            ApiServer::start(listener, queue.clone()).map_err(setup("control API thread"))?;
+        let server = ApiServer::start(listener, queue.clone(), opts.seccomp)
+            .map_err(setup("control API thread"))?;
         subscribe(&mut em, server);
+    }
+    // Everything is built and every other thread started: from here on
+    // the loop serves guests and clients.
+    crate::seccomp::install(crate::seccomp::Role::EventLoop, opts.seccomp)?;
+    // For the tests of what a call outside the filter does: getppid is in
+    // no filter.
+    if std::env::var_os("NESTVM_SECCOMP_TRIP").is_some() {
+        let _ = nix::unistd::getppid();
     }
     controller
         .start(opts.start_paused)

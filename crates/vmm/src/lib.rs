@@ -41,6 +41,7 @@ pub mod logfile;
 pub mod migration;
 mod outcome;
 pub mod persist;
+pub mod seccomp;
 pub mod secret;
 pub mod terminal;
 mod vcpu;

@@ -85,6 +85,8 @@ pub struct StateContext {
     pub msr_indices: Arc<Vec<u32>>,
     /// Whether KVM has KVM_CAP_NESTED_STATE.
     pub nested_state: bool,
+    /// The vCPU thread's seccomp filter, installed before its first run.
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// The vCPU thread's state.
@@ -252,6 +254,8 @@ impl Machine {
     }
 
     fn run(mut self) {
+        // Before the first command, hence before any guest code runs.
+        crate::seccomp::confine(crate::seccomp::Role::Vcpu, self.state_ctx.seccomp);
         let reason = loop {
             if let Some(reason) = self.step() {
                 break reason;

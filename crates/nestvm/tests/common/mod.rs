@@ -137,6 +137,25 @@ pub fn vmm_pid(state_dir: &Path, name: &str) -> i32 {
         .unwrap()
 }
 
+/// Each thread of process `pid`: its name, and whether it runs under a
+/// seccomp filter (`Seccomp: 2` in its status).
+#[allow(dead_code)] // not every test binary looks at threads
+pub fn threads(pid: i32) -> Vec<(String, bool)> {
+    let mut out = vec![];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let confined = status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]));
+        out.push((comm.trim().to_owned(), confined));
+    }
+    out
+}
+
 /// Kills process `pid` with SIGKILL (a VMM dying behind nestvm's back).
 pub fn sigkill(pid: i32) {
     signal(pid, nix::sys::signal::Signal::SIGKILL);

@@ -160,15 +160,23 @@ pub struct ApiServer {
 const TOKEN_API: u32 = 30;
 
 impl ApiServer {
-    /// Serves `listener` on a thread of its own, feeding `queue`. The
-    /// thread ends at the first connection after this side is dropped.
-    pub fn start(listener: UnixListener, queue: Queue) -> std::io::Result<Self> {
+    /// Serves `listener` on a thread of its own (confined as `seccomp`
+    /// says before its first connection), feeding `queue`. The thread
+    /// ends at the first connection after this side is dropped.
+    pub fn start(
+        listener: UnixListener,
+        queue: Queue,
+        seccomp: crate::seccomp::Mode,
+    ) -> std::io::Result<Self> {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let (tx, inbox) = channel();
         let signal = wake.try_clone()?;
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&listener, &tx, &signal))?;
+            .spawn(move || {
+                crate::seccomp::confine(crate::seccomp::Role::Api, seccomp);
+                serve(&listener, &tx, &signal)
+            })?;
         Ok(Self { inbox, wake, queue })
     }
 }
@@ -246,7 +254,12 @@ fn test_server(
     let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
     let mut em = event_manager::EventManager::new().unwrap();
     let server: Rc<RefCell<dyn MutEventSubscriber>> = Rc::new(RefCell::new(
-        ApiServer::start(UnixListener::bind(&sock).unwrap(), queue.clone()).unwrap(),
+        ApiServer::start(
+            UnixListener::bind(&sock).unwrap(),
+            queue.clone(),
+            crate::seccomp::Mode::Off,
+        )
+        .unwrap(),
     ));
     em.add_subscriber(server);
     (sock, queue, em)

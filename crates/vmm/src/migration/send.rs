@@ -89,6 +89,7 @@ impl Outgoing {
         vm: Arc<Vm>,
         mem: Memory,
         wake: EventFd,
+        seccomp: crate::seccomp::Mode,
     ) -> std::io::Result<Outgoing> {
         let progress = Arc::new(Mutex::new(Progress {
             to: req.to.clone(),
@@ -114,6 +115,8 @@ impl Outgoing {
         let thread = std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
+                // Before it connects or reads a byte from the peer.
+                crate::seccomp::confine(crate::seccomp::Role::Migration, seccomp);
                 let start = Instant::now();
                 let mut committed = false;
                 let result = migrate(&job, start, &mut committed);
@@ -406,9 +409,10 @@ impl Outgoing {
         parts: &SaveParts<'_>,
         vm: Arc<Vm>,
         wake: EventFd,
+        seccomp: crate::seccomp::Mode,
     ) -> std::io::Result<Outgoing> {
         let hello = hello(parts.config, parts.nested, parts.cpuid);
-        Outgoing::start(req, hello, vm, parts.memory.clone(), wake)
+        Outgoing::start(req, hello, vm, parts.memory.clone(), wake, seccomp)
     }
 
     /// Serves the thread's stop request: pauses the vCPUs (if `running`),
