@@ -82,6 +82,17 @@ impl Hosts {
         wait_for(|| dots(&self.src.dir) >= 10, "the ticker never ticked");
     }
 
+    /// A ticking VM `t` on the source with a 1 MiB disk image (which the
+    /// guest never touches: the VMMs lock it); the image's path.
+    fn start_ticker_with_disk(&self) -> PathBuf {
+        let disk = self.src.dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let arg = format!("path={}", disk.display());
+        let ticker = ticker(u32::MAX, 3000, "", Ending::PowerOff);
+        self.start_with("32M", ticker, &["--disk", &arg]);
+        disk
+    }
+
     /// `vm receive t` on the destination, in the background.
     fn receive(&self, token: &Path) -> Child {
         self.receive_with(token, &[])
@@ -158,12 +169,8 @@ fn dots(dir: &Path) -> usize {
     console(dir).matches('.').count()
 }
 
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < T, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(cond: impl FnMut() -> bool, what: &str) {
+    common::wait_until(cond, T, what);
 }
 
 fn text(o: &Output) -> String {
@@ -330,14 +337,7 @@ fn a_cut_at_the_commit_point_never_leaves_two_copies_running() {
         return;
     }
     let h = Hosts::new("commit");
-    let disk = h.src.dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let disk_arg = format!("path={}", disk.display());
-    h.start_with(
-        "32M",
-        ticker(u32::MAX, 3000, "", Ending::PowerOff),
-        &["--disk", &disk_arg],
-    );
+    let disk = h.start_ticker_with_disk();
     // The same image, as shared storage would have it.
     let place = ["--disk".to_owned(), disk.display().to_string()];
 
@@ -416,14 +416,7 @@ fn the_destination_places_the_disks_and_refuses_held_ones_before_memory_moves() 
         return;
     }
     let h = Hosts::new("place");
-    let disk = h.src.dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let disk_arg = format!("path={}", disk.display());
-    h.start_with(
-        "32M",
-        ticker(u32::MAX, 3000, "", Ending::PowerOff),
-        &["--disk", &disk_arg],
-    );
+    let disk = h.start_ticker_with_disk();
     std::fs::create_dir_all(&h.dst.dir).unwrap();
     let copy = h.dst.dir.join("copy.img");
     std::fs::copy(&disk, &copy).unwrap();

@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{guest, kvm_or_skip, nestvm, run_with_timeout, threads, vmm_pid, StateEnv};
 use nestvm_guests::{ticker, Ending};
@@ -18,12 +18,8 @@ const T: Duration = Duration::from_secs(60);
 /// getppid(2) on x86-64.
 const GETPPID: &str = "system call 110,";
 
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < T, "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(cond: impl FnMut() -> bool, what: &str) {
+    common::wait_until(cond, T, what);
 }
 
 fn console(dir: &Path) -> String {

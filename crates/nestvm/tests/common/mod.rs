@@ -137,6 +137,17 @@ pub fn vmm_pid(state_dir: &Path, name: &str) -> i32 {
         .unwrap()
 }
 
+/// Polls `cond` every 20 ms until it holds; fails the test saying `what`
+/// once `limit` has passed.
+#[allow(dead_code)] // not every test binary waits
+pub fn wait_until(mut cond: impl FnMut() -> bool, limit: Duration, what: &str) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Each thread of process `pid`: its name, and whether it runs under a
 /// seccomp filter (`Seccomp: 2` in its status).
 #[allow(dead_code)] // not every test binary looks at threads
