@@ -224,7 +224,14 @@ fn a_running_vm_moves_and_finishes_on_the_destination() {
     let h = Hosts::new("move");
     h.start_ticker("64M", TICKS as u32);
     let receiver = h.receive(&h.token);
-    let out = h.migrate();
+    // By name: resolving it is part of what the migration thread's filter
+    // must allow (glibc reads /etc/hosts and may ask netlink).
+    h.wait_listening();
+    let by_name = h.addr.replace("127.0.0.1", "localhost");
+    let out = h
+        .spawn_migrate_to(&by_name, &h.token, &[])
+        .wait_with_output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let said = text(&out);
     assert!(said.contains("now runs at"), "{said}");

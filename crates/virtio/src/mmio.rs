@@ -219,6 +219,14 @@ pub struct MmioDevice<B> {
     queue_sel: u32,
     config_generation: u32,
     active: bool,
+    /// Set while a migration holds the VM: no queue is served and the
+    /// backend's descriptor is not read, so nothing changes guest memory
+    /// or the host's files behind the captured state.
+    frozen: bool,
+    /// Queues notified while frozen (bit per queue), and whether the
+    /// backend's descriptor became ready: served when thawed.
+    missed: u64,
+    missed_event: bool,
 }
 
 impl<B: Backend> MmioDevice<B> {
@@ -244,6 +252,9 @@ impl<B: Backend> MmioDevice<B> {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            frozen: false,
+            missed: 0,
+            missed_event: false,
         })
     }
 
@@ -320,6 +331,9 @@ impl<B: Backend> MmioDevice<B> {
             queue_sel: snap.queue_sel,
             config_generation: snap.config_generation,
             active: false,
+            frozen: false,
+            missed: 0,
+            missed_event: false,
         };
         let backend_failed = |source| MmioError::Backend { kind, source };
         dev.backend
@@ -375,6 +389,10 @@ impl<B: Backend> MmioDevice<B> {
         if !self.active || index >= self.queues.len() {
             return;
         }
+        if self.frozen {
+            self.missed |= 1u64.checked_shl(index as u32).unwrap_or(0);
+            return;
+        }
         let served = self
             .backend
             .process_queue(index, &mut self.queues, &self.mem);
@@ -403,6 +421,10 @@ impl<B: Backend> MmioDevice<B> {
     /// The backend's own descriptor is ready (called from the event loop).
     pub fn backend_event(&mut self) {
         if !self.active {
+            return;
+        }
+        if self.frozen {
+            self.missed_event = true;
             return;
         }
         let served = self.backend.process_event(&mut self.queues, &self.mem);
@@ -478,9 +500,34 @@ impl<B: Backend> MmioDevice<B> {
         }
         self.active = true;
         // Buffers the driver queued before DRIVER_OK (network receive
-        // buffers) are picked up now.
+        // buffers) are picked up on the event loop's next turn: this runs
+        // on a vCPU thread, which does no device I/O.
         for i in 0..self.queues.len() {
-            self.queue_notified(i);
+            self.kick(i);
+        }
+    }
+
+    /// Stops serving queues and the backend's descriptor until
+    /// [`MmioDevice::thaw`]; what comes meanwhile is remembered.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Serves again, starting with what came while frozen.
+    pub fn thaw(&mut self) {
+        if !std::mem::replace(&mut self.frozen, false) {
+            return;
+        }
+        let missed = std::mem::take(&mut self.missed);
+        for i in 0..self.queues.len() {
+            if missed & 1u64.checked_shl(i as u32).unwrap_or(0) != 0 {
+                self.kick(i);
+            }
+        }
+        if std::mem::take(&mut self.missed_event) {
+            if let Some(q) = self.backend.event_queue() {
+                self.kick(q);
+            }
         }
     }
 
@@ -683,6 +730,10 @@ pub trait Inspect: Send {
     fn release(&mut self) -> Result<(), BackendError>;
     /// See [`Backend::reclaim`].
     fn reclaim(&mut self) -> Result<(), BackendError>;
+    /// See [`MmioDevice::freeze`].
+    fn freeze(&mut self);
+    /// See [`MmioDevice::thaw`].
+    fn thaw(&mut self);
 }
 
 impl<B: Backend> Inspect for MmioDevice<B> {
@@ -694,6 +745,12 @@ impl<B: Backend> Inspect for MmioDevice<B> {
     }
     fn reclaim(&mut self) -> Result<(), BackendError> {
         self.backend.reclaim()
+    }
+    fn freeze(&mut self) {
+        MmioDevice::freeze(self)
+    }
+    fn thaw(&mut self) {
+        MmioDevice::thaw(self)
     }
     fn report(&self) -> DeviceReport {
         DeviceReport {

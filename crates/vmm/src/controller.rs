@@ -22,7 +22,7 @@ use crate::api::CheckpointReply;
 use crate::api::MigrateRequest;
 use crate::api::{ApiError, DeviceInfo, Pending, Refusal, Request, RunState, SaveReply, VmInfo};
 use crate::config::VmConfig;
-use crate::migration::send::Outgoing;
+use crate::migration::send::{HandOver, Outgoing};
 use crate::migration::Progress;
 use crate::outcome::{Outcome, VmOutcome};
 use crate::persist::capture::{chain_text, CaptureError, SaveParts};
@@ -208,8 +208,15 @@ impl Controller {
 
     /// `PUT /v1/vm/power-button`: a paused VM runs again to shut down.
     pub(crate) fn power_button(&mut self) -> Result<VmInfo, Refusal> {
+        // The guest would have to run to shut down, and the destination may
+        // be running it: only an explicit resume (or a kill) settles that.
+        if self.handed_over.is_some() {
+            return Err(refusal(
+                409,
+                "the VM was handed to a migration's destination, which may be running it: end this copy with kill, or resume it if it does not run there".into(),
+            ));
+        }
         if self.state == RunState::Paused {
-            self.take_back()?;
             self.resume_vcpus()?;
         }
         self.parts
@@ -260,6 +267,7 @@ impl Controller {
                 format!("{e}: the destination may be running this VM; the VM stays paused here"),
             )
         })?;
+        crate::migration::send::thaw_devices(&self.save_parts());
         self.handed_over = None;
         Ok(())
     }
@@ -354,9 +362,12 @@ impl Controller {
         let Some(o) = &self.outgoing else { return };
         if let Some(reply) = o.stop_request() {
             let running = self.state != RunState::Paused;
-            if Outgoing::hand_over(reply, &self.vcpus, &self.save_parts(), running) {
-                self.handed_over = Some(running);
-                self.state = RunState::Paused;
+            match Outgoing::hand_over(reply, &self.vcpus, &self.save_parts(), running) {
+                HandOver::Handed | HandOver::Stuck => {
+                    self.handed_over = Some(running);
+                    self.state = RunState::Paused;
+                }
+                HandOver::Back => {}
             }
         }
         if self.outgoing.as_ref().is_some_and(Outgoing::finished) {
@@ -455,6 +466,11 @@ impl Controller {
             Request::Migrate(req) => answer(reply, 202, self.migrate(req)),
             Request::Migration => answer(reply, 200, self.migration()),
             Request::Memory => answer(reply, 200, crate::balloon::memory(balloon, config_memory)),
+            Request::Resize(_) if self.handed_over.is_some() => answer::<VmInfo>(
+                reply,
+                409,
+                Err(refusal(409, "a migration holds the VM's state".into())),
+            ),
             Request::Resize(target) => answer(
                 reply,
                 200,

@@ -163,6 +163,9 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_KVMCLOCK_CTRL(),
         KVM_GET_NESTED_STATE(),
         KVM_SET_NESTED_STATE(),
+        // A network adapter's offloads, set as the guest's driver
+        // activates it (a register write, on the vCPU thread).
+        libc::TUNSETOFFLOAD,
     ]
     .to_vec()
 }
@@ -280,6 +283,8 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvmmsg,
     libc::SYS_tgkill,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigtimedwait,
@@ -308,10 +313,15 @@ const API: &[i64] = &[
     libc::SYS_fsync,
 ];
 
-/// What the migration thread adds: resolving and connecting, the stream.
+/// What the migration thread adds: resolving (glibc: /etc/hosts, a
+/// netlink query, DNS) and connecting, the stream.
 const MIGRATION: &[i64] = &[
     libc::SYS_socket,
     libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_uname,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,

@@ -8,8 +8,7 @@
 //! sender's own VMM excepted, when it migrates on this same host (it lets
 //! go of its locks at the handover) — and each TAP must exist.
 
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -158,7 +157,12 @@ fn check_disk(path: &Path, readonly: bool, source: &Source) -> Result<(), Placem
     if !meta.is_file() {
         return Err(missing());
     }
-    let file = File::open(path).map_err(|_| missing())?;
+    // Never blocks: the path may have become a FIFO since it was looked at.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|_| missing())?;
     let arg = match readonly {
         true => FlockArg::LockSharedNonblock,
         false => FlockArg::LockExclusiveNonblock,
@@ -171,12 +175,15 @@ fn check_disk(path: &Path, readonly: bool, source: &Source) -> Result<(), Placem
         .map(|t| flock_holders(&t, meta.dev(), meta.ino()))
         .unwrap_or_default();
     let ours = !source.boot_id.is_empty() && source.boot_id == boot_id();
+    let seen = !holders.is_empty();
     let others: Vec<u32> = holders
         .into_iter()
         .filter(|&p| !(ours && p == source.pid))
         .collect();
-    // Held, and not (only) by the sender migrating on this host.
-    if others.is_empty() && ours {
+    // Held only by the sender migrating on this host, as /proc/locks shows:
+    // a lock nobody is seen holding (another file system's numbering) is
+    // someone else's.
+    if seen && others.is_empty() && ours {
         return Ok(());
     }
     Err(PlacementError::DiskInUse {
@@ -317,7 +324,11 @@ mod tests {
         };
         check_disk(&img, false, &stranger).expect("nobody holds it");
         // Held by this process: refused for anyone else, taken for us.
-        let held = Flock::lock(File::open(&img).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+        let held = Flock::lock(
+            std::fs::File::open(&img).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
         let e = check_disk(&img, false, &stranger).unwrap_err();
         let me = std::process::id();
         assert!(

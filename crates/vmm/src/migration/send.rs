@@ -70,11 +70,14 @@ struct Job {
     stream: Arc<Mutex<Option<TcpStream>>>,
     stop: Sender<Stop>,
     wake: EventFd,
+    /// Turned on as `Go` is about to be written.
+    committed: Arc<AtomicBool>,
 }
 
 /// An outgoing migration, as the event loop holds it.
 pub struct Outgoing {
     progress: Arc<Mutex<Progress>>,
+    committed: Arc<AtomicBool>,
     requests: Receiver<Stop>,
     cancel: Arc<AtomicBool>,
     stream: Arc<Mutex<Option<TcpStream>>>,
@@ -101,7 +104,9 @@ impl Outgoing {
         let (stop, requests) = channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
+        let committed = Arc::new(AtomicBool::new(false));
         let job = Job {
+            committed: committed.clone(),
             req,
             hello,
             vm,
@@ -118,8 +123,8 @@ impl Outgoing {
                 // Before it connects or reads a byte from the peer.
                 crate::seccomp::confine(crate::seccomp::Role::Migration, seccomp);
                 let start = Instant::now();
-                let mut committed = false;
-                let result = migrate(&job, start, &mut committed);
+                let result = migrate(&job, start);
+                let committed = job.committed.load(Ordering::SeqCst);
                 // Dirty logging costs the guest a fault per first write: off again.
                 if let Err(e) = job.vm.log_dirty_pages(false) {
                     log::warn!("migration: cannot turn dirty logging off: {e}");
@@ -151,6 +156,7 @@ impl Outgoing {
             })?;
         Ok(Outgoing {
             progress,
+            committed,
             requests,
             cancel,
             stream,
@@ -163,9 +169,10 @@ impl Outgoing {
         lock(&self.progress).clone()
     }
 
-    /// Whether it has ended (completed, failed or unconfirmed).
+    /// Whether it has ended (completed, failed or unconfirmed), or its
+    /// thread has (a panic).
     pub fn finished(&self) -> bool {
-        lock(&self.progress).phase.ended()
+        lock(&self.progress).phase.ended() || self.thread.as_ref().is_some_and(|t| t.is_finished())
     }
 
     /// The thread's pending stop request, if any.
@@ -184,11 +191,21 @@ impl Outgoing {
         self.join()
     }
 
-    /// Waits for the thread to end.
+    /// Waits for the thread to end. One that ended without an outcome (it
+    /// panicked) failed — or, past the commit point, is unconfirmed.
     pub fn join(mut self) -> Self {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let mut p = lock(&self.progress);
+        if !p.phase.ended() {
+            p.phase = match self.committed.load(Ordering::SeqCst) {
+                true => Phase::Unconfirmed,
+                false => Phase::Failed,
+            };
+            p.error = Some("the migration thread stopped unexpectedly".into());
+        }
+        drop(p);
         self
     }
 }
@@ -212,9 +229,9 @@ fn connect(to: &str) -> Result<TcpStream, MigrationError> {
     Err(err(last))
 }
 
-/// The whole migration, in the thread. `committed` turns true as `Go` is
-/// about to be written: from then on a failure leaves the VM paused here.
-fn migrate(job: &Job, start: Instant, committed: &mut bool) -> Result<(), MigrationError> {
+/// The whole migration, in the thread. `job.committed` turns true as `Go`
+/// is about to be written: from then on a failure leaves the VM paused here.
+fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     let s = connect(&job.req.to)?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(IO_TIMEOUT))
@@ -309,7 +326,7 @@ fn migrate(job: &Job, start: Instant, committed: &mut bool) -> Result<(), Migrat
         return Err(MigrationError::Cancelled);
     }
     // The commit point (see the module above): the VM is the destination's.
-    *committed = true;
+    job.committed.store(true, Ordering::SeqCst);
     wire::send(&mut s, Kind::Go, &[])?;
     wire::expect(&mut s, Kind::Resumed)?;
     let downtime = paused_at.elapsed();
@@ -415,19 +432,21 @@ impl Outgoing {
         Outgoing::start(req, hello, vm, parts.memory.clone(), wake, seccomp)
     }
 
-    /// Serves the thread's stop request: pauses the vCPUs (if `running`),
-    /// captures the VM, lets go of host resources the destination needs on
-    /// this same host (disk locks) and hands the state to the thread; it
-    /// does not wait for the outcome. Returns `true` once the thread has
-    /// the state (the VM stays paused, its locks released, until the
-    /// thread's last phase says what became of it); otherwise the VM runs
-    /// (or stays paused) here as before, and the thread hears why.
+    /// Serves the thread's stop request: freezes the devices (no queue is
+    /// served, no TAP read: nothing changes memory or disks behind the
+    /// state), pauses the vCPUs (if `running`), captures the VM, lets go
+    /// of host resources the destination needs on this same host (disk
+    /// locks) and hands the state to the thread; it does not wait for the
+    /// outcome. See [`HandOver`] for what the VM is left as.
     pub(crate) fn hand_over(
         reply: Sender<Result<Captured, CaptureError>>,
         vcpus: &VcpuSet,
         parts: &SaveParts<'_>,
         running: bool,
-    ) -> bool {
+    ) -> HandOver {
+        for d in parts.virtio {
+            lock(d).freeze();
+        }
         let paused = match running {
             true => vcpus.pause().map_err(CaptureError::from),
             false => Ok(()),
@@ -441,7 +460,7 @@ impl Outgoing {
                 if !sent {
                     if let Err(e) = reclaim_disks(parts) {
                         log::error!("migration: {e}; the VM stays paused");
-                        return false;
+                        return HandOver::Stuck;
                     }
                 }
                 sent
@@ -451,12 +470,38 @@ impl Outgoing {
                 false
             }
         };
-        if !handed && running {
+        if handed {
+            return HandOver::Handed;
+        }
+        thaw_devices(parts);
+        if running {
             if let Err(e) = vcpus.resume() {
                 log::error!("migration failed, and the VM cannot resume: {e}");
             }
         }
-        handed
+        HandOver::Back
+    }
+}
+
+/// What [`Outgoing::hand_over`] left the VM as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandOver {
+    /// The thread has the state: the VM is paused, its devices frozen and
+    /// its disk locks released until the thread's last phase says what
+    /// became of it.
+    Handed,
+    /// Nothing went over: the VM runs (or stays paused) as before.
+    Back,
+    /// Nothing went over, but a disk lock could not be taken back: the VM
+    /// stays paused, frozen, its locks released, as after an unconfirmed
+    /// migration.
+    Stuck,
+}
+
+/// Lets every device serve again (after [`reclaim_disks`]).
+pub(crate) fn thaw_devices(parts: &SaveParts<'_>) {
+    for d in parts.virtio {
+        lock(d).thaw();
     }
 }
 
