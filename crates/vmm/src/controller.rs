@@ -264,7 +264,10 @@ impl Controller {
         crate::migration::send::reclaim_disks(&self.save_parts()).map_err(|e| {
             refusal(
                 409,
-                format!("{e}: the destination may be running this VM; the VM stays paused here"),
+                format!(
+                    "{}: the destination may be running this VM; the VM stays paused here",
+                    chain_text(&e)
+                ),
             )
         })?;
         crate::migration::send::thaw_devices(&self.save_parts());

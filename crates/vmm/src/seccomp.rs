@@ -44,14 +44,19 @@ pub enum Mode {
     Off,
 }
 
+/// A seccomp mode that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("'{0}' is not on, log or off")]
+pub struct ModeError(String);
+
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ModeError;
+    fn from_str(s: &str) -> Result<Self, ModeError> {
         match s {
             "on" => Ok(Mode::On),
             "log" => Ok(Mode::Log),
             "off" => Ok(Mode::Off),
-            _ => Err(format!("'{s}' is not on, log or off")),
+            _ => Err(ModeError(s.to_owned())),
         }
     }
 }
@@ -435,10 +440,8 @@ mod tests {
         for m in [Mode::On, Mode::Log, Mode::Off] {
             assert_eq!(m.as_str().parse::<Mode>().unwrap(), m);
         }
-        assert!("yes"
-            .parse::<Mode>()
-            .unwrap_err()
-            .contains("on, log or off"));
+        let e = "yes".parse::<Mode>().unwrap_err();
+        assert!(e.to_string().contains("on, log or off"), "{e}");
     }
 
     #[test]

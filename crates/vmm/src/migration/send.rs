@@ -459,6 +459,7 @@ impl Outgoing {
                 // A thread that is gone took nothing: the locks come back.
                 if !sent {
                     if let Err(e) = reclaim_disks(parts) {
+                        let e = crate::persist::capture::chain_text(&e);
                         log::error!("migration: {e}; the VM stays paused");
                         return HandOver::Stuck;
                     }
@@ -515,17 +516,25 @@ fn release_disks(parts: &SaveParts<'_>) {
     }
 }
 
+/// A device's host lock that could not be taken back.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot take back {device}")]
+pub(crate) struct ReclaimError {
+    /// What the device is attached to (a disk image).
+    device: String,
+    /// Why.
+    #[source]
+    source: nestvm_virtio::BackendError,
+}
+
 /// Takes every device's host locks back, after a migration that did not
-/// happen; the first one that cannot be had, as a sentence.
-pub(crate) fn reclaim_disks(parts: &SaveParts<'_>) -> Result<(), String> {
+/// happen; fails on the first one that cannot be had.
+pub(crate) fn reclaim_disks(parts: &SaveParts<'_>) -> Result<(), ReclaimError> {
     for d in parts.virtio {
         let mut dev = lock(d);
-        if let Err(e) = dev.reclaim() {
-            return Err(format!(
-                "cannot take back {}: {}",
-                dev.report().attached,
-                crate::persist::capture::chain_text(&e)
-            ));
+        if let Err(source) = dev.reclaim() {
+            let device = dev.report().attached;
+            return Err(ReclaimError { device, source });
         }
     }
     Ok(())
