@@ -12,9 +12,11 @@ done
 genid() { dd if=/dev/mem bs=16 count=1 skip=$((0xff000 / 16)) 2>/dev/null | od -An -tx1 | tr -d ' \n'; }
 say "vmgenid bound: $(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c :) id $(genid)"
 say "long ticker starting"
-# lab.l3=longer: four times as many ticks.
+# lab.l3=longer: four times as many ticks; lab.l3=slow: a tenth as many, as
+# far apart (the same run time, a tenth of the console output).
 L3=/guests/ticker-long.elf
 [ "$(arg l3)" = longer ] && L3=/guests/ticker-longer.elf
+[ "$(arg l3)" = slow ] && L3=/guests/ticker-slow.elf
 vm l3long 1800 --kernel $L3 --memory 16M
 check l2-long-ticker-exit-0 rc_is l3long 0
 say "vmgenid at the end: $(genid)"

@@ -72,6 +72,21 @@ vm() {
     say "$name exited with $(cat "/tmp/$name.rc")"
 }
 
+# vm_quiet NAME TIMEOUT ARGS...: like vm, but the console goes to
+# /tmp/NAME.log only. A guest's output echoed on this level's console takes
+# this level's vCPU out to the VMM above for every character; a level whose
+# VMM above acts on its vCPUs while they run a guest (state round trips,
+# saves) keeps its console quiet so they rarely stand there.
+vm_quiet() {
+    name=$1
+    secs=$2
+    shift 2
+    say "starting $name (console to /tmp/$name.log): nestvm run $*"
+    timeout "$secs" /nestvm/nestvm run "$@" </dev/null >"/tmp/$name.log" 2>&1
+    echo $? >"/tmp/$name.rc"
+    say "$name exited with $(cat "/tmp/$name.rc")"
+}
+
 # rc_is NAME CODE: the exit code of vm NAME was CODE.
 rc_is() { [ "$(cat "/tmp/$1.rc")" = "$2" ]; }
 

@@ -21,6 +21,11 @@ pub const LONG_TICKS: u32 = 600;
 /// Ticks of the longer ticker (several minutes as L3), for scenarios that do
 /// more around it (resizing its VM's memory).
 pub const LONGER_TICKS: u32 = 4 * LONG_TICKS;
+/// Ticks of the slow ticker: as long as the long one, but a tick only every
+/// ten times as many iterations. Each tick its level echoes takes that
+/// level's vCPU out to the VMM above; a scenario that wants to catch the
+/// vCPU running L3 (saves, state round trips) keeps those visits rare.
+pub const SLOW_TICKS: u32 = LONG_TICKS / 10;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
@@ -74,6 +79,15 @@ pub fn guests() -> Vec<(&'static str, Vec<u8>)> {
             ticker(
                 LONG_TICKS,
                 TICK_SPIN,
+                "LAB-TINY: long ticker done",
+                Ending::Reset,
+            ),
+        ),
+        (
+            "ticker-slow.elf",
+            ticker(
+                SLOW_TICKS,
+                TICK_SPIN * 10,
                 "LAB-TINY: long ticker done",
                 Ending::Reset,
             ),

@@ -47,7 +47,8 @@ impl Scenario {
     /// inside an interrupt handler (the [`crate::watchdog`]'s register dump,
     /// read against the kernel's symbols). L2 guests with several vCPUs
     /// still work: they are threads in L1. Scenarios that need L2's vCPU
-    /// caught in guest mode retry until they observe it.
+    /// caught in guest mode keep L2's console quiet meanwhile and retry
+    /// until they observe it.
     pub fn new(name: &str, script: &str, timeout: Duration) -> Self {
         Self {
             name: name.to_owned(),

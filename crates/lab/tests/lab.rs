@@ -85,6 +85,7 @@ fn nested_guests_three_levels_deep() {
         "rt-saved-svm-nested-state",
         "rt-one-in-guest-mode",
         "rt-l3-kept-running",
+        "rt-l3-all-ticks",
         // Debian's kernel as L3.
         "l2-runs-linux-l3",
         "l3-linux-init-reached",
