@@ -120,7 +120,7 @@ impl Checkpoints {
     pub fn set_current(&self, c: Option<&str>) -> Result<(), CheckpointError> {
         match c {
             Some(c) => {
-                std::fs::create_dir_all(&self.root).map_err(io("create", &self.root))?;
+                atomic::create_private_dir_all(&self.root).map_err(io("create", &self.root))?;
                 atomic::write_file(&self.current_file(), c.as_bytes(), 0o600)?;
             }
             None => {

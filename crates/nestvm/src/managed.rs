@@ -94,6 +94,19 @@ pub fn start_from(
     }
 }
 
+/// vmm.log, truncated for a new run: 0600 whatever the umask, and never
+/// through a symbolic link.
+fn private_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Spawns `nestvm vm serve NAME EXTRA...` detached: its own process group
 /// (a Ctrl-C in this terminal does not reach the VM), output in `vmm.log`.
 pub fn spawn_serve(
@@ -102,7 +115,7 @@ pub fn spawn_serve(
     extra: &[String],
 ) -> Result<std::process::Child, Failure> {
     let p = VmDir::of(store, name);
-    let log = std::fs::File::create(&p.log)
+    let log = private_log(&p.log)
         .map_err(|e| runtime(anyhow!("cannot create {}: {e}", p.log.display())))?;
     let exe = std::env::current_exe().map_err(runtime)?;
     let mut cmd = Command::new(exe);

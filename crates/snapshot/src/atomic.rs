@@ -24,6 +24,17 @@ fn err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Atomic
     move |source| AtomicError { what, path, source }
 }
 
+/// Creates `dir` and any missing parents, each private to its owner (0700
+/// whatever the umask): what a VM's directory holds (memory images,
+/// checkpoints) is for its owner alone.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// fsyncs a directory, so a rename or creation in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), AtomicError> {
     File::open(dir)

@@ -111,9 +111,11 @@ pub(crate) fn checkpoint_vm(
     (name, parent): (&str, Option<&str>),
 ) -> Result<(Meta, usize), CaptureError> {
     let (snap, vcpus_in_guest_mode) = build_snapshot(vcpus, p)?;
-    std::fs::create_dir_all(root).map_err(|source| CaptureError::Folder {
-        path: root.to_owned(),
-        source,
+    nestvm_snapshot::atomic::create_private_dir_all(root).map_err(|source| {
+        CaptureError::Folder {
+            path: root.to_owned(),
+            source,
+        }
     })?;
     let meta = crate::persist::checkpoint::take(snap, p.memory, root, name, parent)?;
     Ok((meta, vcpus_in_guest_mode))

@@ -166,7 +166,8 @@ pub fn take(
     };
     let staged = root.join(format!("{name}.tmp"));
     nestvm_snapshot::atomic::recover_dir(&staged, &dir);
-    std::fs::create_dir_all(&staged).map_err(io("create the folder for"))?;
+    nestvm_snapshot::atomic::create_private_dir_all(&staged)
+        .map_err(io("create the folder for"))?;
     let (regions, total, written) = write_layer(mem, &chain, &staged)?;
     snap.memory = regions;
     // Writable disks belong to the moment too: the guest's memory (its page

@@ -52,7 +52,7 @@ pub fn staging_dir(dir: &Path) -> PathBuf {
 pub fn save(mut snap: VmSnapshot, mem: &Memory, dir: &Path) -> Result<SaveSummary, PersistError> {
     let staged = staging_dir(dir);
     atomic::recover_dir(&staged, dir);
-    std::fs::create_dir_all(&staged).map_err(|source| AtomicError {
+    nestvm_snapshot::atomic::create_private_dir_all(&staged).map_err(|source| AtomicError {
         what: "create",
         path: staged.clone(),
         source,
