@@ -254,3 +254,7 @@ pub(crate) mod testing;
 #[cfg(test)]
 #[path = "drain_tests.rs"]
 mod drain_tests;
+
+#[cfg(test)]
+#[path = "fairness_tests.rs"]
+mod fairness_tests;
