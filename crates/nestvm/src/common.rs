@@ -23,6 +23,46 @@ pub fn seccomp() -> nestvm_vmm::seccomp::Mode {
     SECCOMP.get().copied().unwrap_or_default()
 }
 
+/// Whether this command's VMMs confine their view of the filesystem with
+/// Landlock: `--landlock`, else `$NESTVM_LANDLOCK`, else on. Set once by
+/// `main`.
+static LANDLOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Records whether this process's VMMs use Landlock.
+pub fn set_landlock(on: bool) {
+    let _ = LANDLOCK.set(on);
+}
+
+/// Whether this process's VMMs (and the ones it starts) use Landlock.
+pub fn landlock() -> bool {
+    LANDLOCK.get().copied().unwrap_or(true)
+}
+
+/// Jails the VMM that is about to build `config` (see
+/// `nestvm_vmm::jail`): limits, and the rules that let its threads reach
+/// `vm_dir` (a managed VM's directory) and the disk images only.
+pub fn prepare_jail(config: &nestvm_vmm::VmConfig, vm_dir: Option<&Path>) -> Result<(), Failure> {
+    let disk_size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let plan = nestvm_vmm::jail::Plan {
+        vm_dir: vm_dir.map(Path::to_owned),
+        disks: config
+            .disks
+            .iter()
+            .map(|d| (d.path.clone(), !d.readonly))
+            .collect(),
+        largest_file: config
+            .disks
+            .iter()
+            .map(|d| disk_size(&d.path))
+            .fold(config.memory, u64::max),
+        landlock: landlock(),
+    };
+    nestvm_vmm::jail::prepare(&plan).map_err(|e| Failure {
+        code: 1,
+        error: anyhow::Error::new(e),
+    })
+}
+
 /// An error with the exit code it maps to.
 pub struct Failure {
     /// The exit code.

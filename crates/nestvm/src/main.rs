@@ -58,6 +58,9 @@ struct Cli {
     /// The VMM's seccomp filters: on (a call outside them stops the VMM), log (the kernel logs it), off [default: on, or $NESTVM_SECCOMP].
     #[arg(long, global = true, value_name = "on|log|off")]
     seccomp: Option<nestvm_vmm::seccomp::Mode>,
+    /// The VMM's Landlock rules (its threads reach only the VM's directory and disks): on, off [default: on, or $NESTVM_LANDLOCK].
+    #[arg(long, global = true, value_name = "on|off", value_parser = ["on", "off"])]
+    landlock: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -131,6 +134,20 @@ fn main() -> ExitCode {
         }
     };
     common::set_seccomp(seccomp);
+    match cli
+        .landlock
+        .or_else(|| std::env::var("NESTVM_LANDLOCK").ok())
+        .as_deref()
+    {
+        None | Some("on") => common::set_landlock(true),
+        Some("off") => common::set_landlock(false),
+        Some(other) => {
+            eprintln!(
+                "nestvm: error: NESTVM_LANDLOCK: '{other}' is not on or off; set it to on or off"
+            );
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Cmd::Run(args) => run::run_vm(args),
         Cmd::Host(HostCmd::Check) => host::check(cli.json),

@@ -122,6 +122,14 @@ pub fn spawn_serve(
     cmd.arg("--state-dir")
         .arg(store.root())
         .arg(format!("--seccomp={}", crate::common::seccomp().as_str()))
+        .arg(format!(
+            "--landlock={}",
+            if crate::common::landlock() {
+                "on"
+            } else {
+                "off"
+            }
+        ))
         .args(["vm", "serve", name.as_str()])
         .args(extra)
         .stdin(Stdio::null())

@@ -104,6 +104,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
     open_kernel(&config.kernel)?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let (expose, notice) = resolve_nested(config.nested, &hv)?;
+    crate::common::prepare_jail(&config, None)?;
     let vm = build(&config, &hv, expose, Box::new(nestvm_vmm::console_stdout()))
         .map_err(build_failure)?;
     if let Some(notice) = notice {

@@ -124,6 +124,11 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
         _ => Some(store.load(name).map_err(store_err)?),
     };
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
+    // The jail's rules name the VM's directory and disks: an arriving VM's
+    // are known only once its sender has said them (it runs unjailed).
+    if let Some(c) = &config {
+        crate::common::prepare_jail(c, Some(&store.vm_dir(name)))?;
+    }
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let saved = p.saved.clone();
     let checkpoints = store.checkpoints(name).root().to_owned();

@@ -4,7 +4,9 @@
 //! event loop call getppid, which no filter allows) stops the VMM with a
 //! line in its log naming the call, and with `--seccomp log` is let
 //! through while the VM runs on. (The migration thread's filter is checked
-//! in migration.rs, during a capped copy.)
+//! in migration.rs, during a capped copy.) And the jail around them: the
+//! threads a guest drives open files in the VM's directory, not elsewhere,
+//! unless `--landlock off`.
 
 mod common;
 
@@ -167,4 +169,41 @@ fn a_call_outside_the_filter_stops_the_vmm_and_says_which() {
         Duration::from_secs(30),
     );
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The test-only `NESTVM_JAIL_PROBE` makes the event loop, once in its
+/// Landlock ruleset, open a file and say in vmm.log whether it could.
+#[test]
+fn the_threads_a_guest_drives_reach_only_the_vms_directory_and_disks() {
+    if !kvm_or_skip("the_threads_a_guest_drives_reach_only_the_vms_directory_and_disks") {
+        return;
+    }
+    let secret = common::scratch("sandbox-secret").join("host-file");
+    std::fs::write(&secret, b"not the guest's").unwrap();
+    let probe = |env: &StateEnv, extra: &[&str], path: &Path| -> String {
+        define(env);
+        start(env, extra, &[("NESTVM_JAIL_PROBE", path.to_str().unwrap())]);
+        wait_for(
+            || vmm_log(&env.dir).contains("jail probe:"),
+            "no probe line",
+        );
+        env.ok(&["vm", "kill", "t"]);
+        let log = vmm_log(&env.dir);
+        let line = log.lines().find(|l| l.contains("jail probe:")).unwrap();
+        line.to_owned()
+    };
+    let jailed = StateEnv::new("jail-on");
+    let said = probe(&jailed, &[], &secret);
+    if said.contains("opened") && vmm_log(&jailed.dir).contains("has no Landlock") {
+        eprintln!("SKIPPED: this kernel has no Landlock");
+        return;
+    }
+    assert!(said.contains("refused (Permission denied"), "{said}");
+    // Its own directory it reaches.
+    let own = StateEnv::new("jail-own");
+    let vm_toml = own.dir.join("vms/t/vm.toml");
+    assert!(probe(&own, &[], &vm_toml).contains("opened"));
+    // --landlock off: the VMM's user's rights.
+    let off = StateEnv::new("jail-off");
+    assert!(probe(&off, &["--landlock", "off"], &secret).contains("opened"));
 }

@@ -49,6 +49,9 @@ pub enum RunError {
     /// The event loop's seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The event loop's thread could not enter its Landlock ruleset.
+    #[error("cannot confine the event loop")]
+    Jail(#[from] crate::jail::EnterError),
 }
 
 fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
@@ -372,6 +375,13 @@ pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutc
     }
     // Everything is built and every other thread started: from here on
     // the loop serves guests and clients.
+    crate::jail::enter(crate::jail::Role::Guest)?;
+    // For the tests of what the jail lets a guest's threads reach.
+    if let Some(path) = std::env::var_os("NESTVM_JAIL_PROBE") {
+        let result = std::fs::File::open(&path).map(|_| "opened".to_owned());
+        let said = result.unwrap_or_else(|e| format!("refused ({e})"));
+        eprintln!("nestvm: jail probe: {}: {said}", path.to_string_lossy());
+    }
     crate::seccomp::install(crate::seccomp::Role::EventLoop, opts.seccomp)?;
     // For the tests of what a call outside the filter does: getppid is in
     // no filter.

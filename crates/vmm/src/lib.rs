@@ -37,6 +37,7 @@ mod bus;
 pub mod console;
 mod controller;
 mod event_loop;
+pub mod jail;
 pub mod logfile;
 pub mod migration;
 mod outcome;

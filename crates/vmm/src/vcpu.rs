@@ -255,6 +255,7 @@ impl Machine {
 
     fn run(mut self) {
         // Before the first command, hence before any guest code runs.
+        crate::jail::confine(crate::jail::Role::Guest);
         crate::seccomp::confine(crate::seccomp::Role::Vcpu, self.state_ctx.seccomp);
         let reason = loop {
             if let Some(reason) = self.step() {

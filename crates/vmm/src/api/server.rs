@@ -174,6 +174,7 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::jail::confine(crate::jail::Role::Api);
                 crate::seccomp::confine(crate::seccomp::Role::Api, seccomp);
                 serve(&listener, &tx, &signal)
             })?;
