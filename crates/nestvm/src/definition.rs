@@ -16,6 +16,33 @@ use crate::run::open_kernel;
 use crate::settings::SettingsArgs;
 use crate::vmdir::VmDir;
 
+/// A disk's path made absolute, once it is seen to be a readable regular
+/// file or block device (opened without blocking). An image's links are
+/// resolved; a device's are kept (`/dev/disk/by-id/...` outlives the
+/// `/dev/sdX` it points at today).
+fn checked_disk(p: &Path) -> Result<PathBuf, Failure> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let cannot = |e: std::io::Error| usage(anyhow!("cannot read disk image {}: {e}", p.display()));
+    let abs = std::fs::canonicalize(p).map_err(cannot)?;
+    let kind = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&abs)
+        .and_then(|f| f.metadata())
+        .map_err(cannot)?
+        .file_type();
+    if kind.is_block_device() {
+        return std::path::absolute(p).map_err(cannot);
+    }
+    if !kind.is_file() {
+        return Err(cannot(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "neither a regular file nor a block device",
+        )));
+    }
+    Ok(abs)
+}
+
 /// Makes file settings absolute and checks they can be read (the kernel
 /// must be a kernel), so a definition never points at nothing; gives each
 /// network adapter without a MAC one derived from the VM's name, stored so
@@ -38,7 +65,7 @@ fn checked(mut over: Overrides, name: &VmName) -> Result<Overrides, Failure> {
         over.initrd = Some(check(&i, "initrd")?);
     }
     for d in over.disks.iter_mut().flatten() {
-        d.path = check(&d.path, "disk image")?;
+        d.path = checked_disk(&d.path)?;
     }
     for (i, n) in over.nets.iter_mut().flatten().enumerate() {
         if n.mac.is_none() {

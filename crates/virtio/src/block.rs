@@ -11,8 +11,8 @@
 //! image's name: the host's paths are none of the guest's business.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::Memory;
@@ -76,8 +76,8 @@ pub enum BlockError {
         "disk image {0} is in use by another VM: stop it, or attach the image readonly=on in both"
     )]
     InUse(PathBuf),
-    /// A directory, FIFO, socket or device.
-    #[error("disk image {0} is not a regular file: give a raw image file")]
+    /// A directory, FIFO, socket or character device.
+    #[error("disk image {0} is neither a regular file nor a block device: give a raw image file or a block device")]
     NotAFile(PathBuf),
     /// A serial that does not fit the ID string.
     #[error("disk serial {0:?} is not 1 to 20 bytes of printable ASCII: give another serial for the disk")]
@@ -118,6 +118,16 @@ struct Counters {
 }
 
 /// Locks an image: shared if read-only, else exclusive; never waits.
+/// Opens block device `path` exclusively and lets it go: fails (EBUSY)
+/// where a filesystem is mounted from it or something holds it so.
+fn exclusive_probe(path: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_EXCL | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(path)
+        .map(drop)
+}
+
 fn lock_image(file: &File, read_only: bool) -> Result<Flock<File>, std::io::Error> {
     let arg = if read_only {
         FlockArg::LockSharedNonblock
@@ -164,7 +174,8 @@ impl Block {
             path: path.to_owned(),
             source,
         };
-        // Never blocks (a FIFO would wait for a peer); only files are disks.
+        // Never blocks (a FIFO would wait for a peer); only regular files
+        // and block devices are disks.
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -172,11 +183,22 @@ impl Block {
             .open(path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
+        let device = meta.file_type().is_block_device();
+        if !meta.is_file() && !device {
             return Err(BlockError::NotAFile(path.to_owned()));
         }
+        // A device mounted or held exclusively elsewhere (a filesystem, LVM)
+        // is refused for writing: an exclusive open of it fails.
+        if device && !read_only && exclusive_probe(path).is_err() {
+            return Err(BlockError::InUse(path.to_owned()));
+        }
         let lock = lock_image(&file, read_only).map_err(|_| BlockError::InUse(path.to_owned()))?;
-        let len = meta.len();
+        // A block device's size is where its end is (its metadata says 0).
+        let len = if device {
+            (&file).seek(SeekFrom::End(0)).map_err(open_err)?
+        } else {
+            meta.len()
+        };
         if len < SECTOR {
             return Err(BlockError::TooSmall(path.to_owned()));
         }

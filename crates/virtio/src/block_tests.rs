@@ -257,7 +257,7 @@ fn an_image_is_not_opened_twice_for_writing() {
 }
 
 #[test]
-fn only_a_regular_file_is_a_disk() {
+fn only_a_regular_file_or_a_block_device_is_a_disk() {
     let dir = std::env::temp_dir().join(format!("nestvm-blk-{}-notafile", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // A directory read-only (opening it for writing fails anyway).
@@ -269,7 +269,16 @@ fn only_a_regular_file_is_a_disk() {
     let _ = std::fs::remove_file(&fifo);
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let e = Block::open(&fifo, true, "x").err().unwrap();
-    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("neither a regular file nor a block device"),
+        "{e}"
+    );
+    // A character device neither.
+    let e = Block::open(Path::new("/dev/null"), true, "x")
+        .err()
+        .unwrap();
+    assert!(matches!(e, BlockError::NotAFile(_)), "{e}");
 }
 
 #[test]
@@ -370,4 +379,99 @@ fn a_snapshot_carries_the_queue_to_a_new_device() {
     let e = restore(&r.path, &bad).err().unwrap();
     assert!(matches!(e, MmioError::DeviceType { saved: 1, .. }));
     let _ = std::fs::remove_file(copy);
+}
+
+/// A loop device over a scratch image, detached on drop.
+struct LoopDevice {
+    dev: PathBuf,
+    image: PathBuf,
+}
+
+impl LoopDevice {
+    /// `None` where loop devices cannot be had (not root, no losetup).
+    fn attach(tag: &str, sectors: u64) -> Option<Self> {
+        let image =
+            std::env::temp_dir().join(format!("nestvm-loop-{}-{tag}.img", std::process::id()));
+        let mut content = vec![0u8; (sectors * SECTOR) as usize];
+        for (i, b) in content.iter_mut().enumerate() {
+            *b = (i / SECTOR as usize) as u8;
+        }
+        std::fs::write(&image, &content).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&image);
+            return None;
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(Self { dev, image })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// A block device is a disk as a file is: its size is the device's (its
+/// metadata says 0), its sectors read and write, a second writer is
+/// refused, and so is a device something holds exclusively (as a mounted
+/// filesystem does). On a loop device; skipped where none can be had.
+#[test]
+fn a_block_device_is_a_disk() {
+    let Some(lo) = LoopDevice::attach("disk", 64) else {
+        eprintln!("SKIPPED a_block_device_is_a_disk: no loop device (needs root and losetup)");
+        return;
+    };
+    let block = Block::open(&lo.dev, false, "loop").unwrap();
+    assert_eq!(block.sectors, 64);
+    let mem = memory();
+    let mut dev = MmioDevice::new(block, mem.clone(), EventTrigger::new().unwrap()).unwrap();
+    let offered = driver::offered_features(&mut dev);
+    let q = QueueDriver::new(0x10000, 16);
+    driver::start(&mut dev, offered, std::slice::from_ref(&q));
+    // The rig's helpers, on this device (its path is the device: nothing
+    // to remove when it goes).
+    let mut r = Rig {
+        dev,
+        mem,
+        q,
+        path: std::env::temp_dir().join("nestvm-not-created"),
+    };
+    assert_eq!(r.request(request::IN, 63, 512, true), (513, status::OK));
+    let mut data = [0u8; 512];
+    r.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert!(data.iter().all(|&b| b == 63), "sector 63 read back");
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(request::OUT, 2, 512, false), (1, status::OK));
+    assert_eq!(r.request(request::FLUSH, 0, 0, false), (1, status::OK));
+    let on_disk = std::fs::read(&lo.image).unwrap();
+    assert!(
+        on_disk[1024..1536].iter().all(|&b| b == 0xab),
+        "written through"
+    );
+    let e = Block::open(&lo.dev, false, "again").err().unwrap();
+    assert!(matches!(e, BlockError::InUse(_)), "{e}");
+    drop(r);
+    // Held exclusively, as a mounted filesystem holds its device.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
+        .open(&lo.dev)
+        .unwrap();
+    let e = Block::open(&lo.dev, false, "held").err().unwrap();
+    assert!(matches!(e, BlockError::InUse(_)), "{e}");
+    assert!(
+        Block::open(&lo.dev, true, "reader").is_ok(),
+        "read-only is let in"
+    );
+    drop(held);
 }

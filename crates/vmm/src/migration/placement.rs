@@ -48,7 +48,7 @@ pub enum PlacementError {
     #[error("the arriving VM has a network adapter on TAP {0}: say which TAP it gets here with --tap {0}=TAP (or --tap {0}, or --same-paths)")]
     UnplacedTap(String),
     /// A disk image is not here.
-    #[error("disk image {} does not exist here, or is not a regular file", .0.display())]
+    #[error("disk image {} does not exist here, or is neither a regular file nor a block device", .0.display())]
     MissingDisk(PathBuf),
     /// A disk image is locked by another process.
     #[error("disk image {} is in use by another process here{}: stop it, or give the VM another image with --disk", .path.display(), .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
@@ -152,9 +152,10 @@ pub fn check_here(config: &VmConfig, source: &Source) -> Result<(), PlacementErr
 
 fn check_disk(path: &Path, readonly: bool, source: &Source) -> Result<(), PlacementError> {
     let missing = || PlacementError::MissingDisk(path.to_owned());
-    // Not followed into FIFOs or devices: only regular files are disks.
+    // Not followed into FIFOs or character devices: only regular files and
+    // block devices are disks.
     let meta = std::fs::metadata(path).map_err(|_| missing())?;
-    if !meta.is_file() {
+    if !meta.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
         return Err(missing());
     }
     // Never blocks: the path may have become a FIFO since it was looked at.

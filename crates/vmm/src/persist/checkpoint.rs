@@ -173,7 +173,7 @@ pub fn take(
     // Writable disks belong to the moment too: the guest's memory (its page
     // cache, its filesystem's view) must meet the disk as it was. The VM is
     // paused and disk requests are served on this thread, so nothing writes
-    // them meanwhile. std::fs::copy shares blocks where the filesystem can.
+    // them meanwhile (copy_out: blocks shared where the filesystem can).
     for (i, d) in snap
         .config
         .disks
@@ -186,7 +186,7 @@ pub fn take(
             let path = d.path.clone();
             move |source| PersistError::Disk { what, path, source }
         };
-        std::fs::copy(&d.path, &copy).map_err(disk_err("copy"))?;
+        crate::persist::disks::copy_out(&d.path, &copy).map_err(disk_err("copy"))?;
         File::open(&copy)
             .and_then(|f| f.sync_all())
             .map_err(disk_err("sync the copy of"))?;

@@ -81,15 +81,56 @@ pub fn restore_disks(dir: &Path, disks: &[DiskConfig]) -> Result<(), PersistErro
         held.extend(lock(image)?);
     }
     for (copy, image) in &copies {
-        held.push(replace(copy, image)?);
+        held.extend(replace(copy, image)?);
     }
     drop(held);
     Ok(())
 }
 
+/// Copies disk `image` to `copy` (a new file, 0600) for a checkpoint: a
+/// regular file with `std::fs::copy`, which shares blocks where the
+/// filesystem can; a block device by reading it through.
+pub(crate) fn copy_out(image: &Path, copy: &Path) -> std::io::Result<()> {
+    if !is_block_device(image) {
+        return std::fs::copy(image, copy).map(drop);
+    }
+    let mut src = File::open(image)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(copy)?;
+    std::io::copy(&mut src, &mut out).map(drop)
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Writes `copy` back over block device `image`, in place (a device cannot
+/// be renamed over: a crash midway leaves it part old, part new, and the
+/// checkpoint's copy there to restore again). The lock on it stays the one
+/// [`restore_disks`] took before.
+fn write_back(copy: &Path, image: &Path) -> Result<(), PersistError> {
+    let mut src = File::open(copy).map_err(disk_err("open the checkpoint's copy", copy))?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(image)
+        .map_err(disk_err("open", image))?;
+    std::io::copy(&mut src, &mut out).map_err(disk_err("copy back", image))?;
+    out.sync_all().map_err(disk_err("sync", image))
+}
+
 /// Replaces `image` by a copy of `copy` (with the image's permissions);
 /// returns the lock on the new file, taken before it is renamed in place.
-fn replace(copy: &Path, image: &Path) -> Result<Flock<File>, PersistError> {
+/// A block device is written back in place instead (no new lock: the one
+/// taken on it before holds).
+fn replace(copy: &Path, image: &Path) -> Result<Option<Flock<File>>, PersistError> {
+    if is_block_device(image) {
+        return write_back(copy, image).map(|()| None);
+    }
     let tmp = image.with_extension("nestvm-restore.tmp");
     // What a restore that crashed left; never followed if it is a link.
     let _ = std::fs::remove_file(&tmp);
@@ -111,7 +152,7 @@ fn replace(copy: &Path, image: &Path) -> Result<Flock<File>, PersistError> {
         .map_err(|(_, e)| disk_err("lock", &tmp)(e.into()))?;
     std::fs::rename(&tmp, image).map_err(disk_err("put back", image))?;
     nestvm_snapshot::atomic::sync_dir(image.parent().unwrap_or(Path::new(".")))?;
-    Ok(held)
+    Ok(Some(held))
 }
 
 #[cfg(test)]
