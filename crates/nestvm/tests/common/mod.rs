@@ -118,6 +118,33 @@ impl StateEnv {
     }
 }
 
+/// A test that failed half-way leaves no VMM behind: each VM of the state
+/// directory whose VMM still runs (its pid file names a process started
+/// with this directory) is killed.
+impl Drop for StateEnv {
+    fn drop(&mut self) {
+        let Ok(vms) = std::fs::read_dir(self.dir.join("vms")) else {
+            return;
+        };
+        let ours = self.dir.to_string_lossy().into_owned();
+        for vm in vms.flatten() {
+            let Some(pid) = std::fs::read_to_string(vm.path().join("vmm.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&ours) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 /// A TCP port on loopback that was free a moment ago.
 #[allow(dead_code)] // not every test binary listens
 pub fn free_port() -> u16 {
