@@ -174,6 +174,44 @@ fn look_at_cpus(monitor: &Monitor, log: &mut std::fs::File, name: &str) {
     }
 }
 
+/// How often L1 is looked at for a lost wakeup.
+const WAKEUP_LOOKS: Duration = Duration::from_secs(5);
+
+/// Looks at L1 every [`WAKEUP_LOOKS`] for a lost wakeup (see
+/// [`crate::watchdog`]) and pokes it out of one, saying so through `tx`
+/// (into the log). Stops once the flag it returns is set or QEMU's monitor
+/// is gone.
+fn wake_lost_wakeups(
+    monitor: std::sync::Arc<Monitor>,
+    tx: std::sync::mpsc::Sender<String>,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = stop.clone();
+    std::thread::spawn(move || {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(WAKEUP_LOOKS);
+            // No monitor any more: QEMU has ended (and this thread must
+            // let go of `tx`, for the loop to see L1's output end).
+            let Ok(found) = monitor.lost_wakeup() else {
+                break;
+            };
+            if let Some(vector) = found {
+                let poked = monitor.poke().is_ok();
+                let _ = tx.send(format!(
+                    "[lab watchdog] L1's CPU was halted with interrupt {vector} pending and \
+                     not delivered (a QEMU lost wakeup); {}",
+                    if poked {
+                        "a key press woke it"
+                    } else {
+                        "it could not be poked"
+                    }
+                ));
+            }
+        }
+    });
+    stop
+}
+
 /// Runs `scenario` in a fresh L1 booted from `image`.
 pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
     let initrd = with_scenario(image, scenario)?;
@@ -185,7 +223,7 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
         "console=ttyS0 panic=-1 nokaslr lab.level=1 lab.nested={} lab.script=scenario",
         u8::from(scenario.l1_nested)
     );
-    let monitor = Monitor::new(&scenario.name);
+    let monitor = std::sync::Arc::new(Monitor::new(&scenario.name));
     let mut cmd = Command::new(QEMU);
     cmd.args([
         "-accel",
@@ -237,6 +275,7 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
     let qemu = Qemu(child);
     let (tx, rx) = channel::<String>();
     let tx2 = tx.clone();
+    let waker = wake_lost_wakeups(monitor.clone(), tx.clone());
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
             let _ = tx.send(
@@ -280,7 +319,11 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
                 } else if let Some(failed) = line.strip_prefix("LAB-STOP L1 after ") {
                     say(format!("  STOP after {failed}"));
                     stopped_after = Some(failed.trim().to_owned());
-                } else if verbose || line.starts_with("LAB-L") || line.starts_with("[qemu") {
+                } else if verbose
+                    || line.starts_with("LAB-L")
+                    || line.starts_with("[qemu")
+                    || line.starts_with("[lab")
+                {
                     say(format!("  | {line}"));
                 }
             }
@@ -299,6 +342,7 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
             }
         }
     }
+    waker.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(qemu);
     let elapsed = start.elapsed();
     say(format!(

@@ -5,6 +5,16 @@
 //! boots with `nokaslr`, and its init prints where the KVM modules were
 //! loaded, so the instruction pointers read straight against the kernel
 //! package's System.map and the modules' symbols.
+//!
+//! It also wakes L1 from a lost wakeup, a QEMU 7.2 TCG bug seen in the lab:
+//! L1's CPU halted with interrupts enabled while its local APIC holds a
+//! pending interrupt (its timer's) that never reaches it, so L1 sleeps
+//! until something else interrupts it (for 11 minutes in one run, its
+//! clock jumping by as much after). [`Monitor::lost_wakeup`] observes that
+//! state (the same two looks a second apart) and [`Monitor::poke`] presses
+//! a key on L1's keyboard: the new interrupt makes QEMU look at the APIC
+//! again, and the pending one is delivered (L1 has no console on its
+//! keyboard, so the key press itself does nothing there).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -56,6 +66,57 @@ impl Monitor {
         text.push_str(&read_until_prompts(&mut s, 2)?);
         Ok(plain(&text))
     }
+}
+
+impl Monitor {
+    /// The monitor's answers to `commands` (one per line), escapes removed.
+    fn ask(&self, commands: &[&str]) -> std::io::Result<String> {
+        let mut s = UnixStream::connect(&self.path)?;
+        s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        read_until_prompts(&mut s, 1)?;
+        let mut line = commands.join("\n");
+        line.push('\n');
+        s.write_all(line.as_bytes())?;
+        Ok(plain(&read_until_prompts(&mut s, commands.len())?))
+    }
+
+    /// Whether L1's CPU is halted, interrupts enabled, with an interrupt
+    /// pending in its local APIC: looked at twice, a second apart (a
+    /// pending interrupt reaches a running CPU in microseconds).
+    pub fn lost_wakeup(&self) -> std::io::Result<Option<u32>> {
+        let first = self.ask(&["info registers", "info lapic"])?;
+        let Some(vector) = stuck(&first) else {
+            return Ok(None);
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let again = self.ask(&["info registers", "info lapic"])?;
+        Ok((stuck(&again) == Some(vector)).then_some(vector))
+    }
+
+    /// Presses (and lets go of) a key on L1's keyboard.
+    pub fn poke(&self) -> std::io::Result<()> {
+        self.ask(&["sendkey shift"]).map(drop)
+    }
+}
+
+/// The pending vector, if `text` (`info registers` and `info lapic` of a
+/// one-CPU guest) shows the CPU halted with interrupts enabled, nothing in
+/// service and an interrupt requested.
+fn stuck(text: &str) -> Option<u32> {
+    let halted = text.contains("HLT=1");
+    let if_set = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("RFL="))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .is_some_and(|rfl| rfl & 0x200 != 0);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let idle = field("ISR").is_some_and(|v| v.starts_with("(none)"));
+    let pending = field("IRR").and_then(|v| v.split_whitespace().next()?.parse().ok());
+    (halted && if_set && idle).then_some(pending).flatten()
 }
 
 impl Drop for Monitor {
@@ -116,6 +177,33 @@ fn plain(text: &str) -> String {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_halted_cpu_with_an_interrupt_pending_is_stuck() {
+        let regs = "RIP=ffffffff81a592eb RFL=00000206 [-----P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n";
+        let lapic = "Timer\t DCR=0x3 current_count = 0\nISR\t (none)\nIRR\t 236\n";
+        assert_eq!(stuck(&format!("{regs}{lapic}")), Some(236));
+        // Running, interrupts off, serving one, or nothing pending: not stuck.
+        assert_eq!(
+            stuck(&format!("{}{lapic}", regs.replace("HLT=1", "HLT=0"))),
+            None
+        );
+        assert_eq!(
+            stuck(&format!("{}{lapic}", regs.replace("00000206", "00000006"))),
+            None
+        );
+        assert_eq!(
+            stuck(&format!("{regs}{}", lapic.replace("(none)", "236"))),
+            None
+        );
+        assert_eq!(
+            stuck(&format!(
+                "{regs}{}",
+                lapic.replace("IRR\t 236", "IRR\t (none)")
+            )),
+            None
+        );
+    }
 
     #[test]
     fn escapes_and_carriage_returns_are_removed() {
