@@ -42,7 +42,18 @@ pub fn landlock() -> bool {
 /// `nestvm_vmm::jail`): limits, and the rules that let its threads reach
 /// `vm_dir` (a managed VM's directory) and the disk images only.
 pub fn prepare_jail(config: &nestvm_vmm::VmConfig, vm_dir: Option<&Path>) -> Result<(), Failure> {
-    let disk_size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // Where its end is: a block device's metadata says 0 (its checkpoint
+    // copy is as large as the device). Opened without blocking.
+    let disk_size = |p: &Path| {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(p)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .unwrap_or(0)
+    };
     let plan = nestvm_vmm::jail::Plan {
         vm_dir: vm_dir.map(Path::to_owned),
         disks: config

@@ -13,6 +13,11 @@ use std::time::Duration;
 use common::{guest, kvm_or_skip, StateEnv};
 use nestvm_guests::{ticker, Ending};
 
+/// The device's size: larger than the VM's memory by more than the VMM's
+/// file-size limit allows for, so a checkpoint's copy of it is only
+/// possible if that limit counts the device's size.
+const DEVICE: usize = 128 << 20;
+
 /// A loop device over a scratch image, detached on drop.
 struct LoopDevice {
     dev: PathBuf,
@@ -22,7 +27,7 @@ struct LoopDevice {
 impl LoopDevice {
     fn attach(fill: u8) -> Option<Self> {
         let image = common::scratch("loop").join("backing.img");
-        std::fs::write(&image, vec![fill; 1 << 20]).unwrap();
+        std::fs::write(&image, vec![fill; DEVICE]).unwrap();
         let out = std::process::Command::new("losetup")
             .args(["-f", "--show"])
             .arg(&image)
@@ -97,11 +102,11 @@ fn a_loop_device_is_a_disk_through_runs_checkpoints_and_restores() {
     let copy = std::fs::read(e.dir.join("vms/t/checkpoints/a/disk-0.img"));
     assert_eq!(
         copy.ok().map(|c| c.len()),
-        Some(1 << 20),
+        Some(DEVICE),
         "the copy is the device's size"
     );
     // Changed behind the checkpoint's back, then restored.
-    std::fs::write(&lo.dev, vec![0xc3; 1 << 20]).unwrap();
+    std::fs::write(&lo.dev, vec![0xc3; DEVICE]).unwrap();
     assert!(lo.contents().iter().all(|&b| b == 0xc3));
     assert!(e
         .ok(&["vm", "restore", "t", "a"])
