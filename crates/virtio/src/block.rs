@@ -366,6 +366,10 @@ impl Backend for Block {
         Ok(())
     }
 
+    fn image(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn kind(&self) -> &'static str {
         "block"
     }

@@ -122,6 +122,11 @@ pub trait Backend: Send {
     fn reclaim(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
+    /// The host file behind the device (a disk's image), for a checkpoint
+    /// to copy: the VMM may no longer be able to open it by name.
+    fn image(&self) -> Option<&std::fs::File> {
+        None
+    }
     /// The guest notified `queue` (or the device's last turn on it left
     /// work, [`Served::more`]): serves a bounded amount of it.
     fn process_queue(&mut self, queue: usize, queues: &mut [Queue], mem: &Memory) -> Served;

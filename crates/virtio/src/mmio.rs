@@ -730,6 +730,8 @@ pub trait Inspect: Send {
     fn release(&mut self) -> Result<(), BackendError>;
     /// See [`Backend::reclaim`].
     fn reclaim(&mut self) -> Result<(), BackendError>;
+    /// A new descriptor of [`Backend::image`], if the device has one.
+    fn image(&self) -> Option<std::io::Result<std::fs::File>>;
     /// See [`MmioDevice::freeze`].
     fn freeze(&mut self);
     /// See [`MmioDevice::thaw`].
@@ -745,6 +747,9 @@ impl<B: Backend> Inspect for MmioDevice<B> {
     }
     fn reclaim(&mut self) -> Result<(), BackendError> {
         self.backend.reclaim()
+    }
+    fn image(&self) -> Option<std::io::Result<std::fs::File>> {
+        self.backend.image().map(std::fs::File::try_clone)
     }
     fn freeze(&mut self) {
         MmioDevice::freeze(self)

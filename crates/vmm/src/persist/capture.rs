@@ -117,7 +117,17 @@ pub(crate) fn checkpoint_vm(
             source,
         }
     })?;
-    let meta = crate::persist::checkpoint::take(snap, p.memory, root, name, parent)?;
+    // Disks come first among the devices, in the definition's order.
+    let images: Vec<_> = p
+        .virtio
+        .iter()
+        .take(p.config.disks.len())
+        .map(|d| {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.image().and_then(Result::ok)
+        })
+        .collect();
+    let meta = crate::persist::checkpoint::take(snap, p.memory, &images, root, (name, parent))?;
     Ok((meta, vcpus_in_guest_mode))
 }
 

@@ -150,13 +150,14 @@ pub fn check_new_name(root: &Path, name: &str) -> Result<(), NameRefusal> {
 
 /// Takes checkpoint `name` of the paused VM described by `snap` with memory
 /// `mem`, as a child of `parent`, under `root`: written into `NAME.tmp`,
-/// fsynced, then published in one rename.
+/// fsynced, then published in one rename. `images` are the VMM's open
+/// descriptors of its disk images, by disk (one missing is opened by name).
 pub fn take(
     mut snap: crate::persist::VmSnapshot,
     mem: &Memory,
+    images: &[Option<File>],
     root: &Path,
-    name: &str,
-    parent: Option<&str>,
+    (name, parent): (&str, Option<&str>),
 ) -> Result<Meta, PersistError> {
     check_new_name(root, name)?;
     let dir = root.join(name);
@@ -186,7 +187,13 @@ pub fn take(
             let path = d.path.clone();
             move |source| PersistError::Disk { what, path, source }
         };
-        crate::persist::disks::copy_out(&d.path, &copy).map_err(disk_err("copy"))?;
+        let opened = match images.get(i) {
+            Some(Some(f)) => f.try_clone(),
+            _ => File::open(&d.path),
+        };
+        opened
+            .and_then(|src| crate::persist::disks::copy_out(&src, &copy))
+            .map_err(disk_err("copy"))?;
         File::open(&copy)
             .and_then(|f| f.sync_all())
             .map_err(disk_err("sync the copy of"))?;

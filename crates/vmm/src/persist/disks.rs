@@ -87,20 +87,44 @@ pub fn restore_disks(dir: &Path, disks: &[DiskConfig]) -> Result<(), PersistErro
     Ok(())
 }
 
-/// Copies disk `image` to `copy` (a new file, 0600) for a checkpoint: a
-/// regular file with `std::fs::copy`, which shares blocks where the
-/// filesystem can; a block device by reading it through.
-pub(crate) fn copy_out(image: &Path, copy: &Path) -> std::io::Result<()> {
-    if !is_block_device(image) {
-        return std::fs::copy(image, copy).map(drop);
-    }
-    let mut src = File::open(image)?;
-    let mut out = OpenOptions::new()
+/// Copies disk image `src` (the VMM's own descriptor of it: a VMM that gave
+/// up root may not be able to open it again by name) to `copy`, a new file
+/// (0600), for a checkpoint. The kernel copies it (sharing blocks where the
+/// filesystem can) at explicit offsets, so the device's reads and writes,
+/// which name theirs, are not disturbed; where it cannot, it is read through.
+pub(crate) fn copy_out(src: &File, copy: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    // A block device's size is where its end is (its metadata says 0).
+    let len = (&*src).seek(SeekFrom::End(0))?;
+    let out = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(copy)?;
-    std::io::copy(&mut src, &mut out).map(drop)
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        let (mut from, mut to) = (at, at);
+        let want = (len - at as u64).min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut from), &out, Some(&mut to), want) {
+            Ok(0) => break,
+            Ok(n) => at += n as i64,
+            Err(Errno::EXDEV | Errno::ENOSYS | Errno::EINVAL | Errno::EOPNOTSUPP) => {
+                let mut buf = vec![0u8; 1 << 20];
+                while (at as u64) < len {
+                    let n = src.read_at(&mut buf, at as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    out.write_all_at(&buf[..n], at as u64)?;
+                    at += n as i64;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.set_len(at as u64)
 }
 
 fn is_block_device(path: &Path) -> bool {
