@@ -1,6 +1,6 @@
 //! The control API's request parsing, as a hostile client drives it: a
-//! request head's first line, the route it picks, and the query parsed into
-//! a typed request. Whatever the bytes, each step answers a value or a
+//! request head's first line and secret header, the route it picks, and
+//! the query parsed into a typed request. Whatever the bytes, each step answers a value or a
 //! refusal with an HTTP status of 400, 404 or 405; nothing panics.
 
 #![no_main]
@@ -9,9 +9,10 @@ use libfuzzer_sys::fuzz_target;
 use nestvm_vmm::api::{parse_head, parse_query, route, Request};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok((method, path)) = parse_head(data) else {
+    let Ok(head) = parse_head(data) else {
         return;
     };
+    let (method, path) = (head.method, head.target);
     let action = match route(&method, &path) {
         Ok(a) => a,
         Err(r) => {
@@ -19,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    match Request::parse(action, &parse_query(&path)) {
+    match Request::parse(action, &parse_query(&path), head.secret.as_deref()) {
         Ok(r) => {
             let _ = format!("{r:?}");
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nestvm_manager::{Store, VmName, VmState};
-use nestvm_vmm::api::{call, ApiError, CallError, RunState, VmInfo};
+use nestvm_vmm::api::{ApiError, CallError, RunState, VmInfo};
 use nestvm_vmm::migration::Progress;
 use serde::de::DeserializeOwned;
 
@@ -87,7 +87,18 @@ pub fn request<T: DeserializeOwned>(
     timeout: Duration,
     expect: u16,
 ) -> Result<Answer<T>, ReplyError> {
-    let (status, body) = call(socket, method, path, timeout).map_err(ReplyError::Call)?;
+    request_with(socket, (method, path, &[]), timeout, expect)
+}
+
+/// [`request`] of `(method, path, headers)`.
+pub fn request_with<T: DeserializeOwned>(
+    socket: &Path,
+    (method, path, headers): (&str, &str, &[(&str, &str)]),
+    timeout: Duration,
+    expect: u16,
+) -> Result<Answer<T>, ReplyError> {
+    let (status, body) = nestvm_vmm::api::call_with(socket, method, path, headers, timeout)
+        .map_err(ReplyError::Call)?;
     if status == expect {
         return decode(body, status, method, path).map(Answer::Done);
     }

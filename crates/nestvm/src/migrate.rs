@@ -252,6 +252,7 @@ pub fn incoming(
         key: &key,
         wait: how.wait,
         placement: how.placement,
+        landlock: crate::common::landlock(),
     };
     let arrived = receive::receive(&listener, &terms, hv, console, &say)
         .map_err(|e| runtime(anyhow::Error::new(e).context("the migration failed")))?;
@@ -361,26 +362,27 @@ pub fn migrate(
     if to.contains(['&', '?', ' ', '#']) {
         return Err(usage(anyhow!("'{to}' is not HOST:PORT")));
     }
-    // Checked here for a clear usage error; the VMM reads it itself.
-    read_secret(token_file)?;
-    let token_file = std::path::absolute(token_file).map_err(runtime)?;
-    let token_file = token_file.to_str().ok_or_else(|| {
-        usage(anyhow!(
-            "the migration secret's path {} is not UTF-8: move the file",
-            token_file.display()
-        ))
-    })?;
+    // Read here, and sent in a header of the request (never its URL): a VMM
+    // that gave up root may not be able to read the file.
+    let key = read_secret(token_file)?.hex();
     let p = VmDir::of(store, name);
     let path = format!(
-        "/v1/vm/migrate?to={to}&token_file={}&max_downtime_ms={}&max_bandwidth={}&verify={}",
-        nestvm_vmm::api::percent_encode(token_file),
+        "/v1/vm/migrate?to={to}&max_downtime_ms={}&max_bandwidth={}&verify={}",
         limits.max_downtime.as_millis(),
         limits.max_bandwidth.unwrap_or(0),
         u8::from(limits.verify)
     );
+    let headers = [(nestvm_vmm::api::SECRET_HEADER, key.as_str())];
     // The reply is the migration's first progress; the loop below reads it.
-    control::done::<IgnoredAny>(&p.control, "PUT", &path, API_TIMEOUT, 202)
-        .map_err(|e| runtime(anyhow!("VM '{name}' was not migrated: {e}")))?;
+    let answer =
+        control::request_with::<IgnoredAny>(&p.control, ("PUT", &path, &headers), API_TIMEOUT, 202);
+    match answer {
+        Ok(control::Answer::Done(_)) => {}
+        Ok(control::Answer::Refused { error, .. }) => {
+            return Err(runtime(anyhow!("VM '{name}' was not migrated: {error}")))
+        }
+        Err(e) => return Err(runtime(anyhow!("VM '{name}' was not migrated: {e}"))),
+    }
     let last = follow(store, name, &p, json)?;
     let error = last.error.clone().unwrap_or_default();
     match last.phase {

@@ -99,6 +99,12 @@ impl Psk {
     }
 
     /// The file's text: hex digits and a newline.
+    /// The key as the 64 hex digits its file holds (for the API's secret
+    /// header; never for a URL, a log or a process's arguments).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn text(&self) -> String {
         let mut s: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
         s.push('\n');

@@ -24,13 +24,36 @@ pub fn call(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, serde_json::Value), CallError> {
+    call_with(socket, method, path, &[], timeout)
+}
+
+/// [`call`] with `headers` (name, value) in the request.
+pub fn call_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), CallError> {
+    if let Some((name, _)) = headers
+        .iter()
+        .find(|(n, v)| n.contains([':', '\r', '\n']) || v.contains(['\r', '\n']))
+    {
+        return Err(CallError::Protocol(format!(
+            "header {name:?} would break the request"
+        )));
+    }
     let unreachable = |e| CallError::Unreachable(socket.display().to_string(), e);
     let mut s = UnixStream::connect(socket).map_err(unreachable)?;
     s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
     s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\n{extra}Content-Length: 0\r\n\r\n"
     )
     .map_err(unreachable)?;
     let mut text = String::new();

@@ -24,12 +24,15 @@ mod client;
 mod request;
 mod server;
 
-pub use client::{call, CallError};
+pub use client::{call, call_with, CallError};
 pub use request::{
     parse_query, percent_encode, route, Action, MigrateRequest, Refusal, Request,
     DEFAULT_MAX_DOWNTIME, MIN_BANDWIDTH,
 };
-pub use server::{parse_head, ApiServer, HeadError, Pending, Queue, Responder, REQUEST_DEADLINE};
+pub use server::{
+    parse_head, ApiServer, Head, HeadError, Pending, Queue, Responder, REQUEST_DEADLINE,
+    SECRET_HEADER,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -2,8 +2,8 @@
 //! pick an [`Action`] (or a 404/405 [`Refusal`]), and the query string is
 //! parsed into the action's parameters (or a 400). Runs on the API thread,
 //! so the controller only ever sees well-formed requests. A migration's
-//! secret is read here from the file the query names: the secret itself
-//! never travels in a URL.
+//! secret comes in a header ([`super::SECRET_HEADER`]) or is read here from
+//! the file the query names: the secret itself never travels in a URL.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +21,7 @@ pub const MIN_BANDWIDTH: u64 = 64 << 10;
 pub struct MigrateRequest {
     /// `HOST:PORT` of the receiver.
     pub to: String,
-    /// The migration secret, read from the file `token_file=` names.
+    /// The migration secret, from its header or the file `token_file=` names.
     pub key: Psk,
     /// The downtime budget.
     pub max_downtime: Duration,
@@ -110,7 +110,11 @@ pub enum Request {
 
 impl Request {
     /// The request `action` with the query's `key=value` pairs, or a 400.
-    pub fn parse(action: Action, query: &[(String, String)]) -> Result<Self, Refusal> {
+    pub fn parse(
+        action: Action,
+        query: &[(String, String)],
+        secret: Option<&str>,
+    ) -> Result<Self, Refusal> {
         let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
         let bad = |why: String| Refusal::new(400, why);
         Ok(match action {
@@ -136,13 +140,16 @@ impl Request {
                 ),
                 None => return Err(bad("no size given (size=BYTES or size=auto)".into())),
             }),
-            Action::Migrate => Self::Migrate(migrate(&get)?),
+            Action::Migrate => Self::Migrate(migrate(&get, secret)?),
         })
     }
 }
 
 /// The parameters of `PUT /v1/vm/migrate`.
-fn migrate<'a>(get: &dyn Fn(&str) -> Option<&'a str>) -> Result<MigrateRequest, Refusal> {
+fn migrate<'a>(
+    get: &dyn Fn(&str) -> Option<&'a str>,
+    secret: Option<&str>,
+) -> Result<MigrateRequest, Refusal> {
     let bad = |why: String| Refusal::new(400, why);
     let to = get("to").ok_or_else(|| bad("no destination given (to=HOST:PORT)".into()))?;
     if get("token").is_some() {
@@ -151,11 +158,34 @@ fn migrate<'a>(get: &dyn Fn(&str) -> Option<&'a str>) -> Result<MigrateRequest, 
                 .into(),
         ));
     }
-    let file = get("token_file")
-        .map(Path::new)
-        .filter(|p| p.is_absolute())
-        .ok_or_else(|| bad("no migration secret given (token_file=ABSOLUTE-PATH)".into()))?;
-    let key = secret::read(file).map_err(|e| bad(crate::persist::capture::chain_text(&e)))?;
+    let key = match (secret, get("token_file")) {
+        (Some(_), Some(_)) => {
+            return Err(bad(format!(
+                "the secret is given twice ({} and token_file=): give one",
+                super::SECRET_HEADER
+            )))
+        }
+        // A VMM that gave up root may not be able to read the file: its
+        // owner's client reads it and sends the secret itself.
+        (Some(text), None) => secret::parse(text).map_err(|why| {
+            bad(format!(
+                "the {} header is no migration secret: {why}",
+                super::SECRET_HEADER
+            ))
+        })?,
+        (None, file) => {
+            let file = file
+                .map(Path::new)
+                .filter(|p| p.is_absolute())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no migration secret given (token_file=ABSOLUTE-PATH or the {} header)",
+                        super::SECRET_HEADER
+                    ))
+                })?;
+            secret::read(file).map_err(|e| bad(crate::persist::capture::chain_text(&e)))?
+        }
+    };
     let max_downtime = match get("max_downtime_ms") {
         None => DEFAULT_MAX_DOWNTIME,
         Some(v) => Duration::from_millis(v.parse().map_err(|_| {
@@ -295,7 +325,7 @@ mod tests {
     use super::*;
 
     fn parse(action: Action, query: &str) -> Result<Request, Refusal> {
-        Request::parse(action, &parse_query(&format!("/x?{query}")))
+        Request::parse(action, &parse_query(&format!("/x?{query}")), None)
     }
 
     #[test]
@@ -390,6 +420,30 @@ mod tests {
             let r = parse(action, query).unwrap_err();
             assert_eq!(r.status, 400, "{query}");
             assert!(r.error.contains(says), "{query}: {}", r.error);
+        }
+    }
+
+    /// The secret in its header, as `nestvm vm migrate` sends it to a VMM
+    /// that cannot read the file; a bad one, or a second one, is refused.
+    #[test]
+    fn a_migration_secret_comes_in_its_header_or_a_file_not_both() {
+        let key = Psk::random().unwrap();
+        let hex = key.hex();
+        let query = parse_query("/x?to=h:1");
+        let Ok(Request::Migrate(m)) = Request::parse(Action::Migrate, &query, Some(&hex)) else {
+            panic!("a secret in its header refused")
+        };
+        assert_eq!(m.key, key);
+        let both = parse_query("/x?to=h:1&token_file=/x");
+        let weak = "ab".repeat(32);
+        for (q, secret, says) in [
+            (&both, hex.as_str(), "given twice"),
+            (&query, "00ff", "no migration secret: not 64 hex"),
+            (&query, weak.as_str(), "too regular"),
+        ] {
+            let r = Request::parse(Action::Migrate, q, Some(secret)).unwrap_err();
+            assert_eq!(r.status, 400);
+            assert!(r.error.contains(says), "{secret}: {}", r.error);
         }
     }
 

@@ -107,8 +107,8 @@ pub enum HeadError {
     NotHttp(String),
 }
 
-/// Reads a request head, all of it before `deadline`; returns (method, path).
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, String), HeadError> {
+/// Reads a request head, all of it before `deadline`.
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Head, HeadError> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -138,15 +138,40 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(String, S
     parse_head(&buf)
 }
 
-/// The method and path of a request head's first line.
-pub fn parse_head(head: &[u8]) -> Result<(String, String), HeadError> {
+/// The header that carries a migration's secret (never a URL).
+pub const SECRET_HEADER: &str = "Nestvm-Migration-Secret";
+
+/// What the server reads of a request head.
+#[derive(Debug)]
+pub struct Head {
+    /// The request line's method.
+    pub method: String,
+    /// Its path and query.
+    pub target: String,
+    /// The [`SECRET_HEADER`]'s value, if the head has one.
+    pub secret: Option<String>,
+}
+
+/// The request line of a head, and the one header the API reads.
+pub fn parse_head(head: &[u8]) -> Result<Head, HeadError> {
     let head = String::from_utf8_lossy(head);
-    let line = head.lines().next().unwrap_or_default();
+    let mut lines = head.lines();
+    let line = lines.next().unwrap_or_default();
     let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/1.") => Ok((m.to_owned(), p.to_owned())),
-        _ => Err(HeadError::NotHttp(line.chars().take(80).collect())),
-    }
+    let (method, target) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/1.") => (m.to_owned(), p.to_owned()),
+        _ => return Err(HeadError::NotHttp(line.chars().take(80).collect())),
+    };
+    let secret = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(SECRET_HEADER))
+        .map(|(_, v)| v.trim().to_owned());
+    Ok(Head {
+        method,
+        target,
+        secret,
+    })
 }
 
 /// The control API's server: a thread that accepts and reads requests, and
@@ -200,9 +225,9 @@ fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
         let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
         let routed = read_request(&mut stream, Instant::now() + REQUEST_DEADLINE)
             .map_err(|e| Refusal::new(400, e.to_string()))
-            .and_then(|(m, p)| {
-                let action = route(&m, &p)?;
-                Request::parse(action, &parse_query(&p))
+            .and_then(|h| {
+                let action = route(&h.method, &h.target)?;
+                Request::parse(action, &parse_query(&h.target), h.secret.as_deref())
             });
         match routed {
             Ok(request) => {
@@ -270,6 +295,22 @@ fn test_server(
 mod tests {
     use super::*;
     use crate::api::{call, RunState, VmInfo};
+
+    #[test]
+    fn the_head_gives_its_request_line_and_secret_header_only() {
+        let h = parse_head(
+            b"PUT /v1/vm/migrate?to=h:1 HTTP/1.1\r\nHost: x\r\nnestvm-migration-secret:  ab12 \r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str(), h.secret.as_deref()),
+            ("PUT", "/v1/vm/migrate?to=h:1", Some("ab12"))
+        );
+        // Nothing past the head's end is a header.
+        let h = parse_head(b"GET /v1/vm HTTP/1.1\r\n\r\nNestvm-Migration-Secret: x\r\n").unwrap();
+        assert_eq!(h.secret, None);
+        assert!(parse_head(b"GET /v1/vm\r\n\r\n").is_err());
+    }
 
     #[test]
     fn server_queues_good_requests_and_answers_bad_ones() {

@@ -104,6 +104,9 @@ pub struct Terms<'a> {
     pub wait: Duration,
     /// Where the VM's disks and TAPs are on this host.
     pub placement: &'a Placement,
+    /// Whether handshakes run under Landlock, reaching no file
+    /// (`--landlock`).
+    pub landlock: bool,
 }
 
 /// Waits up to `terms.wait` for a sender holding the key on `listener`,
@@ -117,7 +120,7 @@ pub fn receive(
     console: Box<dyn Write + Send>,
     say: &dyn Fn(&str),
 ) -> Result<Arrived, MigrationError> {
-    let mut s = authenticated(listener, terms.key, terms.wait, say)?;
+    let mut s = authenticated(listener, terms, say)?;
     let result = take_vm(&mut s, terms.placement, hv, console, say);
     // The sender hears why, unless the stream itself is gone.
     if let Err(e) = &result {
@@ -191,10 +194,10 @@ type Handshake = (String, Result<Channel<TcpStream>, channel::ChannelError>);
 /// their deadline do not hold up the real sender behind them.
 fn authenticated(
     listener: &TcpListener,
-    key: &Psk,
-    wait: Duration,
+    terms: &Terms<'_>,
     say: &dyn Fn(&str),
 ) -> Result<Channel<TcpStream>, MigrationError> {
+    let (key, wait) = (terms.key, terms.wait);
     let deadline = Instant::now() + wait;
     listener
         .set_nonblocking(true)
@@ -223,7 +226,8 @@ fn authenticated(
             Ok((s, peer)) if in_flight < MAX_HANDSHAKES => {
                 log::info!("migration: connection from {peer}");
                 in_flight += 1;
-                handshake(s, peer.to_string(), key.clone(), done.clone());
+                let peer = (peer.to_string(), terms.landlock);
+                handshake(s, peer, key.clone(), done.clone());
             }
             Ok((_, peer)) => say(&format!(
                 "dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes are under way"
@@ -237,15 +241,22 @@ fn authenticated(
 }
 
 /// Runs the receiver's half of the handshake with `s` in a thread, which
-/// reports to `done` (to nobody if a sender was chosen meanwhile).
-fn handshake(s: TcpStream, peer: String, key: Psk, done: mpsc::Sender<Handshake>) {
+/// reports to `done` (to nobody if a sender was chosen meanwhile). The
+/// thread can open no file (with Landlock): a stranger's bytes reach it.
+fn handshake(
+    s: TcpStream,
+    (peer, landlock): (String, bool),
+    key: Psk,
+    done: mpsc::Sender<Handshake>,
+) {
     let (report, who) = (done.clone(), peer.clone());
     let spawned = std::thread::Builder::new()
         .name("migrate-handshake".into())
         .spawn(move || {
-            let result = s
-                .set_nonblocking(false)
-                .map_err(channel::ChannelError::Io)
+            let confined = crate::jail::enter_no_files(landlock)
+                .map_err(|e| channel::ChannelError::Io(std::io::Error::other(e)));
+            let result = confined
+                .and_then(|_| s.set_nonblocking(false).map_err(channel::ChannelError::Io))
                 .and_then(|()| {
                     let _ = s.set_nodelay(true);
                     channel::respond(s, &key, HANDSHAKE_TIMEOUT, IO_TIMEOUT)
