@@ -265,17 +265,26 @@ pub struct VmConfig {
 impl VmConfig {
     /// Reads `file` (if any), applies `over`, fills defaults and validates.
     pub fn resolve(file: Option<&Path>, over: Overrides) -> Result<Self, ConfigError> {
-        let base = match file {
+        match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
                 })?;
-                let mut cfg: FileConfig =
-                    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: e.message().replace('\n', " "),
-                    })?;
+                Self::resolve_text(Some((path, &text)), over)
+            }
+            None => Self::resolve_text(None, over),
+        }
+    }
+
+    /// [`VmConfig::resolve`] of a file already read: `text`, read from `path`.
+    pub fn resolve_text(file: Option<(&Path, &str)>, over: Overrides) -> Result<Self, ConfigError> {
+        let base = match file {
+            Some((path, text)) => {
+                let mut cfg: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.message().replace('\n', " "),
+                })?;
                 // Relative paths in a file are relative to the file.
                 let dir = path.parent().unwrap_or(Path::new("."));
                 let disks = cfg.disk.iter_mut().flatten().map(|d| &mut d.path);

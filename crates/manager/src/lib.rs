@@ -11,10 +11,14 @@
 //! - [`checkpoints`]: a VM's checkpoint tree as bookkeeping: its folder,
 //!   the `CURRENT` pointer, listing, the name rule, and removing a
 //!   checkpoint by folding its pages into its children.
+//! - [`ownership`]: a VM's directory handed to the user a root-started VMM
+//!   becomes, and taken back (checked for what that user planted) before
+//!   root reads it again.
 
 pub mod checkpoints;
 pub mod lock;
 pub mod name;
+pub mod ownership;
 pub mod store;
 
 pub use checkpoints::{CheckpointError, Checkpoints};

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// A lock.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A VM's directory that its unprivileged VMM left unsafe for root.
+    #[error(transparent)]
+    Ownership(#[from] crate::ownership::OwnershipError),
     /// A directory nestvm would keep VMs in that other users can write.
     #[error("{} can be written by other users (mode {mode:o}): nestvm keeps VMs only where their owner alone can write; run 'chmod go-w {}' or use another --state-dir", path.display(), path.display())]
     SharedDir {
@@ -136,6 +139,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Reads the file at `path`, which must be this user's own and not a link:
+/// a definition is trusted, and the directory it is in may belong to the
+/// user a VMM became while that VMM runs.
+fn read_own(path: &Path) -> Result<String, StoreError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io("read", path))?;
+    let m = f.metadata().map_err(io("inspect", path))?;
+    if !m.is_file() {
+        return Err(crate::ownership::OwnershipError::Planted {
+            path: path.to_owned(),
+            what: "not a plain file",
+        }
+        .into());
+    }
+    if m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(crate::ownership::OwnershipError::Replaced {
+            path: path.to_owned(),
+            owner: m.uid(),
+        }
+        .into());
+    }
+    let mut text = String::new();
+    f.take(MAX_DEFINITION)
+        .read_to_string(&mut text)
+        .map_err(io("read", path))?;
+    Ok(text)
+}
+
+/// A definition is a few hundred bytes; nothing past this is read.
+const MAX_DEFINITION: u64 = 1 << 20;
 
 /// Makes `path` (and its missing parents) private to this user, or checks
 /// the one already there. An existing directory is never chmodded: one that
@@ -228,10 +267,33 @@ impl Store {
         }
     }
 
-    /// Takes the command lock of `name` (waiting for another command to finish).
+    /// Takes the command lock of `name` (waiting for another command to
+    /// finish). As root, a VM whose VMM does not run is taken back from the
+    /// user its last VMM became ([`Store::reclaim`]).
     pub fn lock(&self, name: &VmName) -> Result<Held, StoreError> {
         self.must_exist(name)?;
-        Ok(lock::lock(&self.vm_dir(name).join("lock"), true)?)
+        let held = lock::lock(&self.vm_dir(name).join("lock"), true)?;
+        if self.state(name) != VmState::Live {
+            self.reclaim(name)?;
+        }
+        Ok(held)
+    }
+
+    /// As root, takes VM `name`'s directory back from the unprivileged user
+    /// its VMM ran as, refusing one where that user planted what nestvm
+    /// never makes (see [`crate::ownership`]); as anyone else, nothing (no
+    /// VMM of theirs ran as another user). Only while no VMM runs it.
+    pub fn reclaim(&self, name: &VmName) -> Result<(), StoreError> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(());
+        }
+        Ok(crate::ownership::reclaim(&self.vm_dir(name))?)
+    }
+
+    /// Gives VM `name`'s directory to `uid`:`gid`, the user its VMM is about
+    /// to become, all but its definition and locks.
+    pub fn hand_over(&self, name: &VmName, uid: u32, gid: u32) -> Result<(), StoreError> {
+        Ok(crate::ownership::hand_over(&self.vm_dir(name), uid, gid)?)
     }
 
     /// Stores a new VM.
@@ -278,7 +340,9 @@ impl Store {
     /// Reads a VM's definition.
     pub fn load(&self, name: &VmName) -> Result<VmConfig, StoreError> {
         self.must_exist(name)?;
-        VmConfig::resolve(Some(&self.definition(name)), Overrides::default()).map_err(|source| {
+        let path = self.definition(name);
+        let text = read_own(&path)?;
+        VmConfig::resolve_text(Some((&path, &text)), Overrides::default()).map_err(|source| {
             StoreError::Config {
                 name: name.clone(),
                 source,

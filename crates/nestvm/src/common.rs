@@ -23,6 +23,55 @@ pub fn seccomp() -> nestvm_vmm::seccomp::Mode {
     SECCOMP.get().copied().unwrap_or_default()
 }
 
+/// Who a VMM started as root becomes: `--vmm-user`, else
+/// `$NESTVM_VMM_USER`, else `nobody`; `root` keeps root's rights. Set once
+/// by `main`.
+static VMM_USER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The default of `--vmm-user`.
+pub const DEFAULT_VMM_USER: &str = "nobody";
+
+/// Records who this process's VMMs become if they run as root.
+pub fn set_vmm_user(spec: String) {
+    let _ = VMM_USER.set(spec);
+}
+
+/// `--vmm-user` as given (or its default), for the VMMs this process starts.
+pub fn vmm_user_spec() -> &'static str {
+    VMM_USER.get().map_or(DEFAULT_VMM_USER, String::as_str)
+}
+
+/// The user a VMM of this process becomes once its VM is built: `None`
+/// when it does not run as root (it has nothing to give up) or was told to
+/// stay root.
+pub fn vmm_user() -> Result<Option<nestvm_vmm::privileges::VmmUser>, Failure> {
+    let spec = vmm_user_spec();
+    if !nestvm_vmm::privileges::is_root() || spec == "root" {
+        return Ok(None);
+    }
+    match nestvm_vmm::privileges::VmmUser::resolve(spec) {
+        Ok(u) => Ok(Some(u)),
+        // A host without a user database (a minimal image): nobody's
+        // customary numbers.
+        Err(nestvm_vmm::privileges::PrivilegeError::NoUser(_)) if spec == DEFAULT_VMM_USER => {
+            Ok(Some(nestvm_vmm::privileges::VmmUser {
+                name: DEFAULT_VMM_USER.to_owned(),
+                uid: 65534,
+                gid: 65534,
+            }))
+        }
+        Err(e) => Err(usage(anyhow::Error::new(e))),
+    }
+}
+
+/// Becomes `user` (if any): the last step before the VM's threads start.
+pub fn drop_privileges(user: Option<&nestvm_vmm::privileges::VmmUser>) -> Result<(), Failure> {
+    match user {
+        Some(u) => nestvm_vmm::privileges::drop_to(u).map_err(|e| runtime(anyhow::Error::new(e))),
+        None => Ok(()),
+    }
+}
+
 /// Whether this command's VMMs confine their view of the filesystem with
 /// Landlock: `--landlock`, else `$NESTVM_LANDLOCK`, else on. Set once by
 /// `main`.

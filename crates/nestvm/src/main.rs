@@ -61,6 +61,9 @@ struct Cli {
     /// The VMM's Landlock rules (its threads reach only the VM's directory and disks): on, off [default: on, or $NESTVM_LANDLOCK].
     #[arg(long, global = true, value_name = "on|off", value_parser = ["on", "off"])]
     landlock: Option<String>,
+    /// Run as root, the VMM becomes this user once its VM is built (USER[:GROUP] or UID:GID; root keeps root's rights) [default: nobody, or $NESTVM_VMM_USER].
+    #[arg(long, global = true, value_name = "USER[:GROUP]")]
+    vmm_user: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -146,6 +149,17 @@ fn main() -> ExitCode {
                 "nestvm: error: NESTVM_LANDLOCK: '{other}' is not on or off; set it to on or off"
             );
             return ExitCode::from(2);
+        }
+    }
+    // One given is checked now (a usage error); the default when a VMM starts.
+    if let Some(spec) = cli
+        .vmm_user
+        .or_else(|| std::env::var("NESTVM_VMM_USER").ok())
+    {
+        common::set_vmm_user(spec);
+        if let Err(Failure { code, error }) = common::vmm_user() {
+            eprintln!("nestvm: error: {error}");
+            return ExitCode::from(code);
         }
     }
     let result = match cli.command {

@@ -130,6 +130,7 @@ pub fn spawn_serve(
                 "off"
             }
         ))
+        .arg(format!("--vmm-user={}", crate::common::vmm_user_spec()))
         .args(["vm", "serve", name.as_str()])
         .args(extra)
         .stdin(Stdio::null())

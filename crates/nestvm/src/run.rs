@@ -102,6 +102,7 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
         VmConfig::resolve(args.config.as_deref(), args.settings.overrides()?).map_err(usage)?;
     // A bad kernel is a usage error, said before KVM is even opened.
     open_kernel(&config.kernel)?;
+    let user = crate::common::vmm_user()?;
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
     let (expose, notice) = resolve_nested(config.nested, &hv)?;
     crate::common::prepare_jail(&config, None)?;
@@ -120,6 +121,9 @@ pub fn run_vm(args: RunArgs) -> Result<u8, Failure> {
     } else {
         None
     };
+    // Everything only root may open is open: give up root before the first
+    // thread starts and the guest runs.
+    crate::common::drop_privileges(user.as_ref())?;
     let outcome = run(
         vm,
         Console {

@@ -115,9 +115,13 @@ fn build_vm(
 
 /// `vm serve`: the detached VMM process of a managed VM.
 pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
+    let vm_dir = store.vm_dir(name);
     let p = VmDir::of(store, name);
     let _running = lock::lock(&p.run_lock, false)
         .map_err(|_| runtime(anyhow!("VM '{name}' is already running")))?;
+    // What the last VMM left, checked and taken back before root reads it.
+    store.reclaim(name).map_err(store_err)?;
+    let user = crate::common::vmm_user()?;
     // An arriving VM brings its definition with it.
     let config = match from {
         From::Incoming { .. } => None,
@@ -125,31 +129,50 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
     };
     std::fs::write(&p.pid, format!("{}\n", std::process::id())).map_err(runtime)?;
     // The jail's rules name the VM's directory and disks: an arriving VM's
-    // are known only once its sender has said them (it runs unjailed).
+    // are known only once its sender has said them (its jail comes then).
     if let Some(c) = &config {
-        crate::common::prepare_jail(c, Some(&store.vm_dir(name)))?;
+        crate::common::prepare_jail(c, Some(&vm_dir))?;
     }
     let hv = Hypervisor::open().map_err(cannot_run_vms)?;
-    let saved = p.saved.clone();
-    let checkpoints = store.checkpoints(name).root().to_owned();
+    // From here on the VMM names its own files relative to its directory,
+    // which is all it can reach once it is no longer root.
+    std::env::set_current_dir(&vm_dir)
+        .map_err(|e| runtime(anyhow!("cannot enter {}: {e}", vm_dir.display())))?;
+    let here = VmDir::here();
     let resuming = match from {
         From::Checkpoint(_) => true,
-        From::Definition => saved.exists(),
+        From::Definition => here.saved.exists(),
         From::Incoming { .. } => false,
     };
     // A guest decides how much it prints and makes its VMM log: both files
     // are rotated at the definition's caps (an arriving VM's defaults until
     // its definition is here).
     let limits = config.as_ref().map(|c| c.logs).unwrap_or_default();
-    nestvm_vmm::logfile::cap_stderr(&p.log, limits.vmm);
+    nestvm_vmm::logfile::cap_stderr(&here.log, limits.vmm);
     // A resumed VM's console log goes on where it stopped.
-    let console_log = RotatingFile::open(&p.console_log, limits.console, resuming)
+    let console_log = RotatingFile::open(&here.console_log, limits.console, resuming)
         .map_err(|e| runtime(anyhow!("cannot open {}: {e}", p.console_log.display())))?;
     let hub = ConsoleHub::new(Some(console_log));
+    let incoming = matches!(from, From::Incoming { .. });
     let (vm, arrival) = build_vm(store, name, &from, config, &hv, &hub)?;
-    let api = bind(&p.control)?;
-    let console = bind(&p.console)?;
-    eprintln!("nestvm: VM '{name}' running (pid {})", std::process::id());
+    if incoming {
+        crate::common::prepare_jail(&vm.config, Some(&vm_dir))?;
+    }
+    let api = bind(&here.control)?;
+    let console = bind(&here.console)?;
+    // Everything only root may open is open: give up root before the first
+    // thread starts and the guest runs.
+    if let Some(u) = &user {
+        store.hand_over(name, u.uid, u.gid).map_err(store_err)?;
+        crate::common::drop_privileges(Some(u))?;
+    }
+    eprintln!(
+        "nestvm: VM '{name}' running (pid {}{})",
+        std::process::id(),
+        user.as_ref()
+            .map(|u| format!(", as user {}", u.name))
+            .unwrap_or_default()
+    );
     let outcome = run(
         vm,
         Console {
@@ -160,9 +183,9 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
             handle_signals: true,
             api: Some(api),
             console_server: Some(ConsoleServer::new(console, hub)),
-            save_dir: Some(saved),
-            checkpoint_root: Some(checkpoints),
-            migration_report: Some(p.migration_report.clone()),
+            save_dir: Some(here.saved.clone()),
+            checkpoint_root: Some(Path::new(".").join("checkpoints")),
+            migration_report: Some(here.migration_report.clone()),
             start_paused: arrival.as_ref().is_some_and(|(running, _)| !running),
             on_started: arrival
                 .map(|(_, confirm)| Box::new(move || confirm.resumed()) as Box<dyn FnOnce()>),
@@ -170,7 +193,7 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
         },
     )
     .map_err(runtime);
-    for f in [&p.control, &p.console, &p.pid] {
+    for f in [&here.control, &here.console, &here.pid] {
         let _ = std::fs::remove_file(f);
     }
     let outcome = outcome?;

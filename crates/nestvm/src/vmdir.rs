@@ -31,7 +31,17 @@ pub struct VmDir {
 impl VmDir {
     /// Where VM `name`'s files are.
     pub fn of(store: &Store, name: &VmName) -> Self {
-        let d = store.vm_dir(name);
+        Self::at(&store.vm_dir(name))
+    }
+
+    /// The files of the VM whose directory is the current one, as paths
+    /// relative to it: a VMM that gave up root cannot pass through the
+    /// state directory above it, only work inside its own.
+    pub fn here() -> Self {
+        Self::at(Path::new("."))
+    }
+
+    fn at(d: &Path) -> Self {
         Self {
             control: d.join("control.sock"),
             console: d.join("console.sock"),

@@ -29,6 +29,9 @@
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
 //! - [`logfile`]: log files rotated at their cap, and a logger that no
 //!   guest can flood (a budget per call site).
+//! - [`seccomp`], [`jail`], [`privileges`]: the sandbox — each thread's
+//!   seccomp filter and Landlock ruleset, the process's limits, and giving
+//!   up root once the VM is built.
 
 pub mod api;
 pub mod balloon;
@@ -42,6 +45,7 @@ pub mod logfile;
 pub mod migration;
 mod outcome;
 pub mod persist;
+pub mod privileges;
 pub mod seccomp;
 pub mod secret;
 pub mod terminal;
