@@ -53,13 +53,15 @@ pub fn vmm_user() -> Result<Option<nestvm_vmm::privileges::VmmUser>, Failure> {
         Ok(u) => Ok(Some(u)),
         // A host without a user database (a minimal image): nobody's
         // customary numbers.
-        Err(nestvm_vmm::privileges::PrivilegeError::NoUser(_)) if spec == DEFAULT_VMM_USER => {
-            Ok(Some(nestvm_vmm::privileges::VmmUser {
-                name: DEFAULT_VMM_USER.to_owned(),
-                uid: 65534,
-                gid: 65534,
-            }))
-        }
+        Err(
+            nestvm_vmm::privileges::PrivilegeError::NoUser(_)
+            | nestvm_vmm::privileges::PrivilegeError::Lookup { .. }
+            | nestvm_vmm::privileges::PrivilegeError::NoGroup(_),
+        ) if spec == DEFAULT_VMM_USER => Ok(Some(nestvm_vmm::privileges::VmmUser {
+            name: DEFAULT_VMM_USER.to_owned(),
+            uid: 65534,
+            gid: 65534,
+        })),
         Err(e) => Err(usage(anyhow::Error::new(e))),
     }
 }
