@@ -9,6 +9,8 @@
 //! - [`net`]: virtio-net on a TAP (through [`net::FrameIo`]), with the
 //!   MAC-spoofing policy.
 //! - [`balloon`]: virtio-balloon, dynamic memory and runtime resize.
+//! - [`vsock`]: virtio-vsock, a host-to-guest channel over Unix sockets
+//!   ([`vsock_host`]; its packets: [`vsock_packet`]).
 //! - [`state`]: the typed, versioned state a backend carries in snapshots
 //!   ([`state::DeviceState`], one variant per device that has one).
 //! - [`worker`]: the event-loop side: queue notifications (ioeventfds) and
@@ -29,6 +31,9 @@ pub mod driver;
 pub mod mmio;
 pub mod net;
 pub mod state;
+pub mod vsock;
+pub mod vsock_host;
+pub mod vsock_packet;
 pub mod worker;
 
 use state::{DeviceState, StateError};
