@@ -3,7 +3,8 @@
 //! store of VMs (nestvm-manager) share it and nothing else.
 //!
 //! - this module: [`VmConfig`], [`Overrides`], sizes, [`NestedMode`];
-//! - [`adapters`]: disks, network adapters and the balloon.
+//! - [`adapters`]: disks, network adapters and the balloon;
+//! - [`vsock`]: the vsock device.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod adapters;
 pub mod logs;
+pub mod vsock;
 
 use crate::adapters::{AdapterError, BalloonConfig, DiskConfig, NetConfig};
 
@@ -71,6 +73,9 @@ pub enum ConfigError {
     /// A disk or network adapter setting.
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    /// A bad vsock device.
+    #[error(transparent)]
+    Vsock(#[from] vsock::VsockConfigError),
     /// The balloon's minimum is not within the VM's memory.
     #[error("balloon min {min_mib} MiB must be between {} MiB and the VM's memory ({memory_mib} MiB)", MIN_MEMORY >> 20)]
     BalloonMin {
@@ -204,6 +209,8 @@ struct FileConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     logs: Option<logs::FileLogs>,
     balloon: Option<BalloonConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vsock: Option<vsock::VsockConfig>,
     disk: Option<Vec<DiskConfig>>,
     net: Option<Vec<NetConfig>>,
 }
@@ -229,6 +236,8 @@ pub struct Overrides {
     pub nets: Option<Vec<NetConfig>>,
     /// `--balloon` (`Some(None)`: `--no-balloon`).
     pub balloon: Option<Option<BalloonConfig>>,
+    /// `--vsock` (`Some(None)`: `--no-vsock`).
+    pub vsock: Option<Option<vsock::VsockConfig>>,
     /// `--console-log-max`, unparsed.
     pub console_log_max: Option<String>,
     /// `--vmm-log-max`, unparsed.
@@ -260,6 +269,9 @@ pub struct VmConfig {
     /// How large its log files may grow (managed VMs).
     #[serde(default)]
     pub logs: logs::LogLimits,
+    /// The vsock device, if the VM has one.
+    #[serde(default)]
+    pub vsock: Option<vsock::VsockConfig>,
 }
 
 impl VmConfig {
@@ -324,6 +336,7 @@ impl VmConfig {
             disks: over.disks.or(base.disk).unwrap_or_default(),
             nets: over.nets.or(base.net).unwrap_or_default(),
             balloon: over.balloon.unwrap_or(base.balloon),
+            vsock: over.vsock.unwrap_or(base.vsock),
             logs: logs::LogLimits::from_file(base.logs.as_ref())?
                 .with(over.console_log_max.as_deref(), over.vmm_log_max.as_deref())?,
         };
@@ -344,9 +357,19 @@ impl VmConfig {
             disk: (!self.disks.is_empty()).then(|| self.disks.clone()),
             net: (!self.nets.is_empty()).then(|| self.nets.clone()),
             balloon: self.balloon.clone(),
+            vsock: self.vsock.clone(),
             logs: self.logs.to_file(),
         };
         toml::to_string(&file).map_err(ConfigError::Serialize)
+    }
+
+    /// How many virtio devices these settings make: disks, adapters, the
+    /// balloon, the vsock device.
+    pub fn device_count(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.vsock.is_some())
     }
 
     /// Applies `over` to these settings and validates the result.
@@ -364,6 +387,7 @@ impl VmConfig {
             disks: over.disks.unwrap_or_else(|| self.disks.clone()),
             nets: over.nets.unwrap_or_else(|| self.nets.clone()),
             balloon: over.balloon.unwrap_or_else(|| self.balloon.clone()),
+            vsock: over.vsock.unwrap_or_else(|| self.vsock.clone()),
             logs: self
                 .logs
                 .with(over.console_log_max.as_deref(), over.vmm_log_max.as_deref())?,
@@ -402,6 +426,13 @@ impl VmConfig {
             });
         }
         adapters::validate(&self.disks, &self.nets, self.balloon.as_ref())?;
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+            let total = self.device_count();
+            if total > adapters::MAX_DEVICES {
+                return Err(AdapterError::TooMany(total).into());
+            }
+        }
         self.logs.validate()?;
         if let Some(b) = &self.balloon {
             let min = b.min_bytes()?;
@@ -603,6 +634,7 @@ mod tests {
                 mac_spoofing: true,
             }],
             balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
+            vsock: Some(vsock::parse_vsock("cid=7,socket=/run/v.sock").unwrap()),
             logs: logs::LogLimits {
                 console: 1 << 20,
                 ..Default::default()

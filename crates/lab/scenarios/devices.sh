@@ -62,3 +62,25 @@ touch /srv/checked-second
 wait
 check dev2-exit-0 rc_is dev2 0
 check dev2-nothing-dropped [ "$(value dev2 tx_spoofed_dropped)" = 0 ]
+
+# vsock: Linux's driver in L2 against nestvm's device, each side opening a
+# connection. L1's listener for the guest is there before the VM starts;
+# L1 connects once the guest says it listens.
+(/nestvm/lab-vsock host-serve /tmp/vs.sock_5678 >/tmp/host-serve.log 2>&1; echo $? >/tmp/host-serve.rc) &
+n=0
+until [ -S /tmp/vs.sock_5678 ] || [ $n -ge 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+# Quiet (L2's console to its log only), so that L1's own check lines are
+# not interleaved with L2's on the console; L2's checks are shown after.
+vm_quiet vs 900 $KERNEL --memory 256M --nested off --vsock cid=3,socket=/tmp/vs.sock \
+    --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-vsock" &
+wait_for /tmp/vs.log "vsock listening" 600
+/nestvm/lab-vsock host-connect /tmp/vs.sock 1234 from-host >/tmp/host-connect.log 2>&1
+check vs-host-gets-ok grep -q "^OK [0-9]" /tmp/host-connect.log
+check vs-host-to-guest grep -qx "reply: guest got: from-host" /tmp/host-connect.log
+wait
+grep "LAB-CHECK\|LAB-L2: vsock" /tmp/vs.log
+check vs-exit-0 rc_is vs 0
+check vs-host-served-guest [ "$(cat /tmp/host-serve.rc)" = 0 ]

@@ -13,9 +13,9 @@ use crate::{cache_dir, io_err, say, LabError};
 /// depends on: KVM on AMD; the ACPI power button and evdev (so a guest sees
 /// the power button nestvm presses); TAP and bridging (the host side of a
 /// guest's network); virtio-mmio, virtio-blk and virtio-net (the guest side
-/// of nestvm's devices, and the balloon); ext4 (and the crc32c it checksums with) for the disk
+/// of nestvm's devices, the balloon and vsock); ext4 (and the crc32c it checksums with) for the disk
 /// images the tests make.
-pub const MODULES: [(&str, &str); 23] = [
+pub const MODULES: [(&str, &str); 26] = [
     ("irqbypass", ""),
     ("kvm", "irqbypass"),
     ("ccp", ""),
@@ -34,6 +34,12 @@ pub const MODULES: [(&str, &str); 23] = [
     ("failover", ""),
     ("net_failover", "failover"),
     ("virtio_net", "virtio_ring virtio net_failover failover"),
+    ("vsock", ""),
+    ("vmw_vsock_virtio_transport_common", "vsock"),
+    (
+        "vmw_vsock_virtio_transport",
+        "virtio vmw_vsock_virtio_transport_common virtio_ring vsock",
+    ),
     ("crc16", ""),
     ("mbcache", ""),
     ("jbd2", ""),

@@ -1,7 +1,8 @@
 //! Assembles the lab's initramfs images, innermost first:
 //!
 //! - L3: busybox, `/init`, the lab scripts.
-//! - L2: the same, plus the KVM modules, `nestvm` with its shared libraries,
+//! - L2: the same, plus the KVM modules, `nestvm` with its shared libraries
+//!   (and `lab-vsock`, the lab's two ends of a vsock stream),
 //!   the tiny test guests, and the Debian kernel with the L3 initramfs.
 //! - L1: the same as L2 but carrying the L2 initramfs.
 //!
@@ -33,7 +34,7 @@ use crate::host::{shared_libraries, BUSYBOX};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 11] = [
+pub const SCRIPTS: [(&str, &str); 12] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -43,6 +44,7 @@ pub const SCRIPTS: [(&str, &str); 11] = [
     ("l2-ticker-l3", include_str!("../scripts/l2-ticker-l3.sh")),
     ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
     ("l2-devices", include_str!("../scripts/l2-devices.sh")),
+    ("l2-vsock", include_str!("../scripts/l2-vsock.sh")),
     ("l2-bench", include_str!("../scripts/l2-bench.sh")),
     (
         "l2-long-ticker-l3",
@@ -165,6 +167,9 @@ fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
         );
         dirs(&mut a, &mut seen, "nestvm");
         a.file("nestvm/nestvm", 0o755, &read(nestvm)?);
+        // The lab's vsock ends, built beside nestvm (same libraries).
+        let vsock = nestvm.with_file_name("lab-vsock");
+        a.file("nestvm/lab-vsock", 0o755, &read(&vsock)?);
         for lib in shared_libraries(nestvm)? {
             let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
             if let Some(parent) = Path::new(&inside).parent() {

@@ -216,6 +216,13 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         "l2dev-second-level-above-checked",
         "dev2-exit-0",
         "dev2-nothing-dropped",
+        "l2vs-driver-bound",
+        "l2vs-served-host-client",
+        "l2vs-guest-to-host",
+        "vs-host-gets-ok",
+        "vs-host-to-guest",
+        "vs-exit-0",
+        "vs-host-served-guest",
     ]);
 }
 

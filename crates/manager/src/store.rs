@@ -504,6 +504,7 @@ mod tests {
             nets: vec![],
             balloon: None,
             logs: Default::default(),
+            vsock: None,
         }
     }
 

@@ -92,11 +92,21 @@ struct VmView {
     disks: Vec<nestvm_vmm::adapters::DiskConfig>,
     nets: Vec<nestvm_vmm::adapters::NetConfig>,
     balloon: Option<nestvm_vmm::adapters::BalloonConfig>,
+    /// The vsock device: the guest's CID and the host socket's full path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vsock: Option<VsockView>,
     /// The caps of its log files, bytes.
     logs: nestvm_vmm::config::logs::LogLimits,
     /// The VM's outgoing migration, while one runs or after one failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     migration: Option<nestvm_vmm::migration::Progress>,
+}
+
+/// A VM's vsock device as `vm show` says it.
+#[derive(Serialize)]
+struct VsockView {
+    cid: u32,
+    socket: PathBuf,
 }
 
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
@@ -119,6 +129,10 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         disks: c.disks.clone(),
         nets: c.nets.clone(),
         balloon: c.balloon.clone(),
+        vsock: c.vsock.as_ref().map(|v| VsockView {
+            cid: v.cid,
+            socket: store.vm_dir(name).join(v.socket_path()),
+        }),
         logs: c.logs,
         migration: match state {
             "Off" | "Saved" => None,
@@ -226,6 +240,9 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
                 b.min,
                 if b.dynamic { ", follows demand" } else { "" }
             );
+        }
+        if let Some(v) = &v.vsock {
+            println!("vsock:   cid {} on {}", v.cid, v.socket.display());
         }
         println!(
             "logs:    console.log up to {}, vmm.log up to {} (one older file each)",

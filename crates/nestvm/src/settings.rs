@@ -48,6 +48,14 @@ pub struct SettingsArgs {
     /// Remove the balloon (with vm set).
     #[arg(long, conflicts_with = "balloon")]
     no_balloon: bool,
+    /// A vsock device, a channel to the guest without a network: the guest
+    /// has CID N; host programs connect to the socket (a managed VM's is
+    /// vsock.sock in its directory) and write CONNECT PORT.
+    #[arg(long, value_name = "cid=N[,socket=PATH]")]
+    vsock: Option<String>,
+    /// Remove the vsock device (with vm set).
+    #[arg(long, conflicts_with = "vsock")]
+    no_vsock: bool,
     /// Remove every disk (with vm set).
     #[arg(long, conflicts_with = "disk")]
     no_disks: bool,
@@ -77,6 +85,13 @@ impl SettingsArgs {
             (None, true) => Some(None),
             (None, false) => None,
         };
+        let vsock = match (&self.vsock, self.no_vsock) {
+            (Some(v), _) => Some(Some(
+                nestvm_vmm::config::vsock::parse_vsock(v).map_err(usage)?,
+            )),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
         let disks = self
             .disk
             .iter()
@@ -93,6 +108,7 @@ impl SettingsArgs {
             disks: (self.no_disks || !disks.is_empty()).then_some(disks),
             nets: (self.no_nets || !nets.is_empty()).then_some(nets),
             balloon,
+            vsock,
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,

@@ -412,6 +412,7 @@ mod tests {
             nets: vec![],
             balloon: None,
             logs: Default::default(),
+            vsock: None,
         };
         let out = Captured::default();
         let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();

@@ -214,6 +214,7 @@ mod tests {
             nets: vec![],
             balloon: None,
             logs: Default::default(),
+            vsock: None,
         };
         let vm = crate::builder::build(&config, &hv, false, Box::new(std::io::sink())).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

@@ -1,4 +1,4 @@
-//! Attaches a VM's disks, network adapters and balloon: each becomes a virtio-mmio
+//! Attaches a VM's disks, network adapters, balloon and vsock device: each becomes a virtio-mmio
 //! device in its own window with its own interrupt line (both declared to the
 //! guest in the DSDT), its queue-notify register wired to ioeventfds and its
 //! interrupt to an irqfd, and an event-loop worker that does its I/O. A
@@ -47,6 +47,9 @@ pub enum AttachError {
     /// A setting that slipped past validation.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The vsock device's host socket.
+    #[error(transparent)]
+    Vsock(#[from] nestvm_virtio::vsock::VsockError),
     /// A saved VM lists other devices than its definition.
     #[error("the saved state has {saved} devices, its definition {defined}")]
     SavedDevices {
@@ -62,7 +65,7 @@ impl AttachError {
     /// a TAP that does not exist).
     pub fn is_usage(&self) -> bool {
         match self {
-            Self::Block(_) | Self::Config(_) => true,
+            Self::Block(_) | Self::Config(_) | Self::Vsock(_) => true,
             Self::Tap(t) => !matches!(t, nestvm_kvm::tap::TapError::Configure { .. }),
             _ => false,
         }
@@ -81,7 +84,7 @@ pub struct VirtioDevices {
 }
 
 /// The windows and interrupt lines of `config`'s devices: disks first, then
-/// adapters, in the order given, then the balloon.
+/// adapters, in the order given, then the balloon, then the vsock device.
 pub fn slots(config: &VmConfig) -> Vec<VirtioSlot> {
     (0..device_count(config))
         .filter_map(layout::virtio_slot)
@@ -95,7 +98,7 @@ pub fn slots(config: &VmConfig) -> Vec<VirtioSlot> {
 
 /// How many virtio devices `config` has.
 pub fn device_count(config: &VmConfig) -> usize {
-    config.disks.len() + config.nets.len() + usize::from(config.balloon.is_some())
+    config.device_count()
 }
 
 /// A TAP as the network device's frame mover.
@@ -185,6 +188,11 @@ pub fn attach(
         let place = next.next().expect("validated device count");
         add(dev, place, vm, mem, mmio, &mut out)?;
         out.balloon = Some(control);
+    }
+    if let Some(v) = &config.vsock {
+        let dev = nestvm_virtio::vsock::Vsock::new(u64::from(v.cid), &v.socket_path())?;
+        let place = next.next().expect("validated device count");
+        add(dev, place, vm, mem, mmio, &mut out)?;
     }
     Ok(out)
 }

@@ -127,6 +127,11 @@ impl Placement {
                 None => return Err(PlacementError::UnplacedTap(n.tap.clone())),
             }
         }
+        // The sender does not say where this host listens: an arriving VM's
+        // vsock socket is its directory's own.
+        if let Some(v) = &mut config.vsock {
+            v.socket = None;
+        }
         Ok(())
     }
 }
@@ -245,6 +250,7 @@ mod tests {
                 .collect(),
             balloon: None,
             logs: Default::default(),
+            vsock: None,
         }
     }
 

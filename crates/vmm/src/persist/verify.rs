@@ -86,6 +86,14 @@ pub enum StateRefusal {
         /// Whether the state has one.
         saved: bool,
     },
+    /// Another vsock device (or none) than the definition's.
+    #[error("the saved state's vsock device ({saved}) is not the definition's ({defined}): restore with the settings it was saved with")]
+    Vsock {
+        /// The state's.
+        saved: String,
+        /// The definition's.
+        defined: String,
+    },
 }
 
 fn describe(path: &std::path::Path, readonly: bool) -> String {
@@ -148,7 +156,8 @@ pub fn check_layout(memory: u64, regions: &[RegionSnapshot]) -> Result<(), State
 
 /// Refuses a saved definition that is not the VM's own `definition`
 /// (vm.toml) in what a restore opens or sizes: vCPUs, memory, disks (path,
-/// access, count), network adapters (TAP devices) and the balloon.
+/// access, count), network adapters (TAP devices), the balloon and the
+/// vsock device.
 pub fn check_agrees(saved: &VmConfig, definition: &VmConfig) -> Result<(), StateRefusal> {
     if saved.cpus != definition.cpus {
         return Err(StateRefusal::Cpus {
@@ -196,6 +205,16 @@ pub fn check_agrees(saved: &VmConfig, definition: &VmConfig) -> Result<(), State
     if saved.balloon.is_some() != definition.balloon.is_some() {
         return Err(StateRefusal::Balloon {
             saved: saved.balloon.is_some(),
+        });
+    }
+    if saved.vsock != definition.vsock {
+        let say = |v: &Option<crate::config::vsock::VsockConfig>| match v {
+            Some(v) => format!("cid {} on {}", v.cid, v.socket_path().display()),
+            None => "none".to_owned(),
+        };
+        return Err(StateRefusal::Vsock {
+            saved: say(&saved.vsock),
+            defined: say(&definition.vsock),
         });
     }
     Ok(())
