@@ -247,13 +247,25 @@ impl Vsock {
         }
     }
 
-    /// What the host sockets had: new host clients' requests, ends.
+    /// What the host sockets had: new host clients' requests, ends, and
+    /// room that let buffered guest bytes go on (the guest hears of the
+    /// credit that freed, or it would wait for it for ever).
     fn host_events(&mut self) {
         for ev in self.host.poll() {
             match ev {
                 HostEvent::Connect(key) => self.owe(self.header(key, op::REQUEST)),
                 HostEvent::Gone(key) => self.reset_conn(key),
             }
+        }
+        let freed: Vec<Key> = self
+            .host
+            .conns
+            .iter()
+            .filter(|(_, c)| c.fwd_cnt.wrapping_sub(c.fwd_cnt_told) >= BUF_ALLOC / 2)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in freed {
+            self.owe(self.header(key, op::CREDIT_UPDATE));
         }
     }
 

@@ -331,3 +331,42 @@ fn a_restored_device_tells_the_guest_its_connections_are_gone() {
     dev.queue_notified(EVENT);
     assert!(r.ev.take_used(&r.mem).is_empty());
 }
+
+/// A host end that stops reading: the guest, keeping to its credit, sends
+/// until it has none left; once the host has read it all, the guest must
+/// hear of the credit that freed, or it would wait for it for ever.
+#[test]
+fn credit_freed_by_a_slow_host_reader_reaches_the_guest() {
+    let mut r = rig("slow-reader");
+    let mut name = r.socket.clone().into_os_string();
+    name.push("_9");
+    let listener = UnixListener::bind(&name).unwrap();
+    r.send(header(op::REQUEST, 3, 9, 0), &[]);
+    assert_eq!(ops(&r.received()), [op::RESPONSE]);
+    let (mut host, _) = listener.accept().unwrap();
+    let (mut sent, mut told) = (0u32, 0u32);
+    for _ in 0..100 {
+        let credit = BUF_ALLOC - (sent - told);
+        if credit == 0 {
+            break;
+        }
+        let n = credit.min(60_000);
+        r.send(header(op::RW, 3, 9, n), &vec![5u8; n as usize]);
+        sent += n;
+        for (h, _) in r.received() {
+            told = h.fwd_cnt;
+        }
+    }
+    assert_eq!(BUF_ALLOC - (sent - told), 0, "the guest ran out of credit");
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; sent as usize];
+        host.read_exact(&mut got).unwrap();
+        (host, got)
+    });
+    r.until(|g| {
+        g.iter()
+            .any(|(h, _)| h.op == op::CREDIT_UPDATE && h.fwd_cnt == sent)
+    });
+    let (_host, got) = reader.join().unwrap();
+    assert!(got.iter().all(|&b| b == 5));
+}
