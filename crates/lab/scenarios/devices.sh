@@ -84,3 +84,33 @@ wait
 grep "LAB-CHECK\|LAB-L2: vsock" /tmp/vs.log
 check vs-exit-0 rc_is vs 0
 check vs-host-served-guest [ "$(cat /tmp/host-serve.rc)" = 0 ]
+
+# The reference's Invoke-Command and Copy-VMFile: a managed VM's guest runs
+# Debian's qemu-ga on vsock; L1 runs commands in it and copies a file in
+# and out, with no network and no console typing.
+NONCE=$(cat /lab/nonce)
+$N vm new ga --kernel /next/vmlinuz --initrd /next/initrd --memory 256M --nested off \
+    --vsock cid=5 --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-agent lab.cid=5"
+$N vm start ga
+# The agent answers once it listens (a refused connection is retried; the
+# guest boots first).
+n=0
+until $N vm exec ga -- /bin/true 2>/tmp/ga-wait.err || [ $n -ge 300 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+check ga-agent-answers $N vm exec ga -- /bin/true
+$N vm exec ga -- /bin/sh -c "echo marker-$NONCE; echo to-stderr >&2; exit 7" >/tmp/ga.out 2>/tmp/ga.err
+echo $? >/tmp/ga.rc
+check ga-exec-stdout grep -qx "marker-$NONCE" /tmp/ga.out
+check ga-exec-stderr grep -qx "to-stderr" /tmp/ga.err
+check ga-exec-exit-code [ "$(cat /tmp/ga.rc)" = 7 ]
+dd if=/dev/urandom of=/tmp/payload bs=1k count=3000 2>/dev/null
+SUM=$(md5sum </tmp/payload | cut -d' ' -f1)
+check ga-cp-in $N vm cp /tmp/payload ga:/tmp/payload
+check ga-cp-in-intact [ "$($N vm exec ga -- /bin/sh -c 'md5sum </tmp/payload' | cut -d' ' -f1)" = "$SUM" ]
+check ga-cp-out $N vm cp ga:/tmp/payload /tmp/payload.back
+check ga-cp-out-intact [ "$(md5sum </tmp/payload.back | cut -d' ' -f1)" = "$SUM" ]
+$N vm exec ga --port 999 -- /bin/true 2>/tmp/ga-noport.err
+check ga-no-agent-says-how grep -q "qemu-guest-agent" /tmp/ga-noport.err
+$N vm kill ga

@@ -11,6 +11,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
 /// busybox from Debian's busybox-static.
 pub const BUSYBOX: &str = "/bin/busybox";
+/// Debian's QEMU guest agent, which the lab's guests run for `vm exec`.
+pub const QEMU_GA: &str = "/usr/sbin/qemu-ga";
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")
@@ -81,6 +83,9 @@ pub fn ensure_packages() -> Result<(), LabError> {
     }
     if !Path::new(BUSYBOX).exists() || !is_static(Path::new(BUSYBOX)) {
         missing.push("busybox-static");
+    }
+    if !Path::new(QEMU_GA).exists() {
+        missing.push("qemu-guest-agent");
     }
     if !have("mke2fs")
         && !Path::new("/usr/sbin/mke2fs").exists()

@@ -2,7 +2,8 @@
 //!
 //! - L3: busybox, `/init`, the lab scripts.
 //! - L2: the same, plus the KVM modules, `nestvm` with its shared libraries
-//!   (and `lab-vsock`, the lab's two ends of a vsock stream),
+//!   (and `lab-vsock`, the lab's two ends of a vsock stream, and Debian's
+//!   `qemu-ga`, the guest agent `vm exec` and `vm cp` speak to),
 //!   the tiny test guests, and the Debian kernel with the L3 initramfs.
 //! - L1: the same as L2 but carrying the L2 initramfs.
 //!
@@ -30,11 +31,11 @@ pub const SLOW_TICKS: u32 = LONG_TICKS / 10;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
-use crate::host::{shared_libraries, BUSYBOX};
+use crate::host::{shared_libraries, BUSYBOX, QEMU_GA};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 12] = [
+pub const SCRIPTS: [(&str, &str); 13] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -45,6 +46,7 @@ pub const SCRIPTS: [(&str, &str); 12] = [
     ("l2-no-nesting", include_str!("../scripts/l2-no-nesting.sh")),
     ("l2-devices", include_str!("../scripts/l2-devices.sh")),
     ("l2-vsock", include_str!("../scripts/l2-vsock.sh")),
+    ("l2-agent", include_str!("../scripts/l2-agent.sh")),
     ("l2-bench", include_str!("../scripts/l2-bench.sh")),
     (
         "l2-long-ticker-l3",
@@ -167,10 +169,18 @@ fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
         );
         dirs(&mut a, &mut seen, "nestvm");
         a.file("nestvm/nestvm", 0o755, &read(nestvm)?);
-        // The lab's vsock ends, built beside nestvm (same libraries).
+        // The lab's vsock ends, built beside nestvm (same libraries), and
+        // Debian's guest agent, which `vm exec` speaks to.
         let vsock = nestvm.with_file_name("lab-vsock");
         a.file("nestvm/lab-vsock", 0o755, &read(&vsock)?);
-        for lib in shared_libraries(nestvm)? {
+        a.file("nestvm/qemu-ga", 0o755, &read(Path::new(QEMU_GA))?);
+        let mut libs = shared_libraries(nestvm)?;
+        for lib in shared_libraries(Path::new(QEMU_GA))? {
+            if !libs.contains(&lib) {
+                libs.push(lib);
+            }
+        }
+        for lib in libs {
             let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
             if let Some(parent) = Path::new(&inside).parent() {
                 dirs(&mut a, &mut seen, &parent.to_string_lossy());

@@ -223,6 +223,15 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         "vs-host-to-guest",
         "vs-exit-0",
         "vs-host-served-guest",
+        "ga-agent-answers",
+        "ga-exec-stdout",
+        "ga-exec-stderr",
+        "ga-exec-exit-code",
+        "ga-cp-in",
+        "ga-cp-in-intact",
+        "ga-cp-out",
+        "ga-cp-out-intact",
+        "ga-no-agent-says-how",
     ]);
 }
 

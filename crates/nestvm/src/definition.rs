@@ -107,7 +107,13 @@ struct VmView {
 struct VsockView {
     cid: u32,
     socket: PathBuf,
+    /// Whether a guest agent answers on the default port (running VMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<bool>,
 }
+
+/// How long `vm show` gives the guest agent to answer.
+const AGENT_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
     let state = live_state(store, name);
@@ -129,9 +135,17 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         disks: c.disks.clone(),
         nets: c.nets.clone(),
         balloon: c.balloon.clone(),
-        vsock: c.vsock.as_ref().map(|v| VsockView {
-            cid: v.cid,
-            socket: store.vm_dir(name).join(v.socket_path()),
+        vsock: c.vsock.as_ref().map(|v| {
+            let socket = store.vm_dir(name).join(v.socket_path());
+            let agent = (state == "Running").then(|| {
+                crate::agent::Agent::connect(&socket, crate::agent::DEFAULT_PORT, AGENT_PROBE)
+                    .is_ok()
+            });
+            VsockView {
+                cid: v.cid,
+                socket,
+                agent,
+            }
         }),
         logs: c.logs,
         migration: match state {
@@ -242,7 +256,12 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
             );
         }
         if let Some(v) = &v.vsock {
-            println!("vsock:   cid {} on {}", v.cid, v.socket.display());
+            let agent = match v.agent {
+                Some(true) => ", guest agent answers (vm exec, vm cp)",
+                Some(false) => ", no guest agent answers (see 'nestvm vm exec --help')",
+                None => "",
+            };
+            println!("vsock:   cid {} on {}{agent}", v.cid, v.socket.display());
         }
         println!(
             "logs:    console.log up to {}, vmm.log up to {} (one older file each)",

@@ -9,18 +9,22 @@
 //! Imports run one way, from the commands down to what they share, and no
 //! module imports this one: `vm` only dispatches `nestvm vm ...` to the
 //! modules that do the work (`definition`, `nesting`, `managed`, `serve`,
-//! `saved`, `checkpoints`, `migrate`, `memory`, `attach`); `serve` uses
+//! `saved`, `checkpoints`, `migrate`, `memory`, `attach`, `guest`: `vm
+//! exec` and `vm cp` through `agent`, the QEMU guest agent's protocol on
+//! the VM's vsock device, which `definition` also asks); `serve` uses
 //! `migrate`'s receiving half and `saved`'s restore, and those that restart
 //! or stop a VM use `managed`; beneath them `control` (the VMM's API, its
 //! replies decoded into the VMM's types), `run` (foreground runs, and the
 //! host checks any VM start makes), `settings` (a VM's flags), `vmdir` (a
 //! VM's files) and, importing nothing, `common` (exit codes, output).
 
+mod agent;
 mod attach;
 mod checkpoints;
 mod common;
 mod control;
 mod definition;
+mod guest;
 mod host;
 mod managed;
 mod memory;

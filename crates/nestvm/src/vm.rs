@@ -129,6 +129,30 @@ pub enum VmCmd {
         #[arg(long)]
         verify: bool,
     },
+    /// Run a command in a running guest, through its QEMU guest agent on the VM's vsock device; its output and exit code are this command's.
+    Exec {
+        /// The VM's name.
+        name: String,
+        /// The vsock port the guest agent listens on.
+        #[arg(long, default_value_t = crate::agent::DEFAULT_PORT)]
+        port: u32,
+        /// How long the command may run.
+        #[arg(long, default_value = "60s", value_parser = crate::migrate::parse_duration)]
+        timeout: std::time::Duration,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Copy a file into or out of a running guest (NAME:/path on the guest's side), through its guest agent.
+    Cp {
+        /// From: a path here, or NAME:/path in the guest.
+        from: String,
+        /// To: NAME:/path in the guest, or a path here.
+        to: String,
+        /// The vsock port the guest agent listens on.
+        #[arg(long, default_value_t = crate::agent::DEFAULT_PORT)]
+        port: u32,
+    },
     /// Show a running VM's memory: its balloon's range and target, and the guest's figures.
     Memory {
         /// The VM's name.
@@ -257,6 +281,13 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             };
             migrate::migrate(store, &vm_name(&name)?, &to, &token_file, limits, json)
         }
+        VmCmd::Exec {
+            name,
+            port,
+            timeout,
+            command,
+        } => crate::guest::exec(store, &vm_name(&name)?, port, timeout, &command),
+        VmCmd::Cp { from, to, port } => crate::guest::copy(store, &from, &to, port, json),
         VmCmd::Memory { name } => memory::show(store, &vm_name(&name)?, json),
         VmCmd::Resize { name, size, wait } => {
             let size = match size.as_str() {

@@ -2,7 +2,9 @@
 //! lab drives it with Linux's): `vm new --vsock` keeps it in the
 //! definition, the VMM listens on `vsock.sock` in the VM's directory (0600,
 //! `vm show` names it) and answers a host client; a saved and a
-//! checkpointed VM comes back with it; a bad setting is a usage error.
+//! checkpointed VM comes back with it; `vm show` and `vm exec` say that no
+//! guest agent answers (this guest has no driver), and how to get one; a
+//! bad setting is a usage error.
 
 mod common;
 
@@ -57,8 +59,22 @@ fn a_managed_vm_listens_on_its_vsock_socket_through_save_and_restore() {
             "no OK without a guest that accepts: {waited:?}"
         );
     };
+    let exec = |name: &str| e.run(&["vm", "exec", name, "--", "/bin/true"]);
+    let said = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let stopped = exec("t");
+    assert_eq!(stopped.status.code(), Some(2), "{}", said(&stopped));
+    assert!(said(&stopped).contains("not running"));
     e.ok(&["vm", "start", "t"]);
     listening();
+    // This guest has no vsock driver, so no agent: said, and how to get one.
+    assert_eq!(e.json(&["vm", "show", "t"])["vsock"]["agent"], false);
+    let no_agent = exec("t");
+    assert_eq!(no_agent.status.code(), Some(1));
+    assert!(
+        said(&no_agent).contains("qemu-guest-agent"),
+        "{}",
+        said(&no_agent)
+    );
     e.ok(&["vm", "checkpoint", "t", "--name", "a"]);
     e.ok(&["vm", "save", "t"]);
     e.ok(&["vm", "start", "t"]);
@@ -69,7 +85,14 @@ fn a_managed_vm_listens_on_its_vsock_socket_through_save_and_restore() {
     assert_eq!(e.state("t"), "Running");
     listening();
     e.ok(&["vm", "kill", "t"]);
-    // Removed with vm set.
+    // Removed with vm set; then vm exec says what is missing.
     e.ok(&["vm", "set", "t", "--no-vsock"]);
     assert!(e.json(&["vm", "show", "t"]).get("vsock").is_none());
+    let none = exec("t");
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        said(&none).contains("has no vsock device"),
+        "{}",
+        said(&none)
+    );
 }
