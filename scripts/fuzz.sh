@@ -16,7 +16,7 @@ else
     fuzz=(cargo fuzz)
 fi
 cd fuzz
-for target in ${NESTVM_FUZZ_TARGETS:-virtqueue block_request net_frames state_container state_decode checkpoint_layers api_request definition port_devices mmio_registers kernel_loader migration_wire vsock_packets}; do
+for target in ${NESTVM_FUZZ_TARGETS:-virtqueue block_request net_frames net_stream state_container state_decode checkpoint_layers api_request definition port_devices mmio_registers kernel_loader migration_wire vsock_packets}; do
     out=../target/fuzz-corpus/$target
     mkdir -p "$out"
     echo "fuzz: $target for ${seconds}s"

@@ -7,7 +7,8 @@
 //!   [`Backend`], the device proper.
 //! - [`block`]: virtio-blk on a raw image file.
 //! - [`net`]: virtio-net on a TAP (through [`net::FrameIo`]), with the
-//!   MAC-spoofing policy.
+//!   MAC-spoofing policy; [`net_stream`] carries its frames over passt's
+//!   length-prefixed stream instead.
 //! - [`balloon`]: virtio-balloon, dynamic memory and runtime resize.
 //! - [`vsock`]: virtio-vsock, a host-to-guest channel over Unix sockets
 //!   ([`vsock_host`]; its packets: [`vsock_packet`]).
@@ -30,6 +31,7 @@ pub mod block;
 pub mod driver;
 pub mod mmio;
 pub mod net;
+pub mod net_stream;
 pub mod state;
 pub mod vsock;
 pub mod vsock_host;

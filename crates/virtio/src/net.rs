@@ -1,8 +1,10 @@
-//! virtio-net on a TAP device, with the MAC-spoofing policy.
+//! virtio-net on a TAP device (or passt's stream, [`crate::net_stream`]),
+//! with the MAC-spoofing policy.
 //!
 //! Queue 0 receives (host to guest), queue 1 transmits. Every frame carries
 //! the 12-byte virtio-net header both ways, and the TAP carries the same
-//! header, so checksum and TCP segmentation offloads pass through untouched.
+//! header, so checksum and TCP segmentation offloads pass through untouched;
+//! a host side without offloads ([`FrameIo::offloads`]) is offered none.
 //!
 //! MAC spoofing, as the reference document defines it for a VM whose own
 //! guests are bridged behind its adapter: with the policy off (the default)
@@ -80,6 +82,16 @@ pub trait FrameIo: Send {
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
     /// Which offloads the guest accepts in received frames.
     fn set_offload(&mut self, csum: bool, tso4: bool, tso6: bool) -> io::Result<()>;
+    /// Whether the host side takes and gives partial checksums and TCP
+    /// super-frames (a TAP does; a stream to passt does not, so the adapter
+    /// offers the guest no offloads).
+    fn offloads(&self) -> bool {
+        true
+    }
+    /// Counters of the host side's own, for reports.
+    fn host_counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// The descriptor to wait on for incoming frames.
     fn raw_fd(&self) -> RawFd;
     /// A name for reports (the TAP's).
@@ -312,17 +324,13 @@ impl Backend for Net {
     }
     fn features(&self) -> u64 {
         use feature::*;
-        features::VERSION_1
-            | features::RING_EVENT_IDX
-            | MAC
-            | STATUS
-            | CSUM
-            | GUEST_CSUM
-            | GUEST_TSO4
-            | GUEST_TSO6
-            | HOST_TSO4
-            | HOST_TSO6
-            | MRG_RXBUF
+        let base = features::VERSION_1 | features::RING_EVENT_IDX | MAC | STATUS | MRG_RXBUF;
+        let offloads = CSUM | GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | HOST_TSO4 | HOST_TSO6;
+        if self.io.offloads() {
+            base | offloads
+        } else {
+            base
+        }
     }
     fn queue_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
@@ -380,7 +388,7 @@ impl Backend for Net {
     }
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = self.counters;
-        vec![
+        let mut v = vec![
             ("rx_frames", c.rx_frames),
             ("rx_bytes", c.rx_bytes),
             ("rx_dropped", c.rx_dropped),
@@ -389,7 +397,9 @@ impl Backend for Net {
             ("tx_dropped", c.tx_dropped),
             ("tx_spoofed_dropped", c.tx_spoofed_dropped),
             ("tx_malformed", c.tx_malformed),
-        ]
+        ];
+        v.extend(self.io.host_counters());
+        v
     }
 }
 
