@@ -16,6 +16,7 @@ command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v socat >/dev/null 2>&1 || need+=(socat)
 # The stock guest agent, which `vm exec` and `vm cp` speak to (their tests run it here).
 [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
+[ -x /usr/bin/passt ] || need+=(passt)
 { [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; } || need+=(e2fsprogs)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
 

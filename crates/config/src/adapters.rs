@@ -81,7 +81,7 @@ pub enum AdapterError {
     #[error("disk serial '{0}' is given to two disks: give each disk its own serial")]
     DuplicateSerial(String),
     /// A `--net` value that does not parse.
-    #[error("invalid --net '{0}': use tap=NAME[,mac=52:56:00:00:00:01][,mac_spoofing=on|off]")]
+    #[error("invalid --net '{0}': use tap=NAME[,mac=52:56:00:00:00:01][,mac_spoofing=on|off] or user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]...")]
     BadNet(String),
     /// A TAP name Linux would refuse.
     #[error("invalid TAP name '{0}': use 1 to 15 letters, digits, '-', '_' or '.'")]
@@ -188,12 +188,21 @@ impl DiskConfig {
     }
 }
 
-/// A virtio-net adapter on a TAP.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A virtio-net adapter: on a TAP, or (`user`) on passt, which gives the
+/// guest a network without root.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// The TAP device's name.
+    /// The TAP device's name (empty for a user-mode adapter).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tap: String,
+    /// User-mode networking through passt instead of a TAP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user: bool,
+    /// Host ports forwarded to the guest (user mode): `tcp:HOST-:GUEST` or
+    /// `udp:HOST-:GUEST`, QEMU's `hostfwd` form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostfwd: Vec<String>,
     /// The adapter's MAC; derived from the VM's name when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -236,26 +245,60 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, AdapterError> {
     })
 }
 
-/// Parses `tap=NAME[,mac=MAC][,mac_spoofing=on|off]`.
+impl NetConfig {
+    /// What the adapter is attached to, for reports and comparisons:
+    /// the TAP's name, or `user` for passt.
+    pub fn backend(&self) -> String {
+        match self.user {
+            true => "user".to_owned(),
+            false => self.tap.clone(),
+        }
+    }
+}
+
+/// Parses `tap=NAME[,mac=MAC][,mac_spoofing=on|off]` or
+/// `user[,hostfwd=tcp:HOST-:GUEST]...[,mac=MAC]`.
 pub fn parse_net(s: &str) -> Result<NetConfig, AdapterError> {
     let bad = || AdapterError::BadNet(s.to_owned());
     let mut net = NetConfig {
         tap: String::new(),
+        user: false,
+        hostfwd: Vec::new(),
         mac: None,
         mac_spoofing: false,
     };
-    for part in s.split(',') {
+    for (i, part) in s.split(',').enumerate() {
         match part.split_once('=') {
+            None if i == 0 && part == "user" => net.user = true,
             Some(("tap", v)) => net.tap = v.to_owned(),
+            Some(("hostfwd", v)) => {
+                parse_hostfwd(v).ok_or_else(bad)?;
+                net.hostfwd.push(v.to_owned());
+            }
             Some(("mac", v)) => net.mac = Some(v.to_owned()),
             Some(("mac_spoofing", v)) => net.mac_spoofing = on_off(v).ok_or_else(bad)?,
             _ => return Err(bad()),
         }
     }
-    if net.tap.is_empty() {
+    // Exactly one of a TAP and `user`; forwards only for `user`.
+    if net.tap.is_empty() != net.user || (!net.user && !net.hostfwd.is_empty()) {
         return Err(bad());
     }
     Ok(net)
+}
+
+/// A port forward of a user-mode adapter: (udp, host port, guest port)
+/// from `tcp:HOST-:GUEST` or `udp:HOST-:GUEST`.
+pub fn parse_hostfwd(s: &str) -> Option<(bool, u16, u16)> {
+    let (proto, rest) = s.split_once(':')?;
+    let udp = match proto {
+        "tcp" => false,
+        "udp" => true,
+        _ => return None,
+    };
+    let (host, guest) = rest.split_once("-:")?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0);
+    Some((udp, port(host)?, port(guest)?))
 }
 
 /// Parses `52:56:00:00:00:01` (or with '-'); refuses multicast addresses.
@@ -289,11 +332,17 @@ pub fn validate(
         return Err(AdapterError::TooMany(total));
     }
     for (i, n) in nets.iter().enumerate() {
-        if !valid_tap_name(&n.tap) {
-            return Err(AdapterError::BadTap(n.tap.clone()));
-        }
         if let Some(mac) = &n.mac {
             parse_mac(mac)?;
+        }
+        if n.user {
+            if !n.tap.is_empty() || n.hostfwd.iter().any(|h| parse_hostfwd(h).is_none()) {
+                return Err(AdapterError::BadNet(format!("user,tap={}", n.tap)));
+            }
+            continue;
+        }
+        if !valid_tap_name(&n.tap) {
+            return Err(AdapterError::BadTap(n.tap.clone()));
         }
         if nets[..i].iter().any(|o| o.tap == n.tap) {
             return Err(AdapterError::DuplicateTap(n.tap.clone()));
@@ -394,6 +443,38 @@ mod tests {
     }
 
     #[test]
+    fn user_nets_and_their_forwards() {
+        let n = parse_net("user,hostfwd=tcp:2222-:22,hostfwd=udp:5353-:53").unwrap();
+        assert!(n.user && n.tap.is_empty());
+        assert_eq!(n.hostfwd, ["tcp:2222-:22", "udp:5353-:53"]);
+        assert_eq!(n.backend(), "user");
+        assert_eq!(parse_hostfwd("tcp:8080-:80"), Some((false, 8080, 80)));
+        assert!(validate(&[], &[n.clone(), n.clone()], None).is_ok());
+        for bad in [
+            "user,tap=tap0",
+            "tap=tap0,hostfwd=tcp:1-:2",
+            "hostfwd=tcp:1-:2",
+            "user,hostfwd=tcp:1:2",
+            "user,hostfwd=sctp:1-:2",
+            "user,hostfwd=tcp:0-:22",
+            "user,hostfwd=tcp:70000-:22",
+            "tap=t0,user",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        // A definition file is checked as strictly as the flag.
+        let mut edited = parse_net("user").unwrap();
+        edited.hostfwd.push("tcp:x-:1".into());
+        assert!(validate(&[], &[edited], None).is_err());
+        // TOML round trip: a TAP adapter's file does not change shape.
+        let toml = toml::to_string(&parse_net("tap=t0").unwrap()).unwrap();
+        assert!(
+            !toml.contains("user") && !toml.contains("hostfwd"),
+            "{toml}"
+        );
+    }
+
+    #[test]
     fn net_flags_and_macs() {
         let n = parse_net("tap=tap0,mac=52:56:00:00:00:01,mac_spoofing=on").unwrap();
         assert_eq!((n.tap.as_str(), n.mac_spoofing), ("tap0", true));
@@ -426,6 +507,7 @@ mod tests {
             tap: t.into(),
             mac: None,
             mac_spoofing: false,
+            ..Default::default()
         };
         let d = |p: &str| DiskConfig {
             path: p.into(),

@@ -632,6 +632,7 @@ mod tests {
                 tap: "tap0".into(),
                 mac: Some("52:56:00:00:00:07".into()),
                 mac_spoofing: true,
+                ..Default::default()
             }],
             balloon: Some(adapters::parse_balloon("dynamic=on,min=512M").unwrap()),
             vsock: Some(vsock::parse_vsock("cid=7,socket=/run/v.sock").unwrap()),

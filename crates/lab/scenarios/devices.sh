@@ -87,10 +87,15 @@ check vs-host-served-guest [ "$(cat /tmp/host-serve.rc)" = 0 ]
 
 # The reference's Invoke-Command and Copy-VMFile: a managed VM's guest runs
 # Debian's qemu-ga on vsock; L1 runs commands in it and copies a file in
-# and out, with no network and no console typing.
+# and out, with no console typing. Its network is `--net user` (passt):
+# passt takes its addresses from the host's interface with the default
+# route, which L1 (a lab with no outside network) gives br0.
+ip link set lo up
+ip route add default via 10.0.0.254 dev br0
 NONCE=$(cat /lab/nonce)
 $N vm new ga --kernel /next/vmlinuz --initrd /next/initrd --memory 256M --nested off \
-    --vsock cid=5 --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-agent lab.cid=5"
+    --vsock cid=5 --net user,hostfwd=tcp:18080-:8080 \
+    --cmdline "console=ttyS0 reboot=k panic=-1 quiet lab.level=2 lab.script=l2-agent lab.cid=5"
 $N vm start ga
 # The agent answers once it listens (a refused connection is retried; the
 # guest boots first).
@@ -100,6 +105,7 @@ until $N vm exec ga -- /bin/true 2>/tmp/ga-wait.err || [ $n -ge 300 ]; do
     n=$((n + 1))
 done
 check ga-agent-answers $N vm exec ga -- /bin/true
+check ga-status-says-agent-answers sh -c "$N status | grep -q 'guest agent answers'"
 $N vm exec ga -- /bin/sh -c "echo marker-$NONCE; echo to-stderr >&2; exit 7" >/tmp/ga.out 2>/tmp/ga.err
 echo $? >/tmp/ga.rc
 check ga-exec-stdout grep -qx "marker-$NONCE" /tmp/ga.out
@@ -111,6 +117,23 @@ check ga-cp-in $N vm cp /tmp/payload ga:/tmp/payload
 check ga-cp-in-intact [ "$($N vm exec ga -- /bin/sh -c 'md5sum </tmp/payload' | cut -d' ' -f1)" = "$SUM" ]
 check ga-cp-out $N vm cp ga:/tmp/payload /tmp/payload.back
 check ga-cp-out-intact [ "$(md5sum </tmp/payload.back | cut -d' ' -f1)" = "$SUM" ]
+# Network without root: an address by DHCP from passt, a file from L1's
+# HTTP server (passt maps the gateway's address to the host), and L1
+# reaching a server in the guest through the port forward.
+$N vm exec ga -- /bin/sh /lab/l2-usernet.sh >/tmp/un.lease 2>&1
+echo $? >/tmp/un.rc
+cat /tmp/un.lease
+check un-dhcp-lease [ "$(cat /tmp/un.rc)" = 0 ]
+ROUTER=$(sed -n 's/.*router=\([0-9.]*\).*/\1/p' /tmp/un.lease)
+check un-fetch-from-l1 $N vm exec ga -- wget -q -O /tmp/blob "http://$ROUTER:8080/blob"
+check un-fetched-intact [ "$($N vm exec ga -- /bin/sh -c 'md5sum </tmp/blob' | cut -d' ' -f1)" = "$DOWN" ]
+$N vm exec ga -- /bin/sh -c "mkdir -p /www && echo served-$NONCE >/www/hello && httpd -p 8080 -h /www"
+n=0
+until wget -q -O /tmp/fwd http://127.0.0.1:18080/hello 2>/dev/null || [ $n -ge 30 ]; do
+    sleep 1
+    n=$((n + 1))
+done
+check un-port-forward-reaches-guest grep -qx "served-$NONCE" /tmp/fwd
 $N vm exec ga --port 999 -- /bin/true 2>/tmp/ga-noport.err
 check ga-no-agent-says-how grep -q "qemu-guest-agent" /tmp/ga-noport.err
 $N vm kill ga

@@ -5,6 +5,16 @@
 # (lab.script=NAME). Then it powers off, which ends the VMM of this level.
 /bin/busybox mkdir -p /bin /proc /sys /dev /tmp /run
 /bin/busybox --install -s /bin
+# No process can pivot_root away from the initramfs's own root (rootfs),
+# which programs that sandbox themselves in a mount namespace do (passt,
+# behind --net user): /init starts again with a bind mount of it as root.
+if [ -z "$LAB_REROOTED" ]; then
+    mkdir -p /.root
+    mount -o bind / /.root
+    cd /.root
+    mount -o move . /
+    LAB_REROOTED=1 exec chroot . /init
+fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null

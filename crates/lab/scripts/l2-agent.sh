@@ -1,7 +1,8 @@
 # In L2: Debian's QEMU guest agent on nestvm's vsock device, for L1's
-# `nestvm vm exec` and `vm cp`. It runs until L1 ends the VM.
+# `nestvm vm exec` and `vm cp`. It runs until L1 ends the VM. The network
+# adapter's driver is loaded too: L1 sets the adapter up through the agent.
 mods=/lib/modules/$(uname -r)
-for m in virtio_ring virtio virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+for m in virtio_ring virtio virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport failover net_failover virtio_net; do
     insmod "$mods/$m.ko" 2>/dev/null || say "insmod $m failed"
 done
 n=0

@@ -13,6 +13,8 @@ pub const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Debian's QEMU guest agent, which the lab's guests run for `vm exec`.
 pub const QEMU_GA: &str = "/usr/sbin/qemu-ga";
+/// Debian's passt (and its AVX2 build), behind nestvm's `--net user`.
+pub const PASST: [&str; 2] = ["/usr/bin/passt", "/usr/bin/passt.avx2"];
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")
@@ -86,6 +88,9 @@ pub fn ensure_packages() -> Result<(), LabError> {
     }
     if !Path::new(QEMU_GA).exists() {
         missing.push("qemu-guest-agent");
+    }
+    if PASST.iter().any(|p| !Path::new(p).exists()) {
+        missing.push("passt");
     }
     if !have("mke2fs")
         && !Path::new("/usr/sbin/mke2fs").exists()

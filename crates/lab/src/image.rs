@@ -3,7 +3,8 @@
 //! - L3: busybox, `/init`, the lab scripts.
 //! - L2: the same, plus the KVM modules, `nestvm` with its shared libraries
 //!   (and `lab-vsock`, the lab's two ends of a vsock stream, and Debian's
-//!   `qemu-ga`, the guest agent `vm exec` and `vm cp` speak to),
+//!   `qemu-ga`, the guest agent `vm exec` and `vm cp` speak to, and its
+//!   `passt`, behind `--net user`),
 //!   the tiny test guests, and the Debian kernel with the L3 initramfs.
 //! - L1: the same as L2 but carrying the L2 initramfs.
 //!
@@ -31,11 +32,11 @@ pub const SLOW_TICKS: u32 = LONG_TICKS / 10;
 
 use crate::cpio::Archive;
 use crate::debian::Kernel;
-use crate::host::{shared_libraries, BUSYBOX, QEMU_GA};
+use crate::host::{shared_libraries, BUSYBOX, PASST, QEMU_GA};
 use crate::{io_err, say, work_dir, LabError};
 
 /// The lab scripts every level carries under /lab.
-pub const SCRIPTS: [(&str, &str); 13] = [
+pub const SCRIPTS: [(&str, &str); 14] = [
     ("acpid", include_str!("../scripts/acpid.sh")),
     ("lib", include_str!("../scripts/lib.sh")),
     ("report", include_str!("../scripts/report.sh")),
@@ -47,6 +48,7 @@ pub const SCRIPTS: [(&str, &str); 13] = [
     ("l2-devices", include_str!("../scripts/l2-devices.sh")),
     ("l2-vsock", include_str!("../scripts/l2-vsock.sh")),
     ("l2-agent", include_str!("../scripts/l2-agent.sh")),
+    ("l2-usernet", include_str!("../scripts/l2-usernet.sh")),
     ("l2-bench", include_str!("../scripts/l2-bench.sh")),
     (
         "l2-long-ticker-l3",
@@ -174,10 +176,18 @@ fn level_image(level: &Level<'_>) -> Result<Vec<u8>, LabError> {
         let vsock = nestvm.with_file_name("lab-vsock");
         a.file("nestvm/lab-vsock", 0o755, &read(&vsock)?);
         a.file("nestvm/qemu-ga", 0o755, &read(Path::new(QEMU_GA))?);
+        // Debian's passt, behind `--net user` adapters (in /usr/bin, where
+        // nestvm finds it, with the AVX2 build it switches to where it can).
+        dirs(&mut a, &mut seen, "usr/bin");
+        for exe in PASST {
+            a.file(exe.trim_start_matches('/'), 0o755, &read(Path::new(exe))?);
+        }
         let mut libs = shared_libraries(nestvm)?;
-        for lib in shared_libraries(Path::new(QEMU_GA))? {
-            if !libs.contains(&lib) {
-                libs.push(lib);
+        for exe in [QEMU_GA, PASST[0], PASST[1]] {
+            for lib in shared_libraries(Path::new(exe))? {
+                if !libs.contains(&lib) {
+                    libs.push(lib);
+                }
             }
         }
         for lib in libs {

@@ -224,6 +224,7 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         "vs-exit-0",
         "vs-host-served-guest",
         "ga-agent-answers",
+        "ga-status-says-agent-answers",
         "ga-exec-stdout",
         "ga-exec-stderr",
         "ga-exec-exit-code",
@@ -231,6 +232,10 @@ fn virtio_disk_and_network_with_mac_spoofing_policy() {
         "ga-cp-in-intact",
         "ga-cp-out",
         "ga-cp-out-intact",
+        "un-dhcp-lease",
+        "un-fetch-from-l1",
+        "un-fetched-intact",
+        "un-port-forward-reaches-guest",
         "ga-no-agent-says-how",
     ]);
 }

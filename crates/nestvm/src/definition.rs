@@ -112,9 +112,6 @@ struct VsockView {
     agent: Option<bool>,
 }
 
-/// How long `vm show` gives the guest agent to answer.
-const AGENT_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
     let state = live_state(store, name);
     let last_log = if state == "Off" {
@@ -135,17 +132,10 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         disks: c.disks.clone(),
         nets: c.nets.clone(),
         balloon: c.balloon.clone(),
-        vsock: c.vsock.as_ref().map(|v| {
-            let socket = store.vm_dir(name).join(v.socket_path());
-            let agent = (state == "Running").then(|| {
-                crate::agent::Agent::connect(&socket, crate::agent::DEFAULT_PORT, AGENT_PROBE)
-                    .is_ok()
-            });
-            VsockView {
-                cid: v.cid,
-                socket,
-                agent,
-            }
+        vsock: c.vsock.as_ref().map(|v| VsockView {
+            cid: v.cid,
+            socket: store.vm_dir(name).join(v.socket_path()),
+            agent: crate::guest::agent_answers(store, name, v, state),
         }),
         logs: c.logs,
         migration: match state {
@@ -241,9 +231,15 @@ pub fn show(store: &Store, name: &VmName, json: bool) -> Result<u8, Failure> {
             println!("disk:    {}{ro}", d.path.display());
         }
         for n in &v.nets {
+            let on = match n.user {
+                true => match n.hostfwd.is_empty() {
+                    true => "user (passt)".to_owned(),
+                    false => format!("user (passt), hostfwd {}", n.hostfwd.join(" ")),
+                },
+                false => format!("tap {}", n.tap),
+            };
             println!(
-                "net:     tap {} mac {} mac_spoofing {}",
-                n.tap,
+                "net:     {on} mac {} mac_spoofing {}",
                 n.mac.as_deref().unwrap_or("(derived)"),
                 if n.mac_spoofing { "on" } else { "off" }
             );

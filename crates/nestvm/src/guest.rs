@@ -12,6 +12,22 @@ use nestvm_manager::{Store, VmName, VmState};
 use crate::agent::Agent;
 use crate::common::{runtime, store_err, usage, vm_name, Failure};
 
+/// How long `vm show` and `status` give a guest agent to answer.
+const AGENT_PROBE: Duration = Duration::from_secs(2);
+
+/// Whether a guest agent answers on the default port of the vsock device
+/// `vsock` of VM `name`, whose state is `state`; `None` unless it runs.
+pub fn agent_answers(
+    store: &Store,
+    name: &VmName,
+    vsock: &nestvm_vmm::config::vsock::VsockConfig,
+    state: &str,
+) -> Option<bool> {
+    let socket = store.vm_dir(name).join(vsock.socket_path());
+    (state == "Running")
+        .then(|| Agent::connect(&socket, crate::agent::DEFAULT_PORT, AGENT_PROBE).is_ok())
+}
+
 /// The running VM `name`'s agent on `port`.
 fn agent(store: &Store, name: &VmName, port: u32) -> Result<Agent, Failure> {
     let config = store.load(name).map_err(store_err)?;

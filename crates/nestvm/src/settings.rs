@@ -34,10 +34,15 @@ pub struct SettingsArgs {
     #[arg(long, value_name = "path=FILE[,readonly=on][,serial=ID]")]
     disk: Vec<String>,
     /// A virtio network adapter on a TAP device:
-    /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; repeat for more. The TAP
-    /// is created if missing and nestvm may (root); mac_spoofing=on lets
-    /// guests bridged inside this VM use their own MACs.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off]")]
+    /// tap=NAME[,mac=MAC][,mac_spoofing=on|off]; or without root, through
+    /// passt: user[,hostfwd=tcp:HOSTPORT-:GUESTPORT]... (DHCP, DNS,
+    /// outbound TCP/UDP; hostfwd ports on the host reach the guest). Repeat
+    /// for more. The TAP is created if missing and nestvm may (root);
+    /// mac_spoofing=on lets guests bridged inside this VM use their own MACs.
+    #[arg(
+        long,
+        value_name = "tap=NAME[,mac=MAC][,mac_spoofing=on|off] | user[,hostfwd=tcp:H-:G]"
+    )]
     net: Vec<String>,
     /// A memory balloon, so the VM's memory can shrink to min and grow back
     /// while it runs (vm resize); dynamic=on follows the guest's demand:

@@ -15,6 +15,10 @@ struct VmStatus {
     state: &'static str,
     nested: NestedMode,
     can_host_vms: bool,
+    /// Whether its guest agent answers (running VMs with a vsock device):
+    /// what `vm exec` needs to install a hypervisor in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent: Option<bool>,
     reasons: Vec<String>,
     notes: Vec<String>,
 }
@@ -44,8 +48,10 @@ pub fn run(store: &Store, json: bool) -> Result<u8, Failure> {
 fn vm_status(store: &Store, name: &VmName, host: &nestvm_host::HostReport) -> VmStatus {
     let (mut reasons, mut notes) = (vec![], vec![]);
     let state = live_state(store, name);
+    let mut agent = None;
     let nested = match store.load(name) {
         Ok(config) => {
+            agent = agent_note(store, name, &config, state, &mut notes);
             if config.nested == NestedMode::Off {
                 reasons.push(format!(
                     "VT-x/AMD-V are not exposed to it (nested = off): run 'nestvm vm enable-nested {name}'"
@@ -66,7 +72,9 @@ fn vm_status(store: &Store, name: &VmName, host: &nestvm_host::HostReport) -> Vm
                 if config.nets.is_empty() {
                     notes.push("no network adapter: its own guests will have no network".into());
                 }
-                for n in config.nets.iter().filter(|n| !n.mac_spoofing) {
+                // A user-mode adapter is passt's: its own guests get their
+                // network from their own user-mode adapters, not through it.
+                for n in config.nets.iter().filter(|n| !n.user && !n.mac_spoofing) {
                     notes.push(format!(
                         "adapter on TAP {} has mac_spoofing off: its own guests get no network through it ('nestvm vm set {name} --net tap={},mac_spoofing=on')",
                         n.tap, n.tap
@@ -85,9 +93,40 @@ fn vm_status(store: &Store, name: &VmName, host: &nestvm_host::HostReport) -> Vm
         state,
         nested,
         can_host_vms: reasons.is_empty(),
+        agent,
         reasons,
         notes,
     }
+}
+
+/// Whether a running VM's guest agent answers (`vm exec`, the reference's
+/// Invoke-Command), with a note saying so or how to get one.
+fn agent_note(
+    store: &Store,
+    name: &VmName,
+    config: &nestvm_vmm::VmConfig,
+    state: &str,
+    notes: &mut Vec<String>,
+) -> Option<bool> {
+    if state != "Running" {
+        return None;
+    }
+    let Some(vsock) = &config.vsock else {
+        notes.push(format!(
+            "no vsock device, so no 'vm exec' into it ('nestvm vm set {name} --vsock cid=3', then restart it)"
+        ));
+        return None;
+    };
+    let answers = crate::guest::agent_answers(store, name, vsock, state);
+    notes.push(match answers {
+        Some(true) => "guest agent answers: 'nestvm vm exec' and 'vm cp' work".into(),
+        _ => format!(
+            "no guest agent answers: install Debian's qemu-guest-agent in the guest and run 'qemu-ga -m vsock-listen -p {}:{}' there",
+            vsock.cid,
+            crate::agent::DEFAULT_PORT
+        ),
+    });
+    answers
 }
 
 /// The status as a table, for people.

@@ -381,6 +381,8 @@ fn save_then_start_resumes_exactly_where_it_was() {
         "s",
         ticker(TICKS as u32, 3000, "TICKER-DONE", Ending::PowerOff),
     );
+    // With a user-mode adapter: the resumed VMM starts its own passt.
+    e.ok(&["vm", "set", "s", "--net", "user"]);
     e.ok(&["vm", "start", "s"]);
     let start = Instant::now();
     while e.console_log("s").len() < 20 {
@@ -410,6 +412,7 @@ fn save_then_start_resumes_exactly_where_it_was() {
     assert!(log.ends_with("TICKER-DONE"), "{log}");
     let vmm_log = std::fs::read_to_string(e.dir.join("vms/s/vmm.log")).unwrap();
     assert!(vmm_log.contains("PowerOff"), "{vmm_log}");
+    assert!(vmm_log.contains("net user0 (passt "), "{vmm_log}");
 }
 
 #[test]

@@ -257,9 +257,47 @@ fn disks_and_a_network_adapter_are_attached() {
     if as_root {
         cmd.args(["--net", &format!("tap={tap},mac_spoofing=on")]);
     }
+    // A user-mode adapter needs no root: passt starts with the VM.
+    cmd.args(["--net", "user,hostfwd=tcp:0-:22"]);
+    let out = run_with_timeout(&mut cmd, T);
+    assert_exit(&out, 2);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid --net 'user,hostfwd=tcp:0-:22'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut cmd = nestvm();
+    cmd.args(&args[..args.len() - 1]).arg("user");
     let out = run_with_timeout(&mut cmd, T);
     assert_exit(&out, 0);
     let err = String::from_utf8_lossy(&out.stderr);
+    let user = if as_root { "user1" } else { "user0" };
+    assert!(err.contains(&format!("net {user} (passt ")), "{err}");
+    assert!(err.contains("stream_bad_length=0"), "{err}");
+    // passt ended with the VMM's end of its socket (it is a zombie of the
+    // ended VMM at most, never still serving).
+    let pid: u32 = err
+        .split(&format!("net {user} (passt "))
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .expect("passt's pid in the log");
+    // passt sees the end of its socket when the VMM has exited: it is
+    // given a bound to notice, never a sleep.
+    let serving = || {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .contains("passt")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while serving() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "passt {pid} still runs after its VM ended"
+        );
+        std::thread::yield_now();
+    }
     // The guest never drives them, but each device was built, wired to KVM
     // (irqfd, ioeventfds) and reports its counters at the end.
     assert!(

@@ -2,7 +2,7 @@
 //! lab drives it with Linux's): `vm new --vsock` keeps it in the
 //! definition, the VMM listens on `vsock.sock` in the VM's directory (0600,
 //! `vm show` names it) and answers a host client; a saved and a
-//! checkpointed VM comes back with it; `vm show` and `vm exec` say that no
+//! checkpointed VM comes back with it; `vm show`, `status` and `vm exec` say that no
 //! guest agent answers (this guest has no driver), and how to get one; a
 //! bad setting is a usage error.
 
@@ -68,6 +68,20 @@ fn a_managed_vm_listens_on_its_vsock_socket_through_save_and_restore() {
     listening();
     // This guest has no vsock driver, so no agent: said, and how to get one.
     assert_eq!(e.json(&["vm", "show", "t"])["vsock"]["agent"], false);
+    let status = e.json(&["status"]);
+    let mine = status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "t")
+        .unwrap()
+        .clone();
+    assert_eq!(mine["agent"], false, "{mine}");
+    let notes = mine["notes"].to_string();
+    assert!(
+        notes.contains("qemu-ga -m vsock-listen -p 7:1234"),
+        "{notes}"
+    );
     let no_agent = exec("t");
     assert_eq!(no_agent.status.code(), Some(1));
     assert!(

@@ -5,7 +5,8 @@
 //!   [`adapters`] for its disks and network adapters.
 //! - `builder`: builds the whole VM — memory, kernel, ACPI, devices, vCPUs —
 //!   paused, so nothing runs until everything exists.
-//! - `virtio`: attaches disks and adapters as virtio-mmio devices.
+//! - `virtio`: attaches disks and adapters as virtio-mmio devices;
+//!   [`passt`]: the process behind each `--net user` adapter.
 //! - `bus`: the port I/O and MMIO buses, the vCPUs' exit handler.
 //! - `vcpu`: one thread per vCPU, an explicit Paused/Running/Exited state
 //!   machine driven by commands, reporting exits as events; `vcpus`: the
@@ -44,6 +45,7 @@ pub mod jail;
 pub mod logfile;
 pub mod migration;
 mod outcome;
+pub mod passt;
 pub mod persist;
 pub mod privileges;
 pub mod seccomp;

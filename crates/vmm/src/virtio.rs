@@ -32,6 +32,9 @@ pub enum AttachError {
     /// A TAP device.
     #[error(transparent)]
     Tap(#[from] nestvm_kvm::tap::TapError),
+    /// passt, for a user-mode adapter.
+    #[error(transparent)]
+    Passt(#[from] crate::passt::PasstError),
     /// A virtio transport (or its saved state).
     #[error(transparent)]
     Virtio(#[from] nestvm_virtio::mmio::MmioError),
@@ -66,6 +69,7 @@ impl AttachError {
     pub fn is_usage(&self) -> bool {
         match self {
             Self::Block(_) | Self::Config(_) | Self::Vsock(_) => true,
+            Self::Passt(p) => matches!(p, crate::passt::PasstError::Missing(_)),
             Self::Tap(t) => !matches!(t, nestvm_kvm::tap::TapError::Configure { .. }),
             _ => false,
         }
@@ -132,7 +136,8 @@ impl FrameIo for TapIo {
     }
 }
 
-/// Opens every disk image and TAP of `config` and puts the devices on `mmio`:
+/// Opens every disk image and TAP of `config` (and starts passt for each
+/// user-mode adapter) and puts the devices on `mmio`:
 /// new ones, or, with `saved` (one per device, in device order), the devices
 /// those snapshots describe.
 pub fn attach(
@@ -160,13 +165,20 @@ pub fn attach(
         let place = next.next().expect("validated device count");
         add(block, place, vm, mem, mmio, &mut out)?;
     }
-    for net in &config.nets {
+    for (i, net) in config.nets.iter().enumerate() {
+        let name = match net.user {
+            true => format!("user{i}"),
+            false => net.tap.clone(),
+        };
         let mac = match &net.mac {
             Some(m) => parse_mac(m).map_err(crate::config::ConfigError::from)?,
-            None => derived_mac(&net.tap),
+            None => derived_mac(&name),
         };
-        let tap = Tap::open(&net.tap)?;
-        let dev = Net::new(Box::new(TapIo(tap)), mac, net.mac_spoofing);
+        let io: Box<dyn FrameIo> = match net.user {
+            true => Box::new(crate::passt::start(net, name)?.io),
+            false => Box::new(TapIo(Tap::open(&net.tap)?)),
+        };
+        let dev = Net::new(io, mac, net.mac_spoofing);
         let place = next.next().expect("validated device count");
         add(dev, place, vm, mem, mmio, &mut out)?;
     }

@@ -108,8 +108,13 @@ impl Placement {
             }
         }
         for (old, _) in &self.taps {
-            if !config.nets.iter().any(|n| &n.tap == old) {
-                let have = config.nets.iter().map(|n| n.tap.clone()).collect();
+            if !config.nets.iter().any(|n| !n.user && &n.tap == old) {
+                let have = config
+                    .nets
+                    .iter()
+                    .filter(|n| !n.user)
+                    .map(|n| n.tap.clone())
+                    .collect();
                 return Err(PlacementError::UnknownTap(old.clone(), list(have)));
             }
         }
@@ -120,7 +125,9 @@ impl Placement {
                 None => return Err(PlacementError::UnplacedDisk(d.path.clone())),
             }
         }
-        for n in &mut config.nets {
+        // A user-mode adapter needs nothing placed: the VM's new process
+        // starts its own passt.
+        for n in config.nets.iter_mut().filter(|n| !n.user) {
             match self.taps.iter().find(|(old, _)| *old == n.tap) {
                 Some((_, here)) => n.tap = here.clone(),
                 None if self.same_paths => {}
@@ -143,7 +150,7 @@ pub fn check_here(config: &VmConfig, source: &Source) -> Result<(), PlacementErr
     for d in &config.disks {
         check_disk(&d.path, d.readonly, source)?;
     }
-    for n in &config.nets {
+    for n in config.nets.iter().filter(|n| !n.user) {
         if !Path::new("/sys/class/net")
             .join(&n.tap)
             .join("tun_flags")
@@ -246,6 +253,7 @@ mod tests {
                     tap: t.to_string(),
                     mac: None,
                     mac_spoofing: false,
+                    ..Default::default()
                 })
                 .collect(),
             balloon: None,

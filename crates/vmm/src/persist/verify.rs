@@ -72,7 +72,8 @@ pub enum StateRefusal {
         /// Read-only in the definition.
         defined_ro: bool,
     },
-    /// Network adapters on other TAP devices, or another number of them.
+    /// Network adapters on other TAP devices (or user-mode where the other
+    /// has a TAP), or another number of them.
     #[error("the saved state's network adapters ({}) are not the VM's definition's ({}): none was opened", taps(saved), taps(defined))]
     Nets {
         /// The state's TAP devices.
@@ -195,7 +196,7 @@ pub fn check_agrees(saved: &VmConfig, definition: &VmConfig) -> Result<(), State
             path: def.path.clone(),
         });
     }
-    let taps = |c: &VmConfig| c.nets.iter().map(|n| n.tap.clone()).collect::<Vec<_>>();
+    let taps = |c: &VmConfig| c.nets.iter().map(|n| n.backend()).collect::<Vec<_>>();
     if taps(saved) != taps(definition) {
         return Err(StateRefusal::Nets {
             saved: taps(saved),

@@ -74,6 +74,7 @@ fn config() -> VmConfig {
                 tap: "tap0".into(),
                 mac: None,
                 mac_spoofing: false,
+                ..Default::default()
             }]),
             ..Default::default()
         },
