@@ -12,6 +12,25 @@ use nestvm_manager::{Store, VmName, VmState};
 use crate::agent::Agent;
 use crate::common::{runtime, store_err, usage, vm_name, Failure};
 
+/// Parses `vm exec --timeout`: a bare number is seconds (as for `vm stop
+/// --timeout`), else a duration with its unit (`500ms`, `90s`); at most a
+/// day.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return match secs {
+            0 => Err(format!("'{s}' is no time at all: give seconds, e.g. 60")),
+            1..=86_400 => Ok(Duration::from_secs(secs)),
+            _ => Err(format!(
+                "'{s}' seconds is more than a day: give at most 86400"
+            )),
+        };
+    }
+    crate::migrate::parse_duration(t).map_err(|_| {
+        format!("'{s}' is not a timeout: give seconds (60) or a duration (500ms, 90s)")
+    })
+}
+
 /// How long `vm show` and `status` give a guest agent to answer.
 const AGENT_PROBE: Duration = Duration::from_secs(2);
 
@@ -146,4 +165,19 @@ fn copy_out(agent: &mut Agent, guest: &str, host: &Path) -> Result<u64, Failure>
         let _ = std::fs::remove_file(&tmp);
     }
     copied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_timeout_is_seconds() {
+        assert_eq!(parse_timeout("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("90s"), Ok(Duration::from_secs(90)));
+        for bad in ["0", "86401", "soon", "-1"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
 }

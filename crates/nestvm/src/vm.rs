@@ -136,8 +136,8 @@ pub enum VmCmd {
         /// The vsock port the guest agent listens on.
         #[arg(long, default_value_t = crate::agent::DEFAULT_PORT)]
         port: u32,
-        /// How long the command may run.
-        #[arg(long, default_value = "60s", value_parser = crate::migrate::parse_duration)]
+        /// How long the command may run: seconds, or with a unit (500ms, 90s).
+        #[arg(long, default_value = "60", value_parser = crate::guest::parse_timeout)]
         timeout: std::time::Duration,
         /// The command and its arguments (after --).
         #[arg(last = true, required = true, value_name = "CMD")]
