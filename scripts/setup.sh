@@ -17,6 +17,9 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 # The stock guest agent, which `vm exec` and `vm cp` speak to (their tests run it here).
 [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
 [ -x /usr/bin/passt ] || need+=(passt)
+# image debian builds with mmdebstrap and genext2fs (its test runs them).
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v genext2fs >/dev/null 2>&1 || need+=(genext2fs)
 { [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; } || need+=(e2fsprogs)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2; exit 1; }
 

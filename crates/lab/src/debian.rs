@@ -15,7 +15,7 @@ use crate::{cache_dir, io_err, say, LabError};
 /// guest's network); virtio-mmio, virtio-blk and virtio-net (the guest side
 /// of nestvm's devices, the balloon and vsock); ext4 (and the crc32c it checksums with) for the disk
 /// images the tests make.
-pub const MODULES: [(&str, &str); 26] = [
+pub const MODULES: [(&str, &str); 29] = [
     ("irqbypass", ""),
     ("kvm", "irqbypass"),
     ("ccp", ""),
@@ -30,6 +30,12 @@ pub const MODULES: [(&str, &str); 26] = [
     ("virtio", "virtio_ring"),
     ("virtio_mmio", "virtio virtio_ring"),
     ("virtio_blk", "virtio virtio_ring"),
+    ("virtio_pci_legacy_dev", ""),
+    ("virtio_pci_modern_dev", ""),
+    (
+        "virtio_pci",
+        "virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev",
+    ),
     ("virtio_balloon", "virtio virtio_ring"),
     ("failover", ""),
     ("net_failover", "failover"),

@@ -34,6 +34,9 @@ pub struct Scenario {
     /// Extra files for L1: (path from the image's root, contents), each
     /// executable (e.g. "lab/disk.img", or a host program and its libraries).
     pub files: Vec<(String, Vec<u8>)>,
+    /// A raw disk image for L1 (its `/dev/vda`, virtio-blk on PCI), used
+    /// copy-on-write so that the file itself is never changed.
+    pub drive: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -58,6 +61,7 @@ impl Scenario {
             cpus: 1,
             memory_mib: 3072,
             files: Vec::new(),
+            drive: None,
         }
     }
 }
@@ -253,10 +257,16 @@ pub fn run(image: &L1Image, scenario: &Scenario) -> Result<Report, LabError> {
     .arg(&image.vmlinuz)
     .arg("-initrd")
     .arg(&initrd)
-    .args(["-append", &append])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .args(["-append", &append]);
+    if let Some(d) = &scenario.drive {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            d.display().to_string().replace(',', ",,")
+        ));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     say(format!(
         "scenario '{}': booting L1 (QEMU TCG, EPYC+svm, {} CPU(s), {} MiB), timeout {:?}; log {}",
         scenario.name,

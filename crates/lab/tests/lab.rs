@@ -16,6 +16,77 @@ fn l1_image() -> image::L1Image {
     image::build(&kernel, &nestvm).expect("build the L1 image")
 }
 
+/// The Debian system `nestvm image debian` builds (with busybox, for the
+/// scenario's HTTP server and client), built once and cached.
+fn debian_image(nestvm: &std::path::Path) -> std::path::PathBuf {
+    let dir = nestvm_lab::cache_dir().join("images");
+    let out = dir.join("debian-bookworm.img");
+    if out.exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = std::process::Command::new(nestvm)
+        .args(["image", "debian"])
+        .arg(&out)
+        .args(["--packages", "busybox", "--size", "2G"])
+        .status()
+        .expect("run nestvm image debian");
+    assert!(status.success(), "nestvm image debian failed");
+    out
+}
+
+#[test]
+#[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
+fn the_reference_workflow_from_l1s_shell() {
+    let img = l1_image();
+    let nestvm = workspace_root().join("target/release/nestvm");
+    let disk = debian_image(&nestvm);
+    let beside = |suffix: &str| {
+        let mut p = disk.clone().into_os_string();
+        p.push(suffix);
+        std::fs::read(p).expect("the image's kernel and initrd")
+    };
+    let mut sc = scenario::Scenario::new(
+        "workflow",
+        include_str!("../scenarios/workflow.sh"),
+        Duration::from_secs(1800),
+    );
+    sc.memory_mib = 4096;
+    sc.drive = Some(disk.clone());
+    sc.files = vec![
+        ("lab/debian.img.vmlinuz".into(), beside(".vmlinuz")),
+        ("lab/debian.img.initrd".into(), beside(".initrd")),
+        (
+            "lab/nonce".into(),
+            format!("{:x}", std::process::id() ^ 0xf10).into_bytes(),
+        ),
+    ];
+    let report = scenario::run(&img, &sc).expect("run the scenario");
+    report.assert_passed(&[
+        "wf-l1-has-the-image",
+        "wf-vm-new",
+        "wf-enable-nested",
+        "wf-nested-on",
+        "wf-vm-start",
+        "wf-agent-answers",
+        "wf-status-says-agent-answers",
+        "wf-guest-sees-svm",
+        "wf-cp-nestvm-in",
+        "wf-cp-guest-in",
+        "wf-guest-has-kvm",
+        "wf-nested-vm-marker",
+        "wf-nested-vm-exit-code",
+        "wf-cp-in",
+        "wf-cp-in-intact",
+        "wf-cp-out",
+        "wf-cp-out-intact",
+        "wf-guest-fetches-from-l1",
+        "wf-l1-reaches-guest-by-port-forward",
+        "wf-guest-powered-off",
+        "wf-vm-off",
+    ]);
+}
+
 #[test]
 #[ignore = "lab: boots QEMU TCG for minutes; run by scripts/test.sh (cargo test -p nestvm-lab -- --ignored)"]
 fn core_boots_debian_as_l2() {

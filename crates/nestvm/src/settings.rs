@@ -10,6 +10,12 @@ use crate::common::{usage, Failure};
 /// A VM's settings, as flags (shared by `run`, `vm new` and `vm set`).
 #[derive(Args)]
 pub struct SettingsArgs {
+    /// A disk built by 'nestvm image debian FILE': boots FILE.vmlinuz and
+    /// FILE.initrd with FILE as its first disk (/dev/vda), a vsock device
+    /// (cid=3) for vm exec, and root=/dev/vda on the serial console, each
+    /// unless given otherwise.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
+    image: Option<PathBuf>,
     /// Kernel image: an x86-64 bzImage or ELF vmlinux.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -97,12 +103,32 @@ impl SettingsArgs {
             (None, true) => Some(None),
             (None, false) => None,
         };
-        let disks = self
+        let mut disks = self
             .disk
             .iter()
             .map(|d| parse_disk(d))
             .collect::<Result<Vec<_>, _>>()
             .map_err(usage)?;
+        let (mut kernel, mut initrd, mut cmdline, mut vsock) =
+            (self.kernel, self.initrd, self.cmdline, vsock);
+        if let Some(image) = &self.image {
+            // The image's own files beside it, and its disk first.
+            let path = image.to_string_lossy();
+            if path.contains(',') {
+                return Err(usage(anyhow::anyhow!(
+                    "--image {path}: a path with ',' cannot be a disk; rename it"
+                )));
+            }
+            disks.insert(0, parse_disk(&format!("path={path}")).map_err(usage)?);
+            kernel = Some(crate::image::kernel_of(image));
+            initrd = Some(crate::image::initrd_of(image));
+            cmdline = cmdline.or_else(|| Some(crate::image::CMDLINE.to_owned()));
+            if vsock.is_none() {
+                vsock = Some(Some(
+                    nestvm_vmm::config::vsock::parse_vsock("cid=3").map_err(usage)?,
+                ));
+            }
+        }
         let nets = self
             .net
             .iter()
@@ -114,9 +140,9 @@ impl SettingsArgs {
             nets: (self.no_nets || !nets.is_empty()).then_some(nets),
             balloon,
             vsock,
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
+            kernel,
+            initrd,
+            cmdline,
             cpus: self.cpus,
             memory: self.memory,
             nested,
