@@ -89,9 +89,14 @@ check vs-host-served-guest [ "$(cat /tmp/host-serve.rc)" = 0 ]
 # Debian's qemu-ga on vsock; L1 runs commands in it and copies a file in
 # and out, with no console typing. Its network is `--net user` (passt):
 # passt takes its addresses from the host's interface with the default
-# route, which L1 (a lab with no outside network) gives br0.
+# route, and refuses one without carrier (as br0 is once its TAPs are
+# gone): L1, a lab with no outside network, routes through a bridge of
+# its own that never has ports (a new bridge has carrier).
 ip link set lo up
-ip route add default via 10.0.0.254 dev br0
+brctl addbr br1
+ip addr add 10.1.0.1/24 dev br1
+ip link set br1 up
+ip route add default via 10.1.0.254 dev br1
 NONCE=$(cat /lab/nonce)
 $N vm new ga --kernel /next/vmlinuz --initrd /next/initrd --memory 256M --nested off \
     --vsock cid=5 --net user,hostfwd=tcp:18080-:8080 \
@@ -123,7 +128,11 @@ check ga-cp-out-intact [ "$(md5sum </tmp/payload.back | cut -d' ' -f1)" = "$SUM"
 $N vm exec ga -- /bin/sh /lab/l2-usernet.sh >/tmp/un.lease 2>&1
 echo $? >/tmp/un.rc
 cat /tmp/un.lease
-check un-dhcp-lease [ "$(cat /tmp/un.rc)" = 0 ]
+check un-dhcp-lease [ "$(cat /tmp/un.rc)" = 0 ] || {
+    say "no lease: udhcpc's log, then the VMM's (passt's lines among them)"
+    $N vm exec ga -- cat /tmp/udhcpc.log
+    tail -n 20 /var/lib/nestvm/vms/ga/vmm.log
+}
 ROUTER=$(sed -n 's/.*router=\([0-9.]*\).*/\1/p' /tmp/un.lease)
 check un-fetch-from-l1 $N vm exec ga -- wget -q -O /tmp/blob "http://$ROUTER:8080/blob"
 check un-fetched-intact [ "$($N vm exec ga -- /bin/sh -c 'md5sum </tmp/blob' | cut -d' ' -f1)" = "$DOWN" ]
