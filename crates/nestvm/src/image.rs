@@ -123,18 +123,17 @@ pub fn check(req: &DebianImage) -> Result<(), Failure> {
             dir.display()
         )));
     }
-    let missing: Vec<&str> = TOOLS
+    let mut missing: Vec<&str> = TOOLS
         .iter()
-        .filter(|(tool, _)| !on_path(tool))
+        .filter(|(name, _)| find_tool(name).is_none())
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if !missing.is_empty() {
-        let mut pkgs = missing.clone();
-        pkgs.dedup();
         return Err(usage(anyhow!(
             "image debian needs {}: apt install {}",
-            pkgs.join(", "),
-            pkgs.join(" ")
+            missing.join(", "),
+            missing.join(" ")
         )));
     }
     Ok(())
@@ -147,11 +146,19 @@ fn parent(p: &Path) -> PathBuf {
     }
 }
 
-fn on_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+/// Where program `name` is: on PATH, or in the sbin directories an
+/// ordinary user's PATH often lacks (e2fsck, resize2fs, tune2fs).
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .any(|d| d.join(tool).is_file())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The program to run for `name` ([`check`] made sure it is there).
+fn tool(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// Builds the image (see the module's header).
@@ -161,7 +168,7 @@ pub fn build(req: &DebianImage) -> Result<(), Failure> {
     crate::image_files::write_overlay(&work.dir.join("overlay"), AGENT_PORT).map_err(runtime)?;
     let fs = work.dir.join("root.ext2");
     mmdebstrap(req, &work.dir, &fs)?;
-    step("growing the filesystem and giving it a journal")?;
+    eprintln!("image: growing the filesystem and giving it a journal");
     // e2fsck exits 1 when it fixed something: genext2fs leaves counts for
     // it to fix; only 4 and above are errors.
     let fsck = Command::new(tool("e2fsck")).arg("-fp").arg(&fs).output();
@@ -189,22 +196,6 @@ pub fn build(req: &DebianImage) -> Result<(), Failure> {
         }
     }
     work.finish(&req.out)
-}
-
-/// One line of progress (or a spinner's message on a terminal).
-fn step(what: &str) -> Result<(), Failure> {
-    eprintln!("image: {what}");
-    Ok(())
-}
-
-fn tool(name: &str) -> PathBuf {
-    for d in ["/usr/sbin", "/sbin"] {
-        let p = Path::new(d).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    PathBuf::from(name)
 }
 
 fn run_tool(cmd: &mut Command) -> Result<(), Failure> {
@@ -240,7 +231,7 @@ fn mmdebstrap(req: &DebianImage, work: &Path, fs: &Path) -> Result<(), Failure> 
     let mut include: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
     include.extend(req.packages.iter().cloned());
     let w = sh_quote(&work.to_string_lossy());
-    let mut cmd = Command::new("mmdebstrap");
+    let mut cmd = Command::new(tool("mmdebstrap"));
     cmd.args(["--variant=minbase", "--verbose"])
         .arg(format!("--include={}", include.join(",")))
         .args([
