@@ -1,12 +1,15 @@
 //! The control API's request parsing, as a hostile client drives it: a
-//! request head's first line and secret header, the route it picks, and
-//! the query parsed into a typed request. Whatever the bytes, each step answers a value or a
-//! refusal with an HTTP status of 400, 404 or 405; nothing panics.
+//! request head's first line and the headers it reads (secret,
+//! Content-Length), the route it picks, the query parsed into a typed
+//! request — for the controller, or for the guest thread, whose exec body
+//! (the bytes after the head) is parsed too. Whatever the bytes, each step
+//! answers a value or a refusal with an HTTP status of 400, 404, 405, 411
+//! or 413; nothing panics.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nestvm_vmm::api::{parse_head, parse_query, route, Request};
+use nestvm_vmm::api::{parse_head, parse_query, route, ExecRequest, GuestCall, Request};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(head) = parse_head(data) else {
@@ -20,7 +23,24 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    match Request::parse(action, &parse_query(&path), head.secret.as_deref()) {
+    let query = parse_query(&path);
+    if action.is_guest() {
+        match GuestCall::parse(action, &query, head.content_length) {
+            Ok(c) => {
+                let _ = format!("{c:?}");
+            }
+            Err(r) => assert!(matches!(r.status, 400 | 411 | 413), "{r:?}"),
+        }
+        let body = data
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(&[][..], |at| &data[at + 4..]);
+        if let Err(r) = ExecRequest::from_body(body) {
+            assert_eq!(r.status, 400, "{r:?}");
+        }
+        return;
+    }
+    match Request::parse(action, &query, head.secret.as_deref()) {
         Ok(r) => {
             let _ = format!("{r:?}");
         }

@@ -99,6 +99,29 @@ pub fn request_with<T: DeserializeOwned>(
 ) -> Result<Answer<T>, ReplyError> {
     let (status, body) = nestvm_vmm::api::call_with(socket, method, path, headers, timeout)
         .map_err(ReplyError::Call)?;
+    answer(status, body, method, path, expect)
+}
+
+/// [`request`] with a request `body`.
+pub fn request_body<T: DeserializeOwned>(
+    socket: &Path,
+    (method, path): (&str, &str),
+    body: &[u8],
+    timeout: Duration,
+    expect: u16,
+) -> Result<Answer<T>, ReplyError> {
+    let (status, reply) = nestvm_vmm::api::call_body(socket, method, path, &[], body, timeout)
+        .map_err(ReplyError::Call)?;
+    answer(status, reply, method, path, expect)
+}
+
+fn answer<T: DeserializeOwned>(
+    status: u16,
+    body: serde_json::Value,
+    method: &str,
+    path: &str,
+    expect: u16,
+) -> Result<Answer<T>, ReplyError> {
     if status == expect {
         return decode(body, status, method, path).map(Answer::Done);
     }

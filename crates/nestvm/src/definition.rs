@@ -135,7 +135,7 @@ fn view(store: &Store, name: &VmName, c: &VmConfig) -> VmView {
         vsock: c.vsock.as_ref().map(|v| VsockView {
             cid: v.cid,
             socket: store.vm_dir(name).join(v.socket_path()),
-            agent: crate::guest::agent_answers(store, name, v, state),
+            agent: crate::guest::agent_answers(store, name, state),
         }),
         logs: c.logs,
         migration: match state {

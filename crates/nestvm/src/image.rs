@@ -38,7 +38,7 @@ pub const BASE_PACKAGES: &[&str] = &[
     "iproute2",
 ];
 /// The guest agent's vsock port (the one `vm exec` uses by default).
-const AGENT_PORT: u32 = crate::agent::DEFAULT_PORT;
+const AGENT_PORT: u32 = nestvm_vmm::agent::DEFAULT_PORT;
 /// The tools the build runs, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
     ("mmdebstrap", "mmdebstrap"),

@@ -18,7 +18,6 @@
 //! host checks any VM start makes), `settings` (a VM's flags), `vmdir` (a
 //! VM's files) and, importing nothing, `common` (exit codes, output).
 
-mod agent;
 mod attach;
 mod checkpoints;
 mod common;

@@ -117,13 +117,13 @@ fn agent_note(
         ));
         return None;
     };
-    let answers = crate::guest::agent_answers(store, name, vsock, state);
+    let answers = crate::guest::agent_answers(store, name, state);
     notes.push(match answers {
         Some(true) => "guest agent answers: 'nestvm vm exec' and 'vm cp' work".into(),
         _ => format!(
             "no guest agent answers: install Debian's qemu-guest-agent in the guest and run 'qemu-ga -m vsock-listen -p {}:{}' there",
             vsock.cid,
-            crate::agent::DEFAULT_PORT
+            nestvm_vmm::agent::DEFAULT_PORT
         ),
     });
     answers

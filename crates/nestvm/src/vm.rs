@@ -134,7 +134,7 @@ pub enum VmCmd {
         /// The VM's name.
         name: String,
         /// The vsock port the guest agent listens on.
-        #[arg(long, default_value_t = crate::agent::DEFAULT_PORT)]
+        #[arg(long, default_value_t = nestvm_vmm::agent::DEFAULT_PORT)]
         port: u32,
         /// How long the command may run: seconds, or with a unit (500ms, 90s).
         #[arg(long, default_value = "60", value_parser = crate::guest::parse_timeout)]
@@ -150,7 +150,7 @@ pub enum VmCmd {
         /// To: NAME:/path in the guest, or a path here.
         to: String,
         /// The vsock port the guest agent listens on.
-        #[arg(long, default_value_t = crate::agent::DEFAULT_PORT)]
+        #[arg(long, default_value_t = nestvm_vmm::agent::DEFAULT_PORT)]
         port: u32,
     },
     /// Show a running VM's memory: its balloon's range and target, and the guest's figures.

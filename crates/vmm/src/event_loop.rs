@@ -347,6 +347,9 @@ pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutc
         migration_report: opts.migration_report,
         seccomp: opts.seccomp,
     };
+    // Where the guest thread reaches the guest's agent: the vsock device's
+    // socket (relative ones to this directory, as the device bound it).
+    let agent_socket = vm.config.vsock.as_ref().map(|v| v.socket_path());
     let (mut controller, mut control, feeder) = take_charge(vm, &mut em, &wake, places, &outcome)?;
     control.signals = signals;
     let round_trip = control.round_trip.clone();
@@ -369,7 +372,11 @@ pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutc
     }
     let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
     if let Some(listener) = opts.api {
-        let server = ApiServer::start(listener, queue.clone(), opts.seccomp)
+        let guest = agent_socket
+            .map(|socket| crate::api::GuestThread::start(socket, opts.seccomp))
+            .transpose()
+            .map_err(setup("guest-agent thread"))?;
+        let server = ApiServer::start(listener, queue.clone(), guest, opts.seccomp)
             .map_err(setup("control API thread"))?;
         subscribe(&mut em, server);
     }

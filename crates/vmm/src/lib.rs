@@ -26,7 +26,9 @@
 //!   the guest's statistics, the automatic policy).
 //! - [`terminal`]: raw mode for an interactive console, always restored.
 //! - [`api`]: the control API of a detached VM (HTTP/JSON on a Unix
-//!   socket): server thread, typed requests, client.
+//!   socket): server thread, typed requests, client, and the thread that
+//!   runs its guest-agent requests; [`agent`]: the client of the guest's
+//!   own agent (the stock QEMU guest agent on the vsock device).
 //! - [`console`]: the serial console of a detached VM, for attaching clients.
 //! - [`logfile`]: log files rotated at their cap, and a logger that no
 //!   guest can flood (a budget per call site).
@@ -34,6 +36,7 @@
 //!   seccomp filter and Landlock ruleset, the process's limits, and giving
 //!   up root once the VM is built.
 
+pub mod agent;
 pub mod api;
 pub mod balloon;
 mod builder;

@@ -86,6 +86,9 @@ pub enum Role {
     Api,
     /// An outgoing migration: connect, then send memory and state.
     Migration,
+    /// The control API's guest thread: connect to the VM's own vsock
+    /// socket, talk to the guest's agent, answer the API's client.
+    Agent,
 }
 
 /// Why a filter could not be made or installed.
@@ -341,6 +344,18 @@ const MIGRATION: &[i64] = &[
     libc::SYS_ioctl,
 ];
 
+/// What the guest thread adds: a connection to the vsock device's socket,
+/// with deadlines, and the API client's connection it answers on.
+const AGENT: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_shutdown,
+];
+
 /// What a vCPU thread adds: its eventfd reports, the console's files
 /// (the serial port writes them) and clients (a socket write).
 const VCPU: &[i64] = &[
@@ -372,6 +387,7 @@ pub fn filter(role: Role, log: bool) -> Result<BpfProgram, SeccompError> {
         // Its ioctls are a socket's (FIONBIO): the inherited event loop
         // filter names them.
         Role::Migration => (MIGRATION, vec![]),
+        Role::Agent => (AGENT, vec![]),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in COMMON.iter().chain(own) {
@@ -432,7 +448,13 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_modes_parse() {
-        for role in [Role::Vcpu, Role::EventLoop, Role::Api, Role::Migration] {
+        for role in [
+            Role::Vcpu,
+            Role::EventLoop,
+            Role::Api,
+            Role::Migration,
+            Role::Agent,
+        ] {
             for log in [false, true] {
                 assert!(!filter(role, log).unwrap().is_empty(), "{role:?}");
             }

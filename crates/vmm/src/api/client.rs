@@ -17,6 +17,10 @@ pub enum CallError {
     Protocol(String),
 }
 
+/// The largest answer read: a file piece of [`super::FILE_PIECE`] bytes
+/// or a command's output, base64 in JSON, with room to spare.
+pub const MAX_ANSWER: u64 = 48 << 20;
+
 /// Calls the API at `socket`; returns the status and the JSON body.
 pub fn call(
     socket: &Path,
@@ -35,6 +39,18 @@ pub fn call_with(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<(u16, serde_json::Value), CallError> {
+    call_body(socket, method, path, headers, &[], timeout)
+}
+
+/// [`call_with`] with a request body.
+pub fn call_body(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), CallError> {
     if let Some((name, _)) = headers
         .iter()
         .find(|(n, v)| n.contains([':', '\r', '\n']) || v.contains(['\r', '\n']))
@@ -51,13 +67,26 @@ pub fn call_with(
         .iter()
         .map(|(n, v)| format!("{n}: {v}\r\n"))
         .collect();
-    write!(
+    let wrote = write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\n{extra}Content-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: nestvm\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
     )
-    .map_err(unreachable)?;
+    .and_then(|()| s.write_all(body));
+    // A VMM that refuses a request may answer before it read the body and
+    // close: its answer still says why.
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(unreachable)?;
+    let read = (&mut s).take(MAX_ANSWER + 1).read_to_string(&mut text);
+    match (wrote, read) {
+        (_, Ok(_)) if !text.is_empty() => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(unreachable(e)),
+        (Ok(()), Ok(_)) => {}
+    }
+    if text.len() as u64 > MAX_ANSWER {
+        return Err(CallError::Protocol(format!(
+            "an answer longer than {MAX_ANSWER} bytes"
+        )));
+    }
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| CallError::Protocol("no header end".into()))?;

@@ -10,7 +10,10 @@
 //!   [`Request`]: a malformed request is answered 400 here, never queued;
 //! - `server`: the thread, with its deadline and size limit, and the
 //!   event-loop side that queues [`Pending`] requests;
-//! - `client`: [`call`].
+//! - `client`: [`call`];
+//! - `guest`: the guest-agent requests (`vm exec`, `vm cp`, whether the
+//!   agent answers) and the thread that runs them, apart from the
+//!   controller: a command may run for a day.
 //!
 //! | method | path | does |
 //! |---|---|---|
@@ -19,12 +22,22 @@
 //! | PUT | /v1/vm/resume | resume every vCPU |
 //! | PUT | /v1/vm/power-button | press the ACPI power button (the guest shuts down) |
 //! | PUT | /v1/vm/kill | stop the VM at once |
+//! | PUT | /v1/vm/save, /v1/vm/checkpoint, /v1/vm/migrate | save, checkpoint, migrate |
+//! | GET, PUT | /v1/vm/memory | the balloon; resize |
+//! | GET | /v1/vm/agent | whether the guest agent answers |
+//! | PUT | /v1/vm/exec | run a command in the guest (JSON body) |
+//! | GET, PUT | /v1/vm/file?path=P&offset=N | a piece of a guest's file, read or written |
 
 mod client;
+mod guest;
 mod request;
 mod server;
 
-pub use client::{call, call_with, CallError};
+pub use client::{call, call_body, call_with, CallError, MAX_ANSWER};
+pub use guest::{
+    AgentReply, ExecReply, ExecRequest, FilePiece, FileWritten, GuestAsk, GuestCall, GuestThread,
+    BODY_DEADLINE, DEFAULT_EXEC_TIMEOUT_S, FILE_PIECE, MAX_EXEC_BODY, QUEUE,
+};
 pub use request::{
     parse_query, percent_encode, route, Action, MigrateRequest, Refusal, Request,
     DEFAULT_MAX_DOWNTIME, MIN_BANDWIDTH,

@@ -73,6 +73,25 @@ pub enum Action {
     Memory,
     /// PUT /v1/vm/memory?size=BYTES (or ?size=auto): resize the VM's memory.
     Resize,
+    /// GET /v1/vm/agent: whether the guest's agent answers.
+    Agent,
+    /// PUT /v1/vm/exec: run a command in the guest.
+    Exec,
+    /// GET /v1/vm/file?path=P: a piece of a guest's file.
+    FileRead,
+    /// PUT /v1/vm/file?path=P: write a piece of a guest's file.
+    FileWrite,
+}
+
+impl Action {
+    /// Whether the guest thread (`super::guest`), not the controller,
+    /// answers it.
+    pub fn is_guest(self) -> bool {
+        matches!(
+            self,
+            Self::Agent | Self::Exec | Self::FileRead | Self::FileWrite
+        )
+    }
 }
 
 /// A well-formed request for the controller.
@@ -141,6 +160,11 @@ impl Request {
                 None => return Err(bad("no size given (size=BYTES or size=auto)".into())),
             }),
             Action::Migrate => Self::Migrate(migrate(&get, secret)?),
+            Action::Agent | Action::Exec | Action::FileRead | Action::FileWrite => {
+                return Err(bad(format!(
+                    "{action:?} is a guest-agent request, not one for the controller"
+                )))
+            }
         })
     }
 }
@@ -301,13 +325,19 @@ pub fn route(method: &str, path: &str) -> Result<Action, Refusal> {
         "/v1/vm/migration" => Action::Migration,
         "/v1/vm/memory" if method == "PUT" => Action::Resize,
         "/v1/vm/memory" => Action::Memory,
+        "/v1/vm/agent" => Action::Agent,
+        "/v1/vm/exec" => Action::Exec,
+        "/v1/vm/file" if method == "PUT" => Action::FileWrite,
+        "/v1/vm/file" => Action::FileRead,
         _ => return Err(Refusal::new(404, format!("no such endpoint {path}"))),
     };
     // What the path takes (the Allow header of a 405), and whether this
     // method is one of it (/v1/vm/memory routes PUT to Resize above).
     let (allow, ok) = match action {
-        Action::Info | Action::Migration => ("GET", method == "GET"),
-        Action::Memory | Action::Resize => ("GET, PUT", matches!(method, "GET" | "PUT")),
+        Action::Info | Action::Migration | Action::Agent => ("GET", method == "GET"),
+        Action::Memory | Action::Resize | Action::FileRead | Action::FileWrite => {
+            ("GET, PUT", matches!(method, "GET" | "PUT"))
+        }
         _ => ("PUT", method == "PUT"),
     };
     if !ok {

@@ -16,6 +16,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::guest::{GuestCall, GuestJob, GuestThread};
 use super::{parse_query, route, ApiError, Refusal, Request};
 
 /// Longest request head we read.
@@ -46,6 +47,11 @@ impl Pending {
 pub struct Responder(UnixStream);
 
 impl Responder {
+    /// Answers on `stream`.
+    pub(super) fn new(stream: UnixStream) -> Self {
+        Self(stream)
+    }
+
     /// Answers with `status` and a JSON body.
     pub fn send(mut self, status: u16, body: &impl Serialize) {
         let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
@@ -64,6 +70,13 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     }
 }
@@ -102,13 +115,17 @@ pub enum HeadError {
     /// Reading failed.
     #[error("cannot read the request")]
     Read(#[source] std::io::Error),
+    /// A Content-Length that is no number.
+    #[error("Content-Length {0:?} is not a number of bytes")]
+    Length(String),
     /// The first line is no HTTP/1 request line.
     #[error("not an HTTP request line: {0:?}")]
     NotHttp(String),
 }
 
-/// Reads a request head, all of it before `deadline`.
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Head, HeadError> {
+/// Reads a request head, all of it before `deadline`; with it, the bytes
+/// of the body that came in the same reads.
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -135,7 +152,13 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Head, Head
             Err(e) => return Err(HeadError::Read(e)),
         }
     }
-    parse_head(&buf)
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len())
+        + 4;
+    let early = buf.split_off(end.min(buf.len()));
+    parse_head(&buf).map(|h| (h, early))
 }
 
 /// The header that carries a migration's secret (never a URL).
@@ -150,9 +173,14 @@ pub struct Head {
     pub target: String,
     /// The [`SECRET_HEADER`]'s value, if the head has one.
     pub secret: Option<String>,
+    /// The body's length, if the head gives one (`Content-Length`).
+    pub content_length: Option<u64>,
+    /// Whether the head has a `Transfer-Encoding` (a body of unknown
+    /// length, which no endpoint takes).
+    pub transfer_encoding: bool,
 }
 
-/// The request line of a head, and the one header the API reads.
+/// The request line of a head, and the headers the API reads.
 pub fn parse_head(head: &[u8]) -> Result<Head, HeadError> {
     let head = String::from_utf8_lossy(head);
     let mut lines = head.lines();
@@ -162,15 +190,30 @@ pub fn parse_head(head: &[u8]) -> Result<Head, HeadError> {
         (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/1.") => (m.to_owned(), p.to_owned()),
         _ => return Err(HeadError::NotHttp(line.chars().take(80).collect())),
     };
-    let secret = lines
+    let headers: Vec<(&str, &str)> = lines
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(SECRET_HEADER))
-        .map(|(_, v)| v.trim().to_owned());
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let content_length = match header("Content-Length") {
+        None => None,
+        Some(v) => Some(
+            v.parse()
+                .map_err(|_| HeadError::Length(v.chars().take(40).collect()))?,
+        ),
+    };
     Ok(Head {
         method,
         target,
-        secret,
+        secret: header(SECRET_HEADER).map(str::to_owned),
+        content_length,
+        transfer_encoding: header("Transfer-Encoding").is_some(),
     })
 }
 
@@ -188,9 +231,12 @@ impl ApiServer {
     /// Serves `listener` on a thread of its own (confined as `seccomp`
     /// says before its first connection), feeding `queue`. The thread
     /// ends at the first connection after this side is dropped.
+    /// Guest-agent requests go to `guest`, the thread that runs them
+    /// (`None`: the VM has no vsock device, and they are refused).
     pub fn start(
         listener: UnixListener,
         queue: Queue,
+        guest: Option<GuestThread>,
         seccomp: crate::seccomp::Mode,
     ) -> std::io::Result<Self> {
         let wake = EventFd::new(EFD_NONBLOCK)?;
@@ -201,7 +247,7 @@ impl ApiServer {
             .spawn(move || {
                 crate::jail::confine(crate::jail::Role::Api);
                 crate::seccomp::confine(crate::seccomp::Role::Api, seccomp);
-                serve(&listener, &tx, &signal)
+                serve(&listener, &tx, guest.as_ref(), &signal)
             })?;
         Ok(Self { inbox, wake, queue })
     }
@@ -209,7 +255,12 @@ impl ApiServer {
 
 /// The API thread: one connection at a time, each given at most
 /// [`REQUEST_DEADLINE`]; refusals are answered here, the rest handed over.
-fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
+fn serve(
+    listener: &UnixListener,
+    tx: &Sender<Pending>,
+    guest: Option<&GuestThread>,
+    wake: &EventFd,
+) {
     if let Err(e) = listener.set_nonblocking(false) {
         log::error!("control API: cannot wait on its socket: {e}");
         return;
@@ -223,14 +274,8 @@ fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
             }
         };
         let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
-        let routed = read_request(&mut stream, Instant::now() + REQUEST_DEADLINE)
-            .map_err(|e| Refusal::new(400, e.to_string()))
-            .and_then(|h| {
-                let action = route(&h.method, &h.target)?;
-                Request::parse(action, &parse_query(&h.target), h.secret.as_deref())
-            });
-        match routed {
-            Ok(request) => {
+        match route_one(&mut stream, guest) {
+            Ok(Routed::Vm(request)) => {
                 let pending = Pending {
                     request,
                     reply: Responder(stream),
@@ -240,12 +285,93 @@ fn serve(listener: &UnixListener, tx: &Sender<Pending>, wake: &EventFd) {
                 }
                 let _ = wake.write(1);
             }
-            Err(r) => {
+            Ok(Routed::Guest(call, early)) => {
+                if let Some(g) = guest {
+                    g.offer(GuestJob {
+                        call,
+                        early,
+                        stream,
+                    });
+                }
+            }
+            Err((r, unread)) => {
                 let body = serde_json::to_vec(&ApiError { error: r.error }).unwrap_or_default();
                 let _ = write_response(&mut stream, r.status, r.allow, &body);
+                discard(&mut stream, unread);
             }
         }
     }
+}
+
+/// Reads and drops what is left of a refused request's body (at most
+/// `unread` bytes, the largest body any request takes, within
+/// [`REQUEST_DEADLINE`]), so closing the connection does not reset it
+/// under a client still sending, before the client read the answer.
+fn discard(stream: &mut UnixStream, unread: u64) {
+    let mut left = unread.min(super::guest::FILE_PIECE as u64);
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut chunk = [0u8; 16 << 10];
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left -= n as u64,
+        }
+    }
+}
+
+/// Where a request goes: the controller, or the guest thread (with the
+/// body's first bytes).
+enum Routed {
+    Vm(Request),
+    Guest(GuestCall, Vec<u8>),
+}
+
+/// Reads, routes and parses one request, or refuses it (with the bytes
+/// of its body not yet read).
+fn route_one(
+    stream: &mut UnixStream,
+    guest: Option<&GuestThread>,
+) -> Result<Routed, (Refusal, u64)> {
+    let (head, early) = read_request(stream, Instant::now() + REQUEST_DEADLINE)
+        .map_err(|e| (Refusal::new(400, e.to_string()), 0))?;
+    let unread = head
+        .content_length
+        .unwrap_or(0)
+        .saturating_sub(early.len() as u64);
+    route_head(&head, guest)
+        .map(|r| match r {
+            Routed::Guest(call, _) => Routed::Guest(call, early),
+            vm => vm,
+        })
+        .map_err(|r| (r, unread))
+}
+
+/// Routes and parses a request's head.
+fn route_head(head: &Head, guest: Option<&GuestThread>) -> Result<Routed, Refusal> {
+    if head.transfer_encoding {
+        return Err(Refusal::new(
+            411,
+            "a Transfer-Encoding body is not taken: send its Content-Length".into(),
+        ));
+    }
+    let action = route(&head.method, &head.target)?;
+    let query = parse_query(&head.target);
+    if !action.is_guest() {
+        return Request::parse(action, &query, head.secret.as_deref()).map(Routed::Vm);
+    }
+    let call = GuestCall::parse(action, &query, head.content_length)?;
+    if guest.is_none() {
+        return Err(Refusal::new(
+            409,
+            "this VM has no vsock device, which its guest agent needs: 'nestvm vm set NAME --vsock cid=3', then start it again".into(),
+        ));
+    }
+    Ok(Routed::Guest(call, Vec::new()))
 }
 
 impl MutEventSubscriber for ApiServer {
@@ -283,6 +409,7 @@ fn test_server(
         ApiServer::start(
             UnixListener::bind(&sock).unwrap(),
             queue.clone(),
+            None,
             crate::seccomp::Mode::Off,
         )
         .unwrap(),

@@ -7,7 +7,8 @@
 //!
 //! Everything the agent says is input: each answer line is bounded
 //! ([`MAX_LINE`]), must be JSON, and an `error` answer is the agent's
-//! refusal of that one command. Imports nothing else of the CLI.
+//! refusal of that one command. A leaf of this crate: the control API's
+//! guest thread (`api::guest`) and the CLI's `status` use it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -57,6 +58,14 @@ pub enum AgentError {
         command: String,
         /// Its reason.
         desc: String,
+    },
+    /// A copy's next piece does not continue the guest's file.
+    #[error("the guest's file is {size} bytes, not {offset}: continue at offset {size}, or start again at 0")]
+    Misplaced {
+        /// The file's size.
+        size: u64,
+        /// Where the piece was to go.
+        offset: u64,
     },
     /// The command did not end in time.
     #[error("the command still runs in the guest after {0:?} (pid {1} there): give a longer --timeout, or end it in the guest")]
@@ -205,55 +214,87 @@ impl Agent {
         }
     }
 
-    /// Copies the guest's file `from` into `to`, whole; returns its bytes.
-    pub fn read_file(&mut self, from: &str, to: &mut dyn Write) -> Result<u64, AgentError> {
-        let handle = self.call("guest-file-open", json!({ "path": from, "mode": "r" }))?;
+    /// Up to `max` bytes of the guest's file `path` from byte `offset`,
+    /// and whether they reach its end.
+    pub fn read_at(
+        &mut self,
+        path: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Vec<u8>, bool), AgentError> {
+        let handle = self.call("guest-file-open", json!({ "path": path, "mode": "r" }))?;
         let result = (|| {
-            let mut total = 0u64;
-            loop {
+            if offset > 0 {
+                self.seek(&handle, offset, "set")?;
+            }
+            let mut data = Vec::new();
+            while data.len() < max {
+                let count = CHUNK.min(max - data.len());
                 let chunk = self.call(
                     "guest-file-read",
-                    json!({ "handle": handle, "count": CHUNK }),
+                    json!({ "handle": handle, "count": count }),
                 )?;
-                let data = decode(&chunk["buf-b64"])?;
-                to.write_all(&data).map_err(AgentError::Io)?;
-                total += data.len() as u64;
-                if chunk["eof"].as_bool() != Some(false) || data.is_empty() {
-                    return Ok(total);
-                }
-            }
-        })();
-        let closed = self.call("guest-file-close", json!({ "handle": handle }));
-        let total = result?;
-        closed.map(|_| total)
-    }
-
-    /// Writes all of `from` to the guest's file `to` (created or truncated).
-    pub fn write_file(&mut self, from: &mut dyn Read, to: &str) -> Result<u64, AgentError> {
-        let handle = self.call("guest-file-open", json!({ "path": to, "mode": "w" }))?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let result = (|| {
-            let mut total = 0u64;
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = from.read(&mut buf).map_err(AgentError::Io)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                let args = json!({ "handle": handle, "buf-b64": b64.encode(&buf[..n]) });
-                let wrote = self.call("guest-file-write", args)?;
-                if wrote["count"].as_u64() != Some(n as u64) {
+                let piece = decode(&chunk["buf-b64"])?;
+                if piece.len() > count {
                     return Err(AgentError::Protocol(format!(
-                        "guest-file-write took {} of {n} bytes",
-                        wrote["count"]
+                        "guest-file-read gave {} bytes for {count}",
+                        piece.len()
                     )));
                 }
-                total += n as u64;
+                data.extend_from_slice(&piece);
+                if chunk["eof"].as_bool() != Some(false) || piece.is_empty() {
+                    return Ok((data, true));
+                }
             }
+            Ok((data, false))
         })();
         let closed = self.call("guest-file-close", json!({ "handle": handle }));
-        let total = result?;
-        closed.map(|_| total)
+        let read = result?;
+        closed.map(|_| read)
+    }
+
+    /// Writes `data` into the guest's file `path` at `offset`: at 0 the
+    /// file is created or truncated; past 0 the file must be exactly
+    /// `offset` bytes long (the next piece of a copy), else
+    /// [`AgentError::Misplaced`] and nothing is written.
+    pub fn write_at(&mut self, path: &str, offset: u64, data: &[u8]) -> Result<(), AgentError> {
+        let mode = if offset == 0 { "w" } else { "r+" };
+        let handle = self.call("guest-file-open", json!({ "path": path, "mode": mode }))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let result = (|| {
+            if offset > 0 {
+                let size = self.seek(&handle, 0, "end")?;
+                if size != offset {
+                    return Err(AgentError::Misplaced { size, offset });
+                }
+            }
+            for piece in data.chunks(CHUNK) {
+                let args = json!({ "handle": handle, "buf-b64": b64.encode(piece) });
+                let wrote = self.call("guest-file-write", args)?;
+                if wrote["count"].as_u64() != Some(piece.len() as u64) {
+                    return Err(AgentError::Protocol(format!(
+                        "guest-file-write took {} of {} bytes",
+                        wrote["count"],
+                        piece.len()
+                    )));
+                }
+            }
+            Ok(())
+        })();
+        let closed = self.call("guest-file-close", json!({ "handle": handle }));
+        result?;
+        closed.map(|_| ())
+    }
+
+    /// `guest-file-seek`: the position it reached.
+    fn seek(&mut self, handle: &Value, offset: u64, whence: &str) -> Result<u64, AgentError> {
+        let at = self.call(
+            "guest-file-seek",
+            json!({ "handle": handle, "offset": offset, "whence": whence }),
+        )?;
+        at["position"]
+            .as_u64()
+            .ok_or_else(|| AgentError::Protocol("guest-file-seek: no position".into()))
     }
 }
 
@@ -283,7 +324,9 @@ fn exited(status: &Value) -> Result<Exited, AgentError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! A real qemu-ga behind a stand-in for the vsock device, for this
+    //! module's tests and the API's.
     use super::*;
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
@@ -294,9 +337,9 @@ mod tests {
     /// A real qemu-ga on a Unix socket, behind a stand-in for the vsock
     /// device's host side (its `CONNECT`/`OK` handshake, then bytes both
     /// ways), so the client meets the agent exactly as through a guest.
-    struct Rig {
-        dir: PathBuf,
-        device: PathBuf,
+    pub(crate) struct Rig {
+        pub(crate) dir: PathBuf,
+        pub(crate) device: PathBuf,
         agent: Child,
     }
 
@@ -330,7 +373,7 @@ mod tests {
         }
     }
 
-    fn rig(tag: &str) -> Option<Rig> {
+    pub(crate) fn rig(tag: &str) -> Option<Rig> {
         if !Path::new(QEMU_GA).exists() {
             eprintln!("SKIPPED: no {QEMU_GA} (scripts/setup.sh installs qemu-guest-agent)");
             return None;
@@ -362,6 +405,13 @@ mod tests {
         std::thread::spawn(move || relay(listener, agent_socket));
         Some(rig)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::rig;
+    use super::*;
+    use std::os::unix::net::UnixListener;
 
     #[test]
     fn a_command_runs_in_the_guest_with_its_output_and_exit_code() {
@@ -399,20 +449,32 @@ mod tests {
     }
 
     #[test]
-    fn files_go_in_and_come_back_out_whole() {
+    fn files_go_in_and_come_back_out_whole_in_pieces() {
         let Some(r) = rig("files") else { return };
         let mut a = Agent::connect(&r.device, DEFAULT_PORT, Duration::from_secs(10)).unwrap();
-        // Several chunks, every byte value.
+        // Several chunks, every byte value, in two pieces.
         let data: Vec<u8> = (0..(3 * CHUNK + 17)).map(|i| (i * 7 % 251) as u8).collect();
         let inside = r.dir.join("in-the-guest").display().to_string();
+        let half = data.len() / 2;
+        a.write_at(&inside, 0, &data[..half]).unwrap();
+        // A piece that would leave a hole, or overlap, is refused.
+        for wrong in [half as u64 + 1, half as u64 - 1] {
+            let e = a.write_at(&inside, wrong, b"x").unwrap_err();
+            assert!(matches!(e, AgentError::Misplaced { .. }), "{e}");
+        }
+        a.write_at(&inside, half as u64, &data[half..]).unwrap();
+        let (first, eof) = a.read_at(&inside, 0, 2 * CHUNK).unwrap();
+        assert!(!eof && first.len() == 2 * CHUNK);
+        let (rest, eof) = a.read_at(&inside, first.len() as u64, 4 * CHUNK).unwrap();
+        assert!(eof);
+        assert!([first, rest].concat() == data, "the copy differs");
+        // Writing at 0 again truncates.
+        a.write_at(&inside, 0, b"short").unwrap();
         assert_eq!(
-            a.write_file(&mut &data[..], &inside).unwrap(),
-            data.len() as u64
+            a.read_at(&inside, 0, 100).unwrap(),
+            (b"short".to_vec(), true)
         );
-        let mut back = Vec::new();
-        assert_eq!(a.read_file(&inside, &mut back).unwrap(), data.len() as u64);
-        assert!(back == data, "the copy differs");
-        let e = a.read_file("/no/such/file", &mut Vec::new()).unwrap_err();
+        let e = a.read_at("/no/such/file", 0, 10).unwrap_err();
         assert!(e.to_string().contains("refused guest-file-open"), "{e}");
     }
 
