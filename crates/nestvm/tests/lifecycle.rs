@@ -412,7 +412,7 @@ fn save_then_start_resumes_exactly_where_it_was() {
     assert!(log.ends_with("TICKER-DONE"), "{log}");
     let vmm_log = std::fs::read_to_string(e.dir.join("vms/s/vmm.log")).unwrap();
     assert!(vmm_log.contains("PowerOff"), "{vmm_log}");
-    assert!(vmm_log.contains("net user0 (passt "), "{vmm_log}");
+    assert!(vmm_log.contains("net user0 (passt)"), "{vmm_log}");
 }
 
 #[test]

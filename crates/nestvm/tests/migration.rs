@@ -673,3 +673,58 @@ fn a_guest_rewriting_its_memory_arrives_with_every_page() {
     );
     h.dst.ok(&["vm", "kill", "t"]);
 }
+
+/// The pid of the passt that VM `t`'s VMM in `dir` started (its log says).
+fn passt_pid(dir: &Path) -> u32 {
+    let log = std::fs::read_to_string(dir.join("vms/t/vmm.log")).unwrap_or_default();
+    log.split("user0: passt ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no passt in the VMM's log:\n{log}"))
+}
+
+/// Whether process `pid` runs (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim().to_owned()))
+        .is_some_and(|r| !r.starts_with('Z'))
+}
+
+#[test]
+fn user_networking_and_its_port_forward_move_with_the_vm_on_one_host() {
+    if !kvm_or_skip("user_networking_and_its_port_forward_move_with_the_vm_on_one_host") {
+        return;
+    }
+    let h = Hosts::new("usernet");
+    let port = common::free_port();
+    let net = format!("user,hostfwd=tcp:{port}-:8080");
+    let ticker = ticker(u32::MAX, 3000, "", Ending::PowerOff);
+    h.start_with("32M", ticker, &["--net", &net]);
+    let listening = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    wait_for(
+        listening,
+        "the source's passt never took the forwarded port",
+    );
+    let source_passt = passt_pid(&h.src.dir);
+    let receiver = h.receive(&h.token);
+    let out = h.migrate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    // The source stopped its passt before it gave the VM up, so the
+    // destination's own passt, started after that, holds the same port.
+    assert!(!alive(source_passt), "the source's passt still runs");
+    let dst_passt = passt_pid(&h.dst.dir);
+    assert_ne!(dst_passt, source_passt);
+    wait_for(
+        listening,
+        "the destination's passt never took the forwarded port",
+    );
+    assert!(alive(dst_passt), "the destination's passt ended");
+    let log = std::fs::read_to_string(h.dst.dir.join("vms/t/vmm.log")).unwrap();
+    assert!(!log.contains("Failed to bind"), "{log}");
+    assert_eq!(h.dst.state("t"), "Running");
+    h.dst.ok(&["vm", "kill", "t"]);
+}

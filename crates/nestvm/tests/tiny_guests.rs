@@ -273,14 +273,14 @@ fn disks_and_a_network_adapter_are_attached() {
     assert_exit(&out, 0);
     let err = String::from_utf8_lossy(&out.stderr);
     let user = if as_root { "user1" } else { "user0" };
-    assert!(err.contains(&format!("net {user} (passt ")), "{err}");
+    assert!(err.contains(&format!("net {user} (passt)")), "{err}");
     assert!(err.contains("stream_bad_length=0"), "{err}");
     // passt ended with the VMM's end of its socket (it is a zombie of the
     // ended VMM at most, never still serving).
     let pid: u32 = err
-        .split(&format!("net {user} (passt "))
+        .split(&format!("{user}: passt "))
         .nth(1)
-        .and_then(|r| r.split(')').next())
+        .and_then(|r| r.split(' ').next())
         .and_then(|p| p.parse().ok())
         .expect("passt's pid in the log");
     // passt sees the end of its socket when the VMM has exited: it is

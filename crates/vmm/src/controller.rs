@@ -56,6 +56,8 @@ pub(crate) struct Parts {
     pub devices: Vec<Arc<Mutex<dyn Inspect>>>,
     pub balloon: Option<nestvm_virtio::balloon::Control>,
     pub power_button: EventTrigger,
+    /// The user-mode adapters' passt processes (started).
+    pub passt: Vec<crate::passt::Process>,
 }
 
 /// The one owner of a running VM.
@@ -337,7 +339,13 @@ impl Controller {
     pub(crate) fn migrate(&mut self, req: MigrateRequest) -> Result<Progress, Refusal> {
         self.no_migration()?;
         let start = self.wake.try_clone().and_then(|wake| {
-            let vm = self.parts.vm.clone();
+            let passt = self
+                .parts
+                .passt
+                .iter()
+                .filter_map(|p| p.stopper())
+                .collect();
+            let vm = (self.parts.vm.clone(), passt);
             Outgoing::begin(req, &self.save_parts(), vm, wake, self.places.seccomp)
         });
         let o = start.map_err(|e| failed("cannot start the migration", &e))?;

@@ -52,6 +52,9 @@ pub enum RunError {
     /// The event loop's thread could not enter its Landlock ruleset.
     #[error("cannot confine the event loop")]
     Jail(#[from] crate::jail::EnterError),
+    /// A user-mode adapter's passt did not start.
+    #[error(transparent)]
+    Passt(crate::passt::PasstError),
 }
 
 fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
@@ -314,6 +317,7 @@ fn take_charge(
         devices: vm.virtio.inspect,
         balloon: vm.virtio.balloon,
         power_button: vm.power_button,
+        passt: vm.virtio.passt,
     };
     let wake_copy = wake.try_clone().map_err(setup("wake eventfd"))?;
     let control = Control {
@@ -335,6 +339,11 @@ fn take_charge(
 /// event loop's, stays confined after it returns.
 pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutcome, RunError> {
     vm.state_ctx.seccomp = opts.seccomp;
+    // passt now, not when the VM was built: an arriving VM is run only
+    // after its source stopped its own passt (see `crate::passt`).
+    for p in &mut vm.virtio.passt {
+        p.start().map_err(RunError::Passt)?;
+    }
     kick::install().map_err(setup("vCPU kick signal"))?;
     let signals = opts.handle_signals.then(block_signals).transpose()?;
     let mut em: Loop =

@@ -7,13 +7,18 @@
 //!
 //! The VMM makes a Unix stream socket pair, hands one end to passt as its
 //! `--fd` and keeps the other ([`nestvm_virtio::net_stream::StreamIo`]
-//! frames it). passt quits when the VMM's end closes, so it lives exactly as
+//! frames it). passt quits when the VMM's end closes, so it lives at most as
 //! long as the VM's process: a restored or arriving VM starts a new one (its
 //! guest's TCP connections through passt do not survive that).
 //!
-//! passt is started while the VM is built, before the VMM gives up root or
-//! enters its sandbox; started as root, passt drops to [`RUNAS`] itself.
-//! Its error lines (`--quiet`: errors only) go to the VMM's stderr.
+//! passt is found and its socket made while the VM is built
+//! ([`prepare`]), and started as the VMM begins to run it, before the VMM
+//! enters its sandbox ([`Process::start`]); started as root, passt drops
+//! to [`RUNAS`] itself. A migrating VM's source stops its passt at the
+//! commit point and waits for it to end ([`Stopper::stop`]); the
+//! destination starts its own only after that point, so a destination on
+//! the same host can bind the same forwarded ports. Its error lines
+//! (`--quiet`: errors only) go to the VMM's stderr.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -70,45 +75,134 @@ pub fn arguments(net: &NetConfig, fd: i32, root: bool) -> Result<Vec<String>, Pa
     Ok(args)
 }
 
-/// Starts passt for `net` and returns the adapter's end of its socket,
-/// named `name` in reports.
-pub fn start(net: &NetConfig, name: String) -> Result<Passt, PasstError> {
+/// Prepares passt for `net`: the socket pair, the adapter's end of it
+/// (named `name` in reports), and passt itself, found but not yet started
+/// ([`Process::start`]: the VMM starts it as it begins to run the VM, so
+/// that an arriving VM's passt binds its forwarded ports only once the
+/// source's has let go of them).
+pub fn prepare(net: &NetConfig, name: String) -> Result<Passt, PasstError> {
+    let program = find(PROGRAM)
+        .ok_or_else(|| PasstError::Missing(std::io::Error::from(std::io::ErrorKind::NotFound)))?;
+    // Checked now, while the VM is built, not when it is about to run.
+    arguments(net, 0, false)?;
     let (ours, theirs) = UnixStream::pair().map_err(PasstError::Socket)?;
     ours.set_nonblocking(true).map_err(PasstError::Socket)?;
-    // The standard library's descriptors close on exec: passt's end is
-    // made to stay open across it, and closed here once passt has its copy.
-    // (Nothing else in the VMM starts programs, so no other can inherit it.)
-    nix::fcntl::fcntl(theirs.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-        .map_err(|e| PasstError::Socket(e.into()))?;
-    let root = nix::unistd::geteuid().is_root();
-    let args = arguments(net, theirs.as_raw_fd(), root)?;
-    let spawned = Command::new(PROGRAM)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn();
-    drop(theirs);
-    let pid = match spawned {
-        // passt is not waited for: it ends when the VMM's end closes, and
-        // is reaped with the VMM.
-        Ok(child) => child.id(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(PasstError::Missing(e)),
-        Err(e) => return Err(PasstError::Spawn(e)),
-    };
+    let cut = ours.try_clone().map_err(PasstError::Socket)?;
     let fd = ours.as_raw_fd();
     Ok(Passt {
-        // Reports name the adapter with its passt.
-        io: StreamIo::new(ours, fd, format!("{name} (passt {pid})")),
-        pid,
+        io: StreamIo::new(ours, fd, format!("{name} (passt)")),
+        process: Process {
+            name,
+            program,
+            net: net.clone(),
+            theirs: Some(theirs),
+            cut,
+            pid: None,
+        },
     })
 }
 
-/// A started passt: the adapter's end of its socket, and its process.
+/// `program` on `PATH`, if it is an executable file there.
+fn find(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// A prepared passt: the adapter's end of its socket, and its process.
 pub struct Passt {
     /// The frames to and from passt.
     pub io: StreamIo<UnixStream>,
-    /// passt's process ID.
-    pub pid: u32,
+    /// passt's process, to start and, at a migration's commit point, stop.
+    pub process: Process,
+}
+
+/// One adapter's passt process.
+pub struct Process {
+    name: String,
+    program: std::path::PathBuf,
+    net: NetConfig,
+    /// passt's end of the socket, until passt has its copy.
+    theirs: Option<UnixStream>,
+    /// The VMM's end, to cut the connection (passt then quits).
+    cut: UnixStream,
+    pid: Option<u32>,
+}
+
+impl Process {
+    /// Starts passt (once; later calls do nothing) and returns its pid.
+    pub fn start(&mut self) -> Result<u32, PasstError> {
+        if let Some(pid) = self.pid {
+            return Ok(pid);
+        }
+        let theirs = self
+            .theirs
+            .take()
+            .ok_or_else(|| PasstError::Spawn(std::io::Error::other("its socket is gone")))?;
+        // The standard library's descriptors close on exec: passt's end is
+        // made to stay open across it, and closed here once passt has its
+        // copy. (Nothing else in the VMM starts programs, so no other can
+        // inherit it.)
+        nix::fcntl::fcntl(theirs.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+            .map_err(|e| PasstError::Socket(e.into()))?;
+        let root = nix::unistd::geteuid().is_root();
+        let args = arguments(&self.net, theirs.as_raw_fd(), root)?;
+        let spawned = Command::new(&self.program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn();
+        drop(theirs);
+        // passt is not waited for while the VM runs: it ends when the
+        // VMM's end closes, and is reaped with the VMM.
+        let pid = spawned.map_err(PasstError::Spawn)?.id();
+        eprintln!("nestvm: {}: passt {pid} serves it", self.name);
+        self.pid = Some(pid);
+        Ok(pid)
+    }
+
+    /// What stops this passt from another thread (a migration's), once
+    /// it was started.
+    pub fn stopper(&self) -> Option<Stopper> {
+        let pid = self.pid?;
+        match self.cut.try_clone() {
+            Ok(cut) => Some(Stopper {
+                name: self.name.clone(),
+                cut,
+                pid,
+            }),
+            Err(e) => {
+                log::warn!("{}: cannot keep a way to stop passt {pid}: {e}", self.name);
+                None
+            }
+        }
+    }
+}
+
+/// Stops one started passt.
+pub struct Stopper {
+    name: String,
+    cut: UnixStream,
+    pid: u32,
+}
+
+impl Stopper {
+    /// Stops passt: cuts its socket, which it reads as the VM's end, and
+    /// waits for it to exit, so that the ports it forwarded are free when
+    /// this returns (a migration's destination on this host binds them).
+    /// The adapter's frames go nowhere from then on.
+    pub fn stop(self) {
+        let _ = self.cut.shutdown(std::net::Shutdown::Both);
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        if let Err(e) = nix::sys::wait::waitpid(pid, None) {
+            log::warn!("{}: cannot wait for passt {pid} to end: {e}", self.name);
+        }
+    }
 }
 
 #[cfg(test)]

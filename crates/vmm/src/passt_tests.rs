@@ -103,12 +103,12 @@ fn state_of(pid: u32) -> Option<char> {
 
 #[test]
 fn passt_offers_an_address_by_dhcp_and_ends_with_the_vmm_end() {
-    let mut p = start(&user(&[]), "user0".into()).expect("passt is installed by the set-up");
+    let mut p = prepare(&user(&[]), "user0".into()).expect("passt is installed by the set-up");
+    let pid = p.process.start().unwrap();
     p.io.write_frame(&discover()).unwrap();
     let offer = next_frame(&mut p, is_offer);
     let yiaddr = &offer[14 + 20 + 8 + 16..14 + 20 + 8 + 20];
     assert_ne!(yiaddr, [0; 4], "the offer gives an address");
-    let pid = p.pid;
     drop(p);
     let deadline = Instant::now() + PATIENCE;
     while !matches!(state_of(pid), None | Some('Z')) {
@@ -129,7 +129,8 @@ fn a_host_port_forward_reaches_the_guest_side() {
         .local_addr()
         .unwrap()
         .port();
-    let mut p = start(&user(&[format!("tcp:{port}-:8080")]), "user0".into()).unwrap();
+    let mut p = prepare(&user(&[format!("tcp:{port}-:8080")]), "user0".into()).unwrap();
+    p.process.start().unwrap();
     p.io.write_frame(&discover()).unwrap();
     next_frame(&mut p, is_offer);
     // passt listens once it has read its options; the connection is

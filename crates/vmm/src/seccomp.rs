@@ -307,6 +307,8 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_geteuid,
     libc::SYS_uname,
     libc::SYS_mincore,
+    // The migration thread's wait for the VM's passt to end.
+    libc::SYS_wait4,
 ];
 
 /// What the API thread adds: its socket's connections, with deadlines.
@@ -342,6 +344,8 @@ const MIGRATION: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_fsync,
     libc::SYS_ioctl,
+    // Waiting for the VM's passt to end at the commit point.
+    libc::SYS_wait4,
 ];
 
 /// What the guest thread adds: a connection to the vsock device's socket,

@@ -85,6 +85,9 @@ pub struct VirtioDevices {
     pub(crate) inspect: Vec<Arc<Mutex<dyn Inspect>>>,
     /// The balloon's controls, if the VM has one.
     pub(crate) balloon: Option<balloon::Control>,
+    /// The passt process of each user-mode adapter, prepared, started
+    /// when the VM begins to run.
+    pub(crate) passt: Vec<crate::passt::Process>,
 }
 
 /// The windows and interrupt lines of `config`'s devices: disks first, then
@@ -136,7 +139,7 @@ impl FrameIo for TapIo {
     }
 }
 
-/// Opens every disk image and TAP of `config` (and starts passt for each
+/// Opens every disk image and TAP of `config` (and prepares passt for each
 /// user-mode adapter) and puts the devices on `mmio`:
 /// new ones, or, with `saved` (one per device, in device order), the devices
 /// those snapshots describe.
@@ -175,7 +178,11 @@ pub fn attach(
             None => derived_mac(&name),
         };
         let io: Box<dyn FrameIo> = match net.user {
-            true => Box::new(crate::passt::start(net, name)?.io),
+            true => {
+                let passt = crate::passt::prepare(net, name)?;
+                out.passt.push(passt.process);
+                Box::new(passt.io)
+            }
             false => Box::new(TapIo(Tap::open(&net.tap)?)),
         };
         let dev = Net::new(io, mac, net.mac_spoofing);

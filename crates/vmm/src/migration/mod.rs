@@ -23,7 +23,10 @@
 //!    does), lets go of its disk locks and goes back to its work; the
 //!    thread sends the last dirty pages and the state; the receiver builds
 //!    the VM — paused, its disks locked — and says `Ready`;
-//! 5. **the commit point**: the sender answers `Go`. Only on `Go` does the
+//! 5. **the commit point**: the sender stops its user-mode adapters' passt
+//!    (waiting for each to end, so their forwarded ports are free for a
+//!    destination on the same host, whose own passt starts as its VM
+//!    runs) and answers `Go`. Only on `Go` does the
 //!    receiver run the VM (then says `Resumed`), and from the moment it
 //!    writes `Go` the sender never resumes its copy on its own. So:
 //!    - any failure before `Go` — a refusal, a cut connection, a killed

@@ -72,6 +72,8 @@ struct Job {
     wake: EventFd,
     /// Turned on as `Go` is about to be written.
     committed: Arc<AtomicBool>,
+    /// The VM's passt processes, stopped at the commit point.
+    passt: Mutex<Vec<crate::passt::Stopper>>,
 }
 
 /// An outgoing migration, as the event loop holds it.
@@ -89,7 +91,7 @@ impl Outgoing {
     pub(crate) fn start(
         req: Request,
         hello: Hello,
-        vm: Arc<Vm>,
+        (vm, passt): (Arc<Vm>, Vec<crate::passt::Stopper>),
         mem: Memory,
         wake: EventFd,
         seccomp: crate::seccomp::Mode,
@@ -116,6 +118,7 @@ impl Outgoing {
             stream: stream.clone(),
             stop,
             wake,
+            passt: Mutex::new(passt),
         };
         let thread = std::thread::Builder::new()
             .name("migrate".into())
@@ -327,6 +330,11 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     }
     // The commit point (see the module above): the VM is the destination's.
     job.committed.store(true, Ordering::SeqCst);
+    // Its user-mode network too: this side's passt ends before `Go`, so a
+    // destination on this host binds the same forwarded ports after it.
+    for p in std::mem::take(&mut *lock(&job.passt)) {
+        p.stop();
+    }
     wire::send(&mut s, Kind::Go, &[])?;
     wire::expect(&mut s, Kind::Resumed)?;
     let downtime = paused_at.elapsed();
@@ -424,7 +432,7 @@ impl Outgoing {
     pub(crate) fn begin(
         req: Request,
         parts: &SaveParts<'_>,
-        vm: Arc<Vm>,
+        vm: (Arc<Vm>, Vec<crate::passt::Stopper>),
         wake: EventFd,
         seccomp: crate::seccomp::Mode,
     ) -> std::io::Result<Outgoing> {
