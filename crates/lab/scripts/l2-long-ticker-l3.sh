@@ -11,6 +11,15 @@ done
 # vmgenid driver took the device; again at the end, after any restores.
 genid() { dd if=/dev/mem bs=16 count=1 skip=$((0xff000 / 16)) 2>/dev/null | od -An -tx1 | tr -d ' \n'; }
 say "vmgenid bound: $(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c :) id $(genid)"
+# lab.fill=MiB: write that much to a file and remove it, so this guest has
+# touched that much of its memory (the level above checks that a shrink
+# gives it back).
+fill=$(arg fill)
+if [ -n "$fill" ]; then
+    dd if=/dev/zero of=/fill bs=1M count="$fill" 2>/dev/null
+    rm -f /fill
+    say "filled and freed $fill MiB"
+fi
 say "long ticker starting"
 # lab.l3=longer: four times as many ticks; lab.l3=slow: a tenth as many, as
 # far apart (the same run time, a tenth of the console output).

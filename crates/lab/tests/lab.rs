@@ -406,6 +406,7 @@ fn resize_the_memory_of_a_vm_that_runs_its_own_vm() {
         "bl-guest-reports-statistics",
         "bl-shrunk",
         "bl-guest-sees-less",
+        "bl-guest-touched-its-memory",
         "bl-host-got-memory-back",
         "bl-l3-ticks-while-small",
         "bl-grown",
