@@ -5,8 +5,25 @@
 # nested VM inside the guest (nestvm, copied in with vm cp) whose marker
 # and exit code come back; vm cp a file in and out; on `--net user` the
 # guest fetches a file from L1's HTTP server and L1 reaches the guest's
-# server through a port forward; vm stop shuts systemd down cleanly.
-N=/nestvm/nestvm
+# server through a port forward; vm stop shuts systemd down cleanly. All
+# of it as an unprivileged user of L1, `lab` (uid 1000), who may use
+# /dev/kvm and the disk; only the set-up below is root's. $N runs nestvm
+# as that user through busybox's su (its arguments passed as they are).
+echo "lab:x:1000:1000:lab:/home/lab:/bin/sh" >>/etc/passwd
+echo "lab:x:1000:" >>/etc/group
+mkdir -p /home/lab
+chown 1000:1000 /home/lab
+export NESTVM_STATE_DIR=/home/lab/state
+mkdir -p /usr/local/bin
+cat >/usr/local/bin/nestvm-as-lab <<'SH'
+#!/bin/sh
+# (POSIXLY_CORRECT: su's options end at the user, so none of nestvm's is
+# taken for su's.)
+POSIXLY_CORRECT=1 exec /bin/busybox su -s /bin/sh -c 'exec env -u POSIXLY_CORRECT HOME=/home/lab PATH="$LAB_PATH" NESTVM_STATE_DIR=/home/lab/state /nestvm/nestvm "$@"' lab nestvm "$@"
+SH
+chmod 0755 /usr/local/bin/nestvm-as-lab
+export LAB_PATH="$PATH"
+N=/usr/local/bin/nestvm-as-lab
 mods=/lib/modules/$(uname -r)
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk tun llc stp bridge; do
     insmod "$mods/$m.ko" 2>/dev/null || say "insmod $m failed"
@@ -18,6 +35,8 @@ until [ -b /dev/vda ] || [ $n -ge 30 ]; do
     n=$((n + 1))
 done
 require wf-l1-has-the-image test -b /dev/vda
+chown 1000:1000 /dev/vda
+chmod 0666 /dev/kvm
 # `--image FILE` takes FILE.vmlinuz and FILE.initrd beside FILE: here FILE
 # is a link to the block device (a disk may be one).
 ln -s /dev/vda /tmp/debian.img
@@ -34,11 +53,14 @@ mkdir -p /srv
 echo "from-l1-$NONCE" >/srv/hello
 httpd -p 8080 -h /srv
 
-require wf-vm-new $N vm new deb --image /tmp/debian.img --memory 1536M --nested off \
-    --net user,hostfwd=tcp:18080-:8080
+$N vm new deb --image /tmp/debian.img --memory 1536M --nested off \
+    --net user,hostfwd=tcp:18080-:8080 >/tmp/new.out 2>&1
+cat /tmp/new.out
+require wf-vm-new grep -q "created VM 'deb'" /tmp/new.out
 require wf-enable-nested $N vm enable-nested deb --yes --keep-memory
 check wf-nested-on sh -c "$N vm show deb | grep -q 'nested.*on'"
 require wf-vm-start $N vm start deb
+check wf-vmm-runs-as-the-user grep -q "^Uid:[[:space:]]*1000[[:space:]]" /proc/"$(cat $NESTVM_STATE_DIR/vms/deb/vmm.pid)"/status
 # systemd boots and starts the agent; a refused connection is retried
 # (each try waits up to 10 s for an answer), within a bound of 15 minutes.
 start=$(date +%s)
@@ -48,7 +70,7 @@ done
 n=$(($(date +%s) - start))
 if ! $N vm exec deb -- /bin/true >/dev/null 2>&1; then
     say "no agent: the end of the guest's console"
-    tail -n 60 /var/lib/nestvm/vms/deb/console.log
+    tail -n 60 $NESTVM_STATE_DIR/vms/deb/console.log
 fi
 require wf-agent-answers $N vm exec deb -- /bin/true
 say "the guest's agent answered after ${n}s"

@@ -68,6 +68,7 @@ fn the_reference_workflow_from_l1s_shell() {
         "wf-enable-nested",
         "wf-nested-on",
         "wf-vm-start",
+        "wf-vmm-runs-as-the-user",
         "wf-agent-answers",
         "wf-status-says-agent-answers",
         "wf-guest-sees-svm",
