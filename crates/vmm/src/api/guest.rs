@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::server::Responder;
+use super::response::Responder;
 use super::{Action, ApiError, Refusal};
 use crate::agent::{Agent, AgentError, DEFAULT_PORT};
 

@@ -10,6 +10,7 @@
 //!   [`Request`]: a malformed request is answered 400 here, never queued;
 //! - `server`: the thread, with its deadline and size limit, and the
 //!   event-loop side that queues [`Pending`] requests;
+//! - `response`: an answer's status line and JSON body ([`Responder`]);
 //! - `client`: [`call`];
 //! - `guest`: the guest-agent requests (`vm exec`, `vm cp`, whether the
 //!   agent answers) and the thread that runs them, apart from the
@@ -31,6 +32,7 @@
 mod client;
 mod guest;
 mod request;
+mod response;
 mod server;
 
 pub use client::{call, call_body, call_with, CallError, MAX_ANSWER};
@@ -42,9 +44,9 @@ pub use request::{
     parse_query, percent_encode, route, Action, MigrateRequest, Refusal, Request,
     DEFAULT_MAX_DOWNTIME, MIN_BANDWIDTH,
 };
+pub use response::Responder;
 pub use server::{
-    parse_head, ApiServer, Head, HeadError, Pending, Queue, Responder, REQUEST_DEADLINE,
-    SECRET_HEADER,
+    parse_head, ApiServer, Head, HeadError, Pending, Queue, REQUEST_DEADLINE, SECRET_HEADER,
 };
 
 use serde::{Deserialize, Serialize};

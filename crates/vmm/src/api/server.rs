@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -17,6 +17,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::guest::{GuestCall, GuestJob, GuestThread};
+use super::response::{write_response, Responder};
 use super::{parse_query, route, ApiError, Refusal, Request};
 
 /// Longest request head we read.
@@ -43,62 +44,8 @@ impl Pending {
     }
 }
 
-/// Where a request's answer goes (its connection).
-pub struct Responder(UnixStream);
-
-impl Responder {
-    /// Answers on `stream`.
-    pub(super) fn new(stream: UnixStream) -> Self {
-        Self(stream)
-    }
-
-    /// Answers with `status` and a JSON body.
-    pub fn send(mut self, status: u16, body: &impl Serialize) {
-        let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-        let _ = write_response(&mut self.0, status, None, &body);
-    }
-}
-
 /// Requests queued for the run loop.
 pub type Queue = Rc<RefCell<VecDeque<Pending>>>;
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        422 => "Unprocessable Content",
-        429 => "Too Many Requests",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
-/// Writes a response; `allow` names the method a 405 answer allows (RFC
-/// 9110 requires the `Allow` header there).
-fn write_response(
-    w: &mut impl Write,
-    status: u16,
-    allow: Option<&str>,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let allow = allow.map(|m| format!("Allow: {m}\r\n")).unwrap_or_default();
-    write!(
-        w,
-        "HTTP/1.1 {status} {}\r\n{allow}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    )?;
-    w.write_all(body)?;
-    w.flush()
-}
 
 /// Why a request head could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +225,7 @@ fn serve(
             Ok(Routed::Vm(request)) => {
                 let pending = Pending {
                     request,
-                    reply: Responder(stream),
+                    reply: Responder::new(stream),
                 };
                 if tx.send(pending).is_err() {
                     return; // the VMM is done with its API
@@ -422,6 +369,7 @@ fn test_server(
 mod tests {
     use super::*;
     use crate::api::{call, RunState, VmInfo};
+    use std::io::Write;
 
     #[test]
     fn the_head_gives_its_request_line_and_secret_header_only() {
@@ -516,6 +464,7 @@ mod slow_clients {
     use super::*;
     use crate::api::call;
     use event_manager::SubscriberOps;
+    use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -605,6 +554,7 @@ mod slow_clients {
 #[cfg(test)]
 mod hostile {
     use super::*;
+    use std::io::Write;
 
     /// Random bytes, truncated and oversized request heads: the parser
     /// answers with an error, never panics, never reads without bound.
