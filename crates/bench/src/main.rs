@@ -364,10 +364,17 @@ fn main() -> Result<()> {
     }
     let dir = scratch();
     // One group alone, for working on it: prints its figures, writes nothing.
-    if std::env::var("NESTVM_BENCH_ONLY").as_deref() == Ok("migration") {
-        let (idle, busy) = migrate::run(&nestvm, &dir, 3)?;
-        println!("idle: {idle:?}\nbusy: {busy:?}");
-        return Ok(());
+    match std::env::var("NESTVM_BENCH_ONLY").as_deref() {
+        Ok("migration") => {
+            let (idle, busy) = migrate::run(&nestvm, &dir, 3)?;
+            println!("idle: {idle:?}\nbusy: {busy:?}");
+            return Ok(());
+        }
+        Ok("saves") => {
+            println!("{:?}", saves::measure(&nestvm, &dir, 5)?);
+            return Ok(());
+        }
+        _ => {}
     }
     eprintln!("[bench] exit path: {EXITS} port writes through nestvm run, and on a bare loop");
     let loop_k = dir.join("loop.elf");

@@ -271,6 +271,10 @@ pub(crate) fn attach_devices(
     saved_virtio: Option<&[nestvm_virtio::mmio::MmioSnapshot]>,
     make_serial: impl FnOnce(EventTrigger) -> Result<SerialPort, BuildError>,
 ) -> Result<Devices, BuildError> {
+    // Every VM, new, restored or arriving, passes here before its VMM gives
+    // up root (which makes /proc/self unreadable to it) and enters its
+    // sandbox: saves, checkpoints and migrations skip memory never touched.
+    nestvm_kvm::memory::open_pagemap();
     let serial_irq = event("the serial interrupt")?;
     vm.register_irqfd(&serial_irq.0, acpi::COM1_GSI)?;
     let serial = Arc::new(Mutex::new(make_serial(serial_irq)?));

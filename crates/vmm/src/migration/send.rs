@@ -253,12 +253,18 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         .log_dirty_pages(true)
         .map_err(MigrationError::DirtyLog)?;
     let _ = collect_dirty(job)?;
+    // Round 1: every page that may hold data. A page never touched is zero
+    // here and at the destination, which is not sent it; one written from
+    // now on is in the dirty log.
     let all: Vec<u64> = job
         .mem
         .iter()
         .flat_map(|r| {
             let base = r.start_addr().raw_value();
-            (0..r.len() / PAGE as u64).map(move |i| base + i * PAGE as u64)
+            let data = nestvm_kvm::memory::Residency::of(&job.mem, r);
+            (0..data.len() as u64)
+                .filter(move |&i| data[i as usize])
+                .map(move |i| base + i * PAGE as u64)
         })
         .collect();
     set_phase(job, Phase::Precopy, start);

@@ -58,10 +58,13 @@ pub fn write_layer(
     let mut bits = vec![0u8; total.div_ceil(PAGE).div_ceil(8) as usize];
     let mut regions = Vec::new();
     let (mut offset, mut written) = (0u64, 0u64);
-    // Guest memory is read a chunk at a time; each page of it is compared
-    // with the chain's page (or with zeros, where no layer has it).
-    const CHUNK: u64 = 1 << 20;
-    let mut chunk = vec![0u8; CHUNK as usize];
+    // Guest memory is read a run of pages at a time — only pages that may
+    // hold data (`Residency`); the others are zeros without being read —
+    // and each page is compared with the chain's page (or with zeros,
+    // where no layer has it).
+    const CHUNK: usize = 1 << 20;
+    let mut chunk = vec![0u8; CHUNK];
+    let zero = vec![0u8; PAGE as usize];
     let mut old = vec![0u8; PAGE as usize];
     for region in mem.iter() {
         regions.push(RegionSnapshot {
@@ -69,28 +72,42 @@ pub fn write_layer(
             size: region.len(),
             file_offset: offset,
         });
-        let mut at = 0;
-        while at < region.len() {
-            let len = (region.len() - at).min(CHUNK) as usize;
-            mem.read_slice(&mut chunk[..len], region.start_addr().unchecked_add(at))
-                .map_err(|e| PersistError::Memory("read", std::io::Error::other(e)))?;
-            for (i, cur) in chunk[..len].chunks(PAGE as usize).enumerate() {
-                let pos = offset + at + i as u64 * PAGE;
-                let p = pos / PAGE;
-                let differs = match parent.iter().find(|(_, l)| l.has(p)) {
+        let data = nestvm_kvm::memory::Residency::of(mem, region);
+        let mut p = 0;
+        while p < data.len() {
+            let (first, held) = (p, data[p]);
+            while p < data.len() && data[p] == held && p - first < CHUNK / PAGE as usize {
+                p += 1;
+            }
+            let at = first as u64 * PAGE;
+            let len = ((p - first) as u64 * PAGE).min(region.len() - at) as usize;
+            if held {
+                mem.read_slice(&mut chunk[..len], region.start_addr().unchecked_add(at))
+                    .map_err(|e| PersistError::Memory("read", std::io::Error::other(e)))?;
+            }
+            for i in 0..len.div_ceil(PAGE as usize) {
+                let from = i * PAGE as usize;
+                let n = (len - from).min(PAGE as usize);
+                let cur = if held {
+                    &chunk[from..from + n]
+                } else {
+                    &zero[..n]
+                };
+                let pos = offset + at + from as u64;
+                let page = pos / PAGE;
+                let differs = match parent.iter().find(|(_, l)| l.has(page)) {
                     Some((_, l)) => {
-                        l.read(p, &mut old[..cur.len()])?;
-                        cur != &old[..cur.len()]
+                        l.read(page, &mut old[..n])?;
+                        cur != &old[..n]
                     }
-                    None => !crate::persist::is_zero(cur),
+                    None => held && !crate::persist::is_zero(cur),
                 };
                 if differs {
                     file.write_all_at(cur, pos).map_err(io("write"))?;
-                    bits[(p / 8) as usize] |= 1 << (p % 8);
-                    written += cur.len() as u64;
+                    bits[(page / 8) as usize] |= 1 << (page % 8);
+                    written += n as u64;
                 }
             }
-            at += len as u64;
         }
         offset += region.len();
     }

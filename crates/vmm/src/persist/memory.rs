@@ -7,8 +7,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
+use nestvm_kvm::memory::Residency;
 use nestvm_virtio::Memory;
-use vm_memory::bitmap::NewBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
@@ -58,6 +59,30 @@ pub(crate) fn is_zero(bytes: &[u8]) -> bool {
     body == 0 && tail == 0
 }
 
+/// Runs of pages of `region` that may hold data ([`Residency`]), each as
+/// (first page, pages), at most [`CHUNK`] bytes long: only these are read.
+pub(crate) fn data_runs(mem: &Memory, region: &GuestRegionMmap<AtomicBitmap>) -> Vec<(u64, usize)> {
+    let data = Residency::of(mem, region);
+    let max = CHUNK / PAGE;
+    let mut runs = Vec::new();
+    let mut p = 0;
+    while p < data.len() {
+        if !data[p] {
+            p += 1;
+            continue;
+        }
+        let first = p;
+        while p < data.len() && data[p] && p - first < max {
+            p += 1;
+        }
+        runs.push((first as u64, p - first));
+    }
+    runs
+}
+
+/// Writes guest RAM into a new file at `path`: only pages that may hold
+/// data are read, and of those only the ones not all zeros are written,
+/// in runs (the rest of the file is holes).
 pub(crate) fn write_memory(
     mem: &Memory,
     path: &Path,
@@ -76,27 +101,23 @@ pub(crate) fn write_memory(
     let mut buf = vec![0u8; CHUNK];
     for region in mem.iter() {
         let start = region.start_addr();
-        let size = region.len();
         regions.push(RegionSnapshot {
             guest_addr: start.raw_value(),
-            size,
+            size: region.len(),
             file_offset: offset,
         });
-        let mut at = 0u64;
-        while at < size {
-            let n = (size - at).min(CHUNK as u64) as usize;
+        for (first, pages) in data_runs(mem, region) {
+            let at = first * PAGE as u64;
+            let n = (pages * PAGE).min((region.len() - at) as usize);
             mem.read_slice(&mut buf[..n], start.unchecked_add(at))
                 .map_err(|e| PersistError::Memory("read", std::io::Error::other(e)))?;
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                if !is_zero(page) {
-                    let pos = offset + at + (i * PAGE) as u64;
-                    file.write_all_at(page, pos).map_err(err("write"))?;
-                    written += page.len() as u64;
-                }
+            for (from, to) in nonzero_runs(&buf[..n]) {
+                file.write_all_at(&buf[from..to], offset + at + from as u64)
+                    .map_err(err("write"))?;
+                written += (to - from) as u64;
             }
-            at += n as u64;
         }
-        offset += size;
+        offset += region.len();
     }
     file.set_len(offset).map_err(err("size the file of"))?;
     file.sync_all().map_err(err("sync the file of"))?;
@@ -107,6 +128,23 @@ pub(crate) fn write_memory(
             written_bytes: written,
         },
     ))
+}
+
+/// The byte ranges of `buf` made of whole pages not all zeros, each as long
+/// as it goes.
+fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in buf.chunks(PAGE).enumerate() {
+        if is_zero(page) {
+            continue;
+        }
+        let (from, to) = (i * PAGE, i * PAGE + page.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => runs.push((from, to)),
+        }
+    }
+    runs
 }
 
 /// Maps the memory file privately, region by region, as guest memory.
@@ -162,5 +200,22 @@ mod tests {
             assert!(!super::is_zero(&page), "{at}");
             page[at] = 0;
         }
+    }
+
+    #[test]
+    fn nonzero_pages_are_written_in_runs() {
+        let mut buf = vec![0u8; 8 * 4096 + 100];
+        for p in [1, 2, 3, 6] {
+            buf[p * 4096 + 9] = 1;
+        }
+        buf[8 * 4096 + 99] = 1;
+        assert_eq!(
+            super::nonzero_runs(&buf),
+            vec![
+                (4096, 4 * 4096),
+                (6 * 4096, 7 * 4096),
+                (8 * 4096, 8 * 4096 + 100)
+            ]
+        );
     }
 }
