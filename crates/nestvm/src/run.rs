@@ -36,9 +36,10 @@ pub(crate) fn cannot_run_vms(open_error: nestvm_kvm::HypervisorError) -> Failure
 
 /// Whether to show VT-x/AMD-V to the guest, from the VM's setting and the
 /// host; with `auto` on a host that cannot nest, also the notice to print
-/// once the VM is built. When KVM's supported CPUID already offers VMX/SVM
-/// the answer is yes without the full host probe (which only serves to
-/// explain a no).
+/// once the VM is built. KVM's supported CPUID decides: with VMX/SVM the
+/// answer is yes, without them no. Only `on` on a host that cannot nest
+/// probes the host in full, to say why in its error; `auto` points to
+/// `nestvm host check` for that, so starting a VM costs no probe.
 pub(crate) fn resolve_nested(
     mode: NestedMode,
     hv: &Hypervisor,
@@ -51,6 +52,12 @@ pub(crate) fn resolve_nested(
         .is_ok_and(|c| nestvm_arch::cpuid::shows_virtualization(&c));
     if kvm_offers {
         return Ok((true, None));
+    }
+    if mode == NestedMode::Auto {
+        return Ok((
+            false,
+            Some("nestvm: nesting is off for this VM: this host's KVM does not offer VT-x/AMD-V to guests ('nestvm host check' says why and how to fix it; --nested off silences this)".into()),
+        ));
     }
     let report = nestvm_host::evaluate(&nestvm_host::gather_with(Some(hv)));
     match (mode, report.can_nest) {
