@@ -13,6 +13,10 @@ use serde::Serialize;
 /// `$NESTVM_SECCOMP`, else on. Set once by `main`.
 static SECCOMP: std::sync::OnceLock<nestvm_vmm::seccomp::Mode> = std::sync::OnceLock::new();
 
+/// The line `vm serve` writes on its standard output once its VM runs and
+/// its API listens (`vm start` waits for it instead of polling).
+pub const SERVE_READY: &str = "nestvm: ready";
+
 /// Records the seccomp mode for this process's VMMs.
 pub fn set_seccomp(mode: nestvm_vmm::seccomp::Mode) {
     let _ = SECCOMP.set(mode);

@@ -57,32 +57,12 @@ pub fn start_from(
         .collect();
     #[allow(clippy::zombie_processes)] // detached on purpose; init reaps it once we exit
     let mut child = spawn_serve(store, name, &extra)?;
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(runtime(anyhow!(
-                "VM '{name}' failed to start ({status}): {}",
-                tail(&p.log, 3).join(" / ")
-            )));
-        }
-        if let Some(v) = control::up(&p).map_err(runtime)? {
-            report(
-                json,
-                &format!(
-                    "{} VM '{name}' (pid {}, {}); console: nestvm vm console {name}",
-                    match (checkpoint, resuming) {
-                        (Some(_), _) => "restored checkpoint of",
-                        (None, true) => "resumed saved",
-                        (None, false) => "started",
-                    },
-                    v.pid,
-                    state_name(v.state)
-                ),
-                serde_json::json!({"vm": name.as_str(), "result": if resuming { "resumed" } else { "started" }, "vmm": v}),
-            );
-            return Ok(0);
-        }
-        if start.elapsed() > START_TIMEOUT {
+    // The VMM says when its VM runs and its API listens: no polling.
+    let ready = wait_ready(&mut child, START_TIMEOUT);
+    let up = match ready {
+        Start::Up => control::up(&p).map_err(runtime)?,
+        Start::Ended => None,
+        Start::Late => {
             let _ = child.kill();
             let _ = child.wait();
             return Err(runtime(anyhow!(
@@ -90,7 +70,75 @@ pub fn start_from(
                 p.log.display()
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+    };
+    let Some(v) = up else {
+        let status = child.wait().map_err(runtime)?;
+        return Err(runtime(anyhow!(
+            "VM '{name}' failed to start ({status}): {}",
+            tail(&p.log, 3).join(" / ")
+        )));
+    };
+    report(
+        json,
+        &format!(
+            "{} VM '{name}' (pid {}, {}); console: nestvm vm console {name}",
+            match (checkpoint, resuming) {
+                (Some(_), _) => "restored checkpoint of",
+                (None, true) => "resumed saved",
+                (None, false) => "started",
+            },
+            v.pid,
+            state_name(v.state)
+        ),
+        serde_json::json!({"vm": name.as_str(), "result": if resuming { "resumed" } else { "started" }, "vmm": v}),
+    );
+    Ok(0)
+}
+
+/// What `vm serve` said about its start.
+enum Start {
+    /// Its VM runs and its API listens.
+    Up,
+    /// It ended without saying so.
+    Ended,
+    /// It said nothing in time.
+    Late,
+}
+
+/// Waits up to `timeout` for `vm serve` (`child`) to say its VM runs: the
+/// line [`crate::common::SERVE_READY`] on its standard output, a pipe.
+fn wait_ready(child: &mut std::process::Child, timeout: Duration) -> Start {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let Some(mut out) = child.stdout.take() else {
+        return Start::Ended;
+    };
+    let deadline = Instant::now() + timeout;
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return Start::Late,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return Start::Ended,
+        }
+        let mut buf = [0u8; 64];
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => return Start::Ended,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+        }
+        if said.contains(&b'\n') {
+            return match said.starts_with(crate::common::SERVE_READY.as_bytes()) {
+                true => Start::Up,
+                false => Start::Ended,
+            };
+        }
+        if said.len() > 64 {
+            return Start::Ended;
+        }
     }
 }
 
@@ -134,7 +182,9 @@ pub fn spawn_serve(
         .args(["vm", "serve", name.as_str()])
         .args(extra)
         .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(runtime)?)
+        // Its standard output says when the VM runs (see `wait_ready`);
+        // everything else goes to the log.
+        .stdout(Stdio::piped())
         .stderr(log);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.spawn()

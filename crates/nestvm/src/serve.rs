@@ -41,6 +41,16 @@ pub enum From {
 }
 
 /// A private socket at `path`.
+/// Says [`crate::common::SERVE_READY`], then points standard output at the log (standard
+/// error): whoever waited may be gone, and nothing else is for it.
+fn say_ready() {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{}\n", crate::common::SERVE_READY).as_bytes());
+    let _ = out.flush();
+    let _ = nix::unistd::dup2(2, 1);
+}
+
 fn bind(path: &Path) -> Result<UnixListener, Failure> {
     // Stale sockets of a VMM that died: we hold the run lock, so no live one uses them.
     let _ = std::fs::remove_file(path);
@@ -187,8 +197,12 @@ pub fn serve(store: &Store, name: &VmName, from: From) -> Result<u8, Failure> {
             checkpoint_root: Some(Path::new(".").join("checkpoints")),
             migration_report: Some(here.migration_report.clone()),
             start_paused: arrival.as_ref().is_some_and(|(running, _)| !running),
-            on_started: arrival
-                .map(|(_, confirm)| Box::new(move || confirm.resumed()) as Box<dyn FnOnce()>),
+            on_started: Some(Box::new(move || {
+                if let Some((_, confirm)) = arrival {
+                    confirm.resumed();
+                }
+                say_ready();
+            })),
             seccomp: crate::common::seccomp(),
         },
     )
