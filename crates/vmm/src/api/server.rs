@@ -290,16 +290,11 @@ fn route_one(
         .content_length
         .unwrap_or(0)
         .saturating_sub(early.len() as u64);
-    route_head(&head, guest)
-        .map(|r| match r {
-            Routed::Guest(call, _) => Routed::Guest(call, early),
-            vm => vm,
-        })
-        .map_err(|r| (r, unread))
+    route_head(&head, early, guest).map_err(|r| (r, unread))
 }
 
-/// Routes and parses a request's head.
-fn route_head(head: &Head, guest: Option<&GuestThread>) -> Result<Routed, Refusal> {
+/// Routes and parses a request's head; `early` is the start of its body.
+fn route_head(head: &Head, early: Vec<u8>, guest: Option<&GuestThread>) -> Result<Routed, Refusal> {
     if head.transfer_encoding {
         return Err(Refusal::new(
             411,
@@ -318,7 +313,7 @@ fn route_head(head: &Head, guest: Option<&GuestThread>) -> Result<Routed, Refusa
             "this VM has no vsock device, which its guest agent needs: 'nestvm vm set NAME --vsock cid=3', then start it again".into(),
         ));
     }
-    Ok(Routed::Guest(call, Vec::new()))
+    Ok(Routed::Guest(call, early))
 }
 
 impl MutEventSubscriber for ApiServer {
