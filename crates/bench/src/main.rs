@@ -85,8 +85,8 @@ fn bare_loop(kernel: &Path) -> Result<f64> {
     let k = boot::load_kernel(&mem, 128 << 20, kernel)?;
     let cr3 = regs::write_boot_tables(&mem)?;
     let vm = hv.create_vm()?;
-    vm.setup_irqchip_and_pit()?;
     vm.map_memory(&mem)?;
+    vm.setup_irqchip_and_pit()?;
     let mut vcpu = vm.create_vcpu(0)?;
     let table = cpuid::build(
         &hv.supported_cpuid()?,

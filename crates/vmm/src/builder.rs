@@ -153,8 +153,8 @@ pub fn build(
     let memory = load_guest_memory(config)?;
 
     let vm = hv.create_vm()?;
-    vm.setup_irqchip_and_pit()?;
     vm.map_memory(&memory.0)?;
+    vm.setup_irqchip_and_pit()?;
     let devices = attach_devices(config, &vm, &memory.0, None, |irq| {
         Ok(SerialPort::new(irq, console))
     })?;

@@ -165,8 +165,8 @@ impl Skeleton {
         hv: &Hypervisor,
     ) -> Result<Skeleton, BuildError> {
         let vm = hv.create_vm()?;
-        vm.setup_irqchip_and_pit()?;
         vm.map_memory(&memory)?;
+        vm.setup_irqchip_and_pit()?;
         let mut vcpus = Vec::with_capacity(cpuid.len());
         for (index, table) in cpuid.iter().enumerate() {
             let vcpu = vm.create_vcpu(index as u64)?;
