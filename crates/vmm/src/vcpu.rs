@@ -8,13 +8,19 @@
 //!    └──── Stop ───────────┴──────────────────────────────────▶ Exited
 //! ```
 //!
+//! A Running vCPU may also *nap* (a migration's auto-converge slowing a
+//! guest that dirties memory faster than the link carries it): it stays
+//! Running but leaves the guest unrun until the nap ends, serving every
+//! command meanwhile, so a pause or a stop is never held up by a nap.
+//!
 //! Commands arrive on a channel, and each is followed by a kick so a vCPU
 //! inside `KVM_RUN` sees it at once. The thread reports state changes on an
 //! event channel and writes an eventfd so the VMM's event loop wakes up.
 
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nestvm_kvm::kick::Kicker;
 use nestvm_kvm::{RunOutcome, Vcpu, VcpuError, VcpuState};
@@ -35,6 +41,9 @@ pub enum Command {
     Pause,
     /// Leave the thread.
     Stop,
+    /// If Running, run no guest code for this long (commands are still
+    /// served); a later nap replaces an earlier one.
+    Nap(Duration),
     /// Answer with the vCPU's state once every earlier command is served.
     Report(Sender<State>),
     /// Read the vCPU's complete state (only while Paused).
@@ -136,6 +145,8 @@ struct Machine {
     commands: Receiver<Command>,
     events: Sender<Event>,
     notify: EventFd,
+    /// Until when a Running vCPU naps.
+    nap_until: Option<Instant>,
 }
 
 impl Machine {
@@ -147,6 +158,8 @@ impl Machine {
 
     fn enter(&mut self, state: State) {
         if self.state != state {
+            // A nap belongs to one stretch of running.
+            self.nap_until = None;
             self.state = state;
             self.report(Event::State(self.vcpu.id(), state));
         }
@@ -169,6 +182,11 @@ impl Machine {
             }
             Command::Pause => self.enter(State::Paused),
             Command::Stop => return Some(ExitReason::Stopped),
+            Command::Nap(length) => {
+                if self.state == State::Running {
+                    self.nap_until = Instant::now().checked_add(length);
+                }
+            }
             Command::Report(reply) => {
                 let _ = reply.send(self.state);
             }
@@ -223,9 +241,36 @@ impl Machine {
                 if self.state != State::Running {
                     return None;
                 }
-                self.run_once()
+                match self.nap_left() {
+                    Some(left) => self.nap(left),
+                    None => self.run_once(),
+                }
             }
             State::Exited => Some(ExitReason::Stopped),
+        }
+    }
+
+    /// What is left of the current nap, if any.
+    fn nap_left(&mut self) -> Option<Duration> {
+        let left = self
+            .nap_until?
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero());
+        if left.is_none() {
+            self.nap_until = None;
+        }
+        left
+    }
+
+    /// Naps for at most `left`, ending early to serve a command.
+    fn nap(&mut self, left: Duration) -> Option<ExitReason> {
+        match self.commands.recv_timeout(left) {
+            Ok(cmd) => self.apply(cmd),
+            Err(RecvTimeoutError::Timeout) => {
+                self.nap_until = None;
+                None
+            }
+            Err(RecvTimeoutError::Disconnected) => Some(ExitReason::Stopped),
         }
     }
 
@@ -298,6 +343,7 @@ impl VcpuHandle {
             commands: rx,
             events,
             notify,
+            nap_until: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -466,5 +512,75 @@ mod tests {
         assert_eq!(next_event(&rx), Event::State(0, State::Running));
         handle.stop_and_join();
         assert_eq!(next_event(&rx), Event::Exited(0, ExitReason::Stopped));
+    }
+
+    /// A napping vCPU runs no guest code, yet serves a pause and a stop at
+    /// once: a nap far longer than any wait here never delays either.
+    #[test]
+    fn a_nap_stops_the_guest_but_never_holds_up_a_pause_or_a_stop() {
+        let Some(hv) = kvm() else { return };
+        nestvm_kvm::kick::install().unwrap();
+        let dir = std::env::temp_dir().join(format!("nestvm-nap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("dirtier.elf");
+        // Prints a dot after each pass over 1 MiB: output while it runs.
+        std::fs::write(&kernel, nestvm_guests::dirtier(1)).unwrap();
+        let config = VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 16 << 20,
+            nested: crate::config::NestedMode::Off,
+            disks: vec![],
+            nets: vec![],
+            balloon: None,
+            logs: Default::default(),
+            vsock: None,
+        };
+        let out = Captured::default();
+        let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();
+        let (tx, rx) = channel();
+        let vcpu = vm.vcpus.remove(0);
+        let notify = EventFd::new(0).unwrap();
+        let mut handle =
+            VcpuHandle::spawn(vcpu, vm.buses.clone(), vm.state_ctx.clone(), tx, notify).unwrap();
+        let dots = || out.0.lock().unwrap().len();
+        handle.send(Command::Resume);
+        assert_eq!(next_event(&rx), Event::State(0, State::Running));
+        let start = std::time::Instant::now();
+        while dots() < 3 {
+            assert!(start.elapsed() < Duration::from_secs(20), "no output");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let long = Duration::from_secs(600);
+        handle.send(Command::Nap(long));
+        // Commands are served in order: once this is answered, it naps.
+        let (stx, srx) = channel();
+        handle.send(Command::Report(stx));
+        assert_eq!(
+            srx.recv_timeout(Duration::from_secs(20)),
+            Ok(State::Running)
+        );
+        let napping = dots();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(dots(), napping, "the guest ran during its nap");
+        handle.send(Command::Pause);
+        assert_eq!(next_event(&rx), Event::State(0, State::Paused));
+        // A pause ends the nap: resumed, the guest runs again.
+        handle.send(Command::Resume);
+        assert_eq!(next_event(&rx), Event::State(0, State::Running));
+        let start = std::time::Instant::now();
+        while dots() < napping + 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "it stayed asleep"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        handle.send(Command::Nap(long));
+        handle.stop_and_join();
+        assert_eq!(next_event(&rx), Event::Exited(0, ExitReason::Stopped));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,9 +4,9 @@
 //! vCPU that did not follow, so a caller never goes on believing a VM is
 //! paused (and its state consistent) when one vCPU still runs.
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nestvm_kvm::{Vcpu, VcpuState};
 use vmm_sys_util::eventfd::EventFd;
@@ -104,31 +104,57 @@ impl VcpuSet {
         result
     }
 
-    /// Asks `h` a question and waits for its answer.
-    fn ask<T>(
+    /// Puts a question to `h`; its answer comes on the receiver.
+    fn put<T>(
         h: &VcpuHandle,
         question: impl FnOnce(Sender<T>) -> Command,
-    ) -> Result<T, VcpuSetError> {
+    ) -> Result<Receiver<T>, VcpuSetError> {
         let (tx, rx) = channel();
-        if !h.send(question(tx)) {
-            return Err(VcpuSetError::Gone(h.id()));
+        match h.send(question(tx)) {
+            true => Ok(rx),
+            false => Err(VcpuSetError::Gone(h.id())),
         }
-        rx.recv_timeout(STATE_TIMEOUT).map_err(|e| match e {
+    }
+
+    /// Waits until `deadline` for `h`'s answer on `rx`.
+    fn answer<T>(h: &VcpuHandle, rx: Receiver<T>, deadline: Instant) -> Result<T, VcpuSetError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        rx.recv_timeout(left).map_err(|e| match e {
             // The thread dropped the question unanswered: it has ended.
-            std::sync::mpsc::RecvTimeoutError::Disconnected => VcpuSetError::Gone(h.id()),
-            std::sync::mpsc::RecvTimeoutError::Timeout => VcpuSetError::NoAnswer { id: h.id() },
+            RecvTimeoutError::Disconnected => VcpuSetError::Gone(h.id()),
+            RecvTimeoutError::Timeout => VcpuSetError::NoAnswer { id: h.id() },
         })
+    }
+
+    /// Collects, in order, the answers to questions just put to every
+    /// vCPU (so they answered in parallel), all by `deadline`.
+    fn answers<T>(
+        &self,
+        asked: Vec<Receiver<T>>,
+        deadline: Instant,
+    ) -> Result<Vec<T>, VcpuSetError> {
+        self.handles
+            .iter()
+            .zip(asked)
+            .map(|(h, rx)| Self::answer(h, rx, deadline))
+            .collect()
     }
 
     /// Pauses every vCPU and waits until each confirms it is paused.
     pub fn pause(&self) -> Result<(), VcpuSetError> {
         self.send_all(|| Command::Pause)?;
-        for h in &self.handles {
-            // Commands are served in order: the state reported after the
-            // Pause is Paused, unless the thread ended.
-            match Self::ask(h, Command::Report)? {
-                State::Paused => {}
-                state => return Err(VcpuSetError::NotPaused { id: h.id(), state }),
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let asked = self
+            .handles
+            .iter()
+            .map(|h| Self::put(h, Command::Report))
+            .collect::<Result<_, _>>()?;
+        // Commands are served in order: the state reported after the Pause
+        // is Paused, unless the thread ended.
+        let states = self.answers(asked, deadline)?;
+        for (h, state) in self.handles.iter().zip(states) {
+            if state != State::Paused {
+                return Err(VcpuSetError::NotPaused { id: h.id(), state });
             }
         }
         Ok(())
@@ -139,16 +165,23 @@ impl VcpuSet {
         self.send_all(|| Command::Resume)
     }
 
-    /// The complete state of every (paused) vCPU, in order.
+    /// The complete state of every (paused) vCPU, in order; they are all
+    /// read at once, each by its own thread.
     pub fn save(&self) -> Result<Vec<VcpuState>, VcpuSetError> {
-        let mut states = Vec::with_capacity(self.handles.len());
-        for h in &self.handles {
-            states.push(Self::ask(h, Command::Save)??);
-        }
-        Ok(states)
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let asked = self
+            .handles
+            .iter()
+            .map(|h| Self::put(h, Command::Save))
+            .collect::<Result<_, _>>()?;
+        let answers = self.answers(asked, deadline)?;
+        answers
+            .into_iter()
+            .map(|a| a.map_err(VcpuSetError::from))
+            .collect()
     }
 
-    /// Writes `states` back into the (paused) vCPUs, in order.
+    /// Writes `states` back into the (paused) vCPUs, all at once.
     pub fn restore(&self, states: Vec<VcpuState>) -> Result<(), VcpuSetError> {
         if states.len() != self.handles.len() {
             return Err(VcpuSetError::Count {
@@ -156,10 +189,23 @@ impl VcpuSet {
                 have: self.handles.len(),
             });
         }
-        for (h, state) in self.handles.iter().zip(states) {
-            Self::ask(h, |tx| Command::Restore(Box::new(state), tx))??;
-        }
-        Ok(())
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let asked = self
+            .handles
+            .iter()
+            .zip(states)
+            .map(|(h, state)| Self::put(h, |tx| Command::Restore(Box::new(state), tx)))
+            .collect::<Result<_, _>>()?;
+        let answers = self.answers(asked, deadline)?;
+        answers
+            .into_iter()
+            .try_for_each(|a| a.map_err(VcpuSetError::from))
+    }
+
+    /// Has every running vCPU nap for `length` (see [`Command::Nap`]);
+    /// a vCPU that is gone is skipped (the loop learns of it anyway).
+    pub fn nap(&self, length: Duration) {
+        let _ = self.send_all(|| Command::Nap(length));
     }
 
     /// The vCPUs' indices, in order.
@@ -179,7 +225,6 @@ impl VcpuSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     use nestvm_guests::{hello, Ending};
     use nestvm_kvm::Hypervisor;
