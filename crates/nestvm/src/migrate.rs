@@ -271,8 +271,12 @@ pub fn progress_line(p: &Progress) -> String {
         Some(b) => format!(" (cap {:.1})", mib(b)),
         None => String::new(),
     };
+    let slowed = match p.slowed_pct {
+        0 => String::new(),
+        pct => format!(" · guest slowed {pct}%"),
+    };
     format!(
-        "round {} · {} MiB sent · {:.1} MiB/s{cap} · {:.1} MiB dirty",
+        "round {} · {} MiB sent · {:.1} MiB/s{cap} · {:.1} MiB dirty{slowed}",
         p.rounds,
         p.sent_bytes >> 20,
         mib(p.rate),
@@ -280,8 +284,9 @@ pub fn progress_line(p: &Progress) -> String {
     )
 }
 
-/// How `vm migrate` may go: its downtime budget, its bandwidth cap, and
-/// whether the destination verifies the memory.
+/// How `vm migrate` may go: its downtime budget, its bandwidth cap,
+/// whether the destination verifies the memory and whether the guest may
+/// be slowed.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// The longest pause for the final copy.
@@ -290,6 +295,8 @@ pub struct Limits {
     pub max_bandwidth: Option<u64>,
     /// `--verify`.
     pub verify: bool,
+    /// Not `--no-auto-converge`.
+    pub auto_converge: bool,
 }
 
 /// Draws the migration's progress until it completes or fails; its last
@@ -367,10 +374,11 @@ pub fn migrate(
     let key = read_secret(token_file)?.hex();
     let p = VmDir::of(store, name);
     let path = format!(
-        "/v1/vm/migrate?to={to}&max_downtime_ms={}&max_bandwidth={}&verify={}",
+        "/v1/vm/migrate?to={to}&max_downtime_ms={}&max_bandwidth={}&verify={}&auto_converge={}",
         limits.max_downtime.as_millis(),
         limits.max_bandwidth.unwrap_or(0),
-        u8::from(limits.verify)
+        u8::from(limits.verify),
+        u8::from(limits.auto_converge)
     );
     let headers = [(nestvm_vmm::api::SECRET_HEADER, key.as_str())];
     // The reply is the migration's first progress; the loop below reads it.
@@ -439,6 +447,24 @@ pub fn migrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The progress line says how much auto-converge slows the guest, and
+    /// says nothing of it while the guest is not slowed.
+    #[test]
+    fn the_progress_line_shows_how_much_the_guest_is_slowed() {
+        let mut p = Progress {
+            rounds: 4,
+            sent_bytes: 300 << 20,
+            rate: 64 << 20,
+            dirty_bytes: 8 << 20,
+            ..Default::default()
+        };
+        let line = progress_line(&p);
+        assert_eq!(line, "round 4 · 300 MiB sent · 64.0 MiB/s · 8.0 MiB dirty");
+        p.slowed_pct = 40;
+        let line = progress_line(&p);
+        assert!(line.ends_with(" · guest slowed 40%"), "{line}");
+    }
 
     #[test]
     fn durations() {

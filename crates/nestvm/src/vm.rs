@@ -128,6 +128,9 @@ pub enum VmCmd {
         /// Have the destination check a digest of all guest memory before it resumes the VM (adds downtime).
         #[arg(long)]
         verify: bool,
+        /// Never slow a guest that writes memory faster than the copy goes (by default its vCPUs nap a growing share of the time until the copy catches up).
+        #[arg(long)]
+        no_auto_converge: bool,
     },
     /// Run a command in a running guest, through its QEMU guest agent on the VM's vsock device; its output and exit code are this command's.
     Exec {
@@ -273,11 +276,13 @@ pub fn run(store: Store, cmd: VmCmd, json: bool) -> Result<u8, Failure> {
             max_downtime,
             max_bandwidth,
             verify,
+            no_auto_converge,
         } => {
             let limits = migrate::Limits {
                 max_downtime,
                 max_bandwidth: max_bandwidth.filter(|&b| b > 0),
                 verify,
+                auto_converge: !no_auto_converge,
             };
             migrate::migrate(store, &vm_name(&name)?, &to, &token_file, limits, json)
         }

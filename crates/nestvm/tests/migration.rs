@@ -674,6 +674,83 @@ fn a_guest_rewriting_its_memory_arrives_with_every_page() {
     h.dst.ok(&["vm", "kill", "t"]);
 }
 
+/// A guest that rewrites 64 MiB over and over outruns a copy capped at
+/// 64 MiB/s: each round finds all of it dirty again. Auto-converge slows
+/// it (its vCPUs nap) round after round until what is left fits the
+/// budget; the memory still arrives whole, and the guest runs on there at
+/// full speed.
+#[test]
+fn a_guest_writing_faster_than_the_link_is_slowed_until_the_copy_converges() {
+    let name = "a_guest_writing_faster_than_the_link_is_slowed_until_the_copy_converges";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let h = Hosts::new("converge");
+    h.start("128M", dirtier(64));
+    wait_for(|| dots(&h.src.dir) >= 2, "the guest never finished a pass");
+    let receiver = h.receive(&h.token);
+    let out = h.migrate_with(&[
+        "--verify",
+        "--max-bandwidth",
+        "64M",
+        "--max-downtime",
+        "200ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    let v = report(&h);
+    assert_eq!(v["phase"], "completed", "{v}");
+    assert_eq!(v["converged"], true, "{v}");
+    let slowed = v["slowed_pct"].as_u64().unwrap();
+    assert!(
+        slowed >= u64::from(nestvm_vmm::migration::converge::INITIAL),
+        "{v}"
+    );
+    assert!(v["rounds"].as_u64().unwrap() >= 3, "{v}");
+    let before = dots(&h.dst.dir);
+    wait_for(
+        || dots(&h.dst.dir) > before + 2,
+        "the guest stopped on the destination",
+    );
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
+/// With `--no-auto-converge` the same kind of guest is never slowed:
+/// pre-copy runs its most rounds, and the final copy takes what is left.
+#[test]
+fn without_auto_converge_a_guest_that_outruns_the_link_is_never_slowed() {
+    let name = "without_auto_converge_a_guest_that_outruns_the_link_is_never_slowed";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let h = Hosts::new("noconv");
+    // 8 MiB a pass at 64 MiB/s: a round lasts at least 125 ms, in which
+    // the guest rewrites far more than the 1.3 MiB a 20 ms budget allows.
+    h.start("64M", dirtier(8));
+    wait_for(|| dots(&h.src.dir) >= 2, "the guest never finished a pass");
+    let receiver = h.receive(&h.token);
+    let out = h.migrate_with(&[
+        "--no-auto-converge",
+        "--max-bandwidth",
+        "64M",
+        "--max-downtime",
+        "20ms",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+    let v = report(&h);
+    assert_eq!(v["phase"], "completed", "{v}");
+    assert_eq!(v["converged"], false, "{v}");
+    assert_eq!(v["slowed_pct"], 0, "{v}");
+    assert_eq!(
+        v["rounds"].as_u64(),
+        Some(u64::from(nestvm_vmm::migration::MAX_ROUNDS)),
+        "{v}"
+    );
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
 /// The pid of the passt that VM `t`'s VMM in `dir` started (its log says).
 fn passt_pid(dir: &Path) -> u32 {
     let log = std::fs::read_to_string(dir.join("vms/t/vmm.log")).unwrap_or_default();

@@ -22,6 +22,7 @@ use crate::api::CheckpointReply;
 use crate::api::MigrateRequest;
 use crate::api::{ApiError, DeviceInfo, Pending, Refusal, Request, RunState, SaveReply, VmInfo};
 use crate::config::VmConfig;
+use crate::migration::converge::Slower;
 use crate::migration::send::{HandOver, Outgoing};
 use crate::migration::Progress;
 use crate::outcome::{Outcome, VmOutcome};
@@ -75,6 +76,8 @@ pub(crate) struct Controller {
     /// Written by the migration thread when it needs the event loop.
     wake: EventFd,
     outcome: Outcome,
+    /// Slows the guest while a migration's auto-converge asks for it.
+    slower: Slower,
 }
 
 fn refusal(status: u16, error: String) -> Refusal {
@@ -97,8 +100,10 @@ impl Controller {
         places: Places,
         wake: EventFd,
         outcome: Outcome,
+        slower: Slower,
     ) -> Self {
         Self {
+            slower,
             parts,
             vcpus,
             state: RunState::Starting,
@@ -388,6 +393,28 @@ impl Controller {
             self.settle_migration(&mut progress);
             self.write_report(&progress);
             self.last_migration = Some(progress);
+        }
+        self.sync_slowing();
+    }
+
+    /// Slows the guest as much as the migration asks now (auto-converge;
+    /// not at all without one).
+    fn sync_slowing(&mut self) {
+        let share = self.outgoing.as_ref().map_or(0, Outgoing::slowed);
+        match self.slower.set(share) {
+            Ok(false) => {}
+            Ok(true) if share == 0 => log::info!("migration: the guest is no longer slowed"),
+            Ok(true) => log::info!("migration: the guest is slowed by {share}% (auto-converge)"),
+            Err(e) => log::warn!("migration: cannot slow the guest by {share}%: {e}"),
+        }
+    }
+
+    /// The slowing timer fired: every running vCPU naps its share.
+    pub(crate) fn slowing_tick(&mut self) {
+        if let Some(nap) = self.slower.due() {
+            if self.state == RunState::Running {
+                self.vcpus.nap(nap);
+            }
         }
     }
 

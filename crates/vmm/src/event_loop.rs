@@ -2,7 +2,8 @@
 //! [`Controller`], which owns the VM, and does nothing else. Sources: the
 //! reset and power-off eventfds, vCPU thread reports, SIGINT/SIGTERM/SIGHUP
 //! and SIGUSR1 through a signalfd, console input (stdin, or attached
-//! clients), the virtio workers, and the control API's queue.
+//! clients), the virtio workers, the control API's queue, and the timer
+//! that slows a guest for a migration's auto-converge.
 //!
 //! SIGUSR1 asks for a *state round trip*: every vCPU is paused, its complete
 //! state (nested state included) is read and written back, and the VM goes
@@ -103,6 +104,8 @@ struct Control {
     signals: Option<SignalFd>,
     outcome: Outcome,
     round_trip: Rc<Cell<bool>>,
+    /// The controller's slowing timer (auto-converge), and whether it fired.
+    slowing: (std::os::fd::RawFd, Rc<Cell<bool>>),
     /// Written by threads that need the loop (a migration's stop request).
     wake: EventFd,
 }
@@ -112,6 +115,7 @@ const TOKEN_WAKE: u32 = 5;
 const TOKEN_POWER_OFF: u32 = 2;
 const TOKEN_VCPU: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
+const TOKEN_SLOWING: u32 = 6;
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
@@ -124,6 +128,7 @@ impl MutEventSubscriber for Control {
         add(self.power_off.as_raw_fd(), TOKEN_POWER_OFF);
         add(self.notify.as_raw_fd(), TOKEN_VCPU);
         add(self.wake.as_raw_fd(), TOKEN_WAKE);
+        add(self.slowing.0, TOKEN_SLOWING);
         if let Some(s) = &self.signals {
             add(s.as_raw_fd(), TOKEN_SIGNAL);
         }
@@ -158,6 +163,8 @@ impl MutEventSubscriber for Control {
             TOKEN_WAKE => {
                 let _ = self.wake.read();
             }
+            // The controller reads the timer when it serves the tick.
+            TOKEN_SLOWING => self.slowing.1.set(true),
             TOKEN_SIGNAL => {
                 if let Some(Ok(Some(info))) = self.signals.as_mut().map(|s| s.read_signal()) {
                     if info.ssi_signo == Signal::SIGUSR1 as u32 {
@@ -320,6 +327,8 @@ fn take_charge(
         passt: vm.virtio.passt,
     };
     let wake_copy = wake.try_clone().map_err(setup("wake eventfd"))?;
+    let slower = crate::migration::converge::Slower::new().map_err(setup("slowing timer"))?;
+    let slowing = (slower.fd(), Rc::new(Cell::new(false)));
     let control = Control {
         reset: vm.reset.0,
         power_off: vm.power_off.0,
@@ -328,9 +337,10 @@ fn take_charge(
         signals: None,
         outcome: outcome.clone(),
         round_trip: Rc::new(Cell::new(false)),
+        slowing,
         wake: wake.try_clone().map_err(setup("wake eventfd"))?,
     };
-    let controller = Controller::new(parts, vcpus, places, wake_copy, outcome.clone());
+    let controller = Controller::new(parts, vcpus, places, wake_copy, outcome.clone(), slower);
     Ok((controller, control, feeder))
 }
 
@@ -362,6 +372,7 @@ pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutc
     let (mut controller, mut control, feeder) = take_charge(vm, &mut em, &wake, places, &outcome)?;
     control.signals = signals;
     let round_trip = control.round_trip.clone();
+    let slowing_due = control.slowing.1.clone();
     subscribe(&mut em, control);
     if let Some(mut server) = opts.console_server {
         server.set_feeder(feeder);
@@ -413,6 +424,9 @@ pub fn run(mut vm: BuiltVm, console: Console, opts: RunOptions) -> Result<VmOutc
     while !outcome.is_settled() {
         if let Err(e) = em.run() {
             log::warn!("event loop: {e:?}");
+        }
+        if slowing_due.replace(false) {
+            controller.slowing_tick();
         }
         controller.poll_migration();
         if round_trip.replace(false) && !outcome.is_settled() {

@@ -32,6 +32,9 @@ pub struct MigrateRequest {
     /// Have the receiver check a digest of all memory before it resumes
     /// the VM (costs downtime: for tests and the suspicious).
     pub verify: bool,
+    /// Slow a guest that writes memory faster than the copy goes, so that
+    /// pre-copy ends ([`crate::migration::converge`]).
+    pub auto_converge: bool,
 }
 
 impl std::fmt::Debug for MigrateRequest {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for MigrateRequest {
             .field("max_downtime", &self.max_downtime)
             .field("max_bandwidth", &self.max_bandwidth)
             .field("verify", &self.verify)
+            .field("auto_converge", &self.auto_converge)
             .finish_non_exhaustive()
     }
 }
@@ -117,7 +121,7 @@ pub enum Request {
         /// The checkpoint it descends from, if any.
         parent: Option<String>,
     },
-    /// PUT /v1/vm/migrate?to=&token_file=[&max_downtime_ms=][&max_bandwidth=][&verify=1].
+    /// PUT /v1/vm/migrate?to=&token_file=[&max_downtime_ms=][&max_bandwidth=][&verify=1][&auto_converge=0].
     Migrate(MigrateRequest),
     /// GET /v1/vm/migration.
     Migration,
@@ -228,12 +232,22 @@ fn migrate<'a>(
             )))
         }
     };
+    let auto_converge = match get("auto_converge") {
+        None | Some("1") => true,
+        Some("0") => false,
+        Some(v) => {
+            return Err(bad(format!(
+                "auto_converge={v} is neither 0 (never slow the guest) nor 1 (the default)"
+            )))
+        }
+    };
     Ok(MigrateRequest {
         to: to.to_owned(),
         key,
         max_downtime,
         max_bandwidth,
         verify: get("verify") == Some("1"),
+        auto_converge,
     })
 }
 
@@ -408,9 +422,16 @@ mod tests {
         };
         assert_eq!((m.to.as_str(), &m.key), ("h:1", &key));
         assert_eq!(
-            (m.max_downtime, m.max_bandwidth, m.verify),
-            (Duration::from_millis(9), None, true)
+            (m.max_downtime, m.max_bandwidth, m.verify, m.auto_converge),
+            (Duration::from_millis(9), None, true, true)
         );
+        let Ok(Request::Migrate(m)) = parse(
+            Action::Migrate,
+            &format!("to=h:1&token_file={file_q}&auto_converge=0"),
+        ) else {
+            panic!("auto_converge=0 refused")
+        };
+        assert!(!m.auto_converge);
         let weak = dir.join("weak");
         std::fs::write(&weak, "0123456789abcdef\n").unwrap();
         let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
@@ -444,6 +465,11 @@ mod tests {
                 Action::Migrate,
                 &format!("{good}&max_bandwidth=5"),
                 "at least",
+            ),
+            (
+                Action::Migrate,
+                &format!("{good}&auto_converge=yes"),
+                "neither 0",
             ),
         ];
         for (action, query, says) in cases {

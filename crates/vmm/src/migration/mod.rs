@@ -17,7 +17,9 @@
 //!    sent, then round after round the pages written since the last round:
 //!    those KVM logged for the vCPUs and those the devices wrote (vm-memory's
 //!    dirty bitmap, [`nestvm_virtio::Memory`]), no faster than
-//!    `--max-bandwidth` allows ([`throttle`]);
+//!    `--max-bandwidth` allows ([`throttle`]); a guest that writes faster
+//!    than that is slowed, more with each round it still outpaces the copy
+//!    ([`converge`]: its vCPUs nap), unless `--no-auto-converge`;
 //! 4. once what is left would go within the downtime budget at the measured
 //!    rate, the event loop pauses the vCPUs, captures the VM (as a save
 //!    does), lets go of its disk locks and goes back to its work; the
@@ -44,6 +46,7 @@
 //! A receiver that does not get `Go` drops the VM it built, unrun.
 
 pub mod channel;
+pub mod converge;
 pub mod frame;
 pub mod placement;
 pub mod receive;
@@ -230,6 +233,10 @@ pub struct Progress {
     pub downtime_parts: Option<DowntimeParts>,
     /// Whether the dirty memory fitted the budget before the final copy.
     pub converged: Option<bool>,
+    /// How much auto-converge slows the guest, percent: while pre-copy
+    /// goes on, now; once it is over, as it was when the VM was paused.
+    #[serde(default)]
+    pub slowed_pct: u8,
     /// Why it failed.
     pub error: Option<String>,
 }

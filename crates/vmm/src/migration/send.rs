@@ -9,7 +9,7 @@
 //! [`Phase`]: the controller reads it once the thread ends.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,6 +24,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::{self, Channel};
+use super::converge::Converge;
 use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
@@ -72,6 +73,9 @@ struct Job {
     wake: EventFd,
     /// Turned on as `Go` is about to be written.
     committed: Arc<AtomicBool>,
+    /// How much the event loop is to slow the guest, percent
+    /// ([`super::converge`]); written before `wake`.
+    slowed: Arc<AtomicU8>,
     /// The VM's passt processes, stopped at the commit point.
     passt: Mutex<Vec<crate::passt::Stopper>>,
 }
@@ -80,6 +84,7 @@ struct Job {
 pub struct Outgoing {
     progress: Arc<Mutex<Progress>>,
     committed: Arc<AtomicBool>,
+    slowed: Arc<AtomicU8>,
     requests: Receiver<Stop>,
     cancel: Arc<AtomicBool>,
     stream: Arc<Mutex<Option<TcpStream>>>,
@@ -107,8 +112,10 @@ impl Outgoing {
         let cancel = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
         let committed = Arc::new(AtomicBool::new(false));
+        let slowed = Arc::new(AtomicU8::new(0));
         let job = Job {
             committed: committed.clone(),
+            slowed: slowed.clone(),
             req,
             hello,
             vm,
@@ -127,6 +134,8 @@ impl Outgoing {
                 crate::seccomp::confine(crate::seccomp::Role::Migration, seccomp);
                 let start = Instant::now();
                 let result = migrate(&job, start);
+                // Whatever the outcome, the guest is not slowed any more.
+                job.slowed.store(0, Ordering::SeqCst);
                 let committed = job.committed.load(Ordering::SeqCst);
                 // Dirty logging costs the guest a fault per first write: off again.
                 if let Err(e) = job.vm.log_dirty_pages(false) {
@@ -160,6 +169,7 @@ impl Outgoing {
         Ok(Outgoing {
             progress,
             committed,
+            slowed,
             requests,
             cancel,
             stream,
@@ -170,6 +180,12 @@ impl Outgoing {
     /// Where it is.
     pub fn progress(&self) -> Progress {
         lock(&self.progress).clone()
+    }
+
+    /// How much the guest is to be slowed now, percent (auto-converge;
+    /// 0 once pre-copy is over).
+    pub fn slowed(&self) -> u8 {
+        self.slowed.load(Ordering::SeqCst)
     }
 
     /// Whether it has ended (completed, failed or unconfirmed), or its
@@ -272,6 +288,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     let mut throttle = job.req.max_bandwidth.map(Throttle::new);
     let mut pages = all;
     let mut skip_zero = true;
+    let mut converge = Converge::new(job.req.auto_converge);
     let converged = loop {
         let t = Instant::now();
         let sent = send_pages(job, &mut s, &pages, skip_zero, throttle.as_mut())?;
@@ -287,16 +304,21 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         p.dirty_bytes = dirty;
         p.elapsed_ms = start.elapsed().as_millis() as u64;
         let rounds = p.rounds;
+        if rounds > 1 {
+            p.slowed_pct = converge.after_round(sent, dirty);
+        }
         drop(p);
         if dirty as f64 / rate as f64 <= budget {
             break true;
         }
+        slow(job, converge.share());
         if rounds >= MAX_ROUNDS {
             break false;
         }
     };
 
     // Stop-and-copy: the loop pauses and captures the VM, then waits.
+    job.slowed.store(0, Ordering::SeqCst);
     set_phase(job, Phase::Stopping, start);
     let paused_at = Instant::now();
     let (tx, rx) = channel();
@@ -355,6 +377,13 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     p.converged = Some(converged);
     p.dirty_bytes = (last.len() * PAGE) as u64;
     Ok(())
+}
+
+/// Has the loop slow the guest by `share` percent, if that is news.
+fn slow(job: &Job, share: u8) {
+    if job.slowed.swap(share, Ordering::SeqCst) != share {
+        let _ = job.wake.write(1);
+    }
 }
 
 fn set_phase(job: &Job, phase: Phase, start: Instant) {
