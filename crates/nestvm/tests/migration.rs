@@ -751,6 +751,48 @@ fn without_auto_converge_a_guest_that_outruns_the_link_is_never_slowed() {
     h.dst.ok(&["vm", "kill", "t"]);
 }
 
+/// Over a link that holds each of the receiver's frames back 60 ms, the
+/// pause costs two round trips whatever is left to copy. The switch rule
+/// counts them: with a 100 ms budget no round can fit, so pre-copy ends
+/// at once and the result says why; with a 400 ms budget the expected
+/// downtime it waited for includes them.
+#[test]
+fn the_switch_counts_the_round_trips_of_the_pause() {
+    if !kvm_or_skip("the_switch_counts_the_round_trips_of_the_pause") {
+        return;
+    }
+    let delay = Duration::from_millis(60);
+    for (tag, budget) in [("rtt-short", "100ms"), ("rtt-long", "400ms")] {
+        let h = Hosts::new(tag);
+        h.start_ticker("32M", u32::MAX);
+        let receiver = h.receive(&h.token);
+        h.wait_listening();
+        let proxy = Proxy::start(h.addr.clone(), Attack::Delay(delay));
+        let out = h
+            .spawn_migrate_to(&proxy.addr, &h.token, &["--max-downtime", budget])
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
+        let v = report(&h);
+        assert_eq!(v["phase"], "completed", "{v}");
+        let rtt = v["round_trip_ms"].as_f64().unwrap();
+        assert!(rtt >= 60.0, "{v}");
+        let expected = v["expected_downtime_ms"].as_f64().unwrap();
+        assert!(expected >= 2.0 * rtt, "{v}");
+        assert!(v["downtime_ms"].as_u64().unwrap() >= 120, "{v}");
+        if budget == "100ms" {
+            assert_eq!(v["converged"], false, "{v}");
+            assert_eq!(v["rounds"], 1, "no round could have fitted: {v}");
+            assert!(text(&out).contains("round trip"), "{}", text(&out));
+        } else {
+            assert_eq!(v["converged"], true, "{v}");
+            assert!(expected <= 400.0, "{v}");
+        }
+        h.dst.ok(&["vm", "kill", "t"]);
+    }
+}
+
 /// The pid of the passt that VM `t`'s VMM in `dir` started (its log says).
 fn passt_pid(dir: &Path) -> u32 {
     let log = std::fs::read_to_string(dir.join("vms/t/vmm.log")).unwrap_or_default();

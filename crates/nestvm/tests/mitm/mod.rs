@@ -2,16 +2,19 @@
 //! forwards a migration between a real sender and a real receiver, follows
 //! both sides' framing (a handshake frame, then length-prefixed sealed
 //! frames: `crates/vmm/src/migration/frame.rs`) and tampers with one frame,
-//! or drops one around the commit point and cuts the connection there.
+//! or drops one around the commit point and cuts the connection there, or
+//! holds each of the receiver's frames back (a slow link).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-/// The receiver's sealed frames, in order: it accepts the VM, says it is
-/// built and waits (`Ready`), then says it runs it (`Resumed`).
+/// The receiver's empty sealed frames, in order: it accepts the VM, says
+/// it is built and waits (`Ready`), then says it runs it (`Resumed`). Its
+/// answers to the sender's pings carry 8 bytes and are not counted.
 const READY: usize = 1;
 const RESUMED: usize = 2;
 
@@ -34,6 +37,9 @@ pub enum Attack {
     /// Drops the receiver's `Resumed` and cuts: the VM runs at the
     /// receiver, and the sender never hears it.
     DropResumed,
+    /// Holds each of the receiver's frames back this long: a link with
+    /// that much more latency one way.
+    Delay(Duration),
     /// Nothing: forwards every frame as it came (the control case).
     Nothing,
 }
@@ -122,10 +128,23 @@ fn backward(
     if !handshake_frame(from, to) {
         return false;
     }
-    for i in 0.. {
+    let mut empty = None;
+    let mut i = 0;
+    loop {
         let Some(frame) = sealed_frame(from) else {
             return false;
         };
+        if let Attack::Delay(d) = attack {
+            std::thread::sleep(d);
+        }
+        // The first frame (`Accept`) is empty: frames of its length are
+        // the ones counted.
+        if *empty.get_or_insert(frame.len()) != frame.len() {
+            if to.write_all(&frame).is_err() {
+                return false;
+            }
+            continue;
+        }
         match attack {
             Attack::DropReady if i == READY => return true,
             Attack::DropResumed if i == RESUMED => return true,
@@ -137,8 +156,8 @@ fn backward(
         if to.write_all(&frame).is_err() {
             return false;
         }
+        i += 1;
     }
-    false
 }
 
 /// Forwards the sender's side frame by frame, attacking as told, until

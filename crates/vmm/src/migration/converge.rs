@@ -15,6 +15,15 @@
 //!
 //! The rule runs in the migration thread; [`Slower`], the event loop's
 //! periodic timer, carries it out (the loop alone commands the vCPUs).
+//!
+//! When pre-copy ends is [`switch`]'s to say: once what is left, sent at
+//! the measured rate, *plus the fixed costs of the pause* fits the budget.
+//! The fixed costs are what the sender can measure before it pauses: two
+//! round trips to the receiver (the state, then `Go`, each wait for an
+//! answer) and the state itself at the measured rate. When the fixed costs
+//! alone exceed the budget, no round can make it fit: pre-copy then ends as
+//! soon as the pages left fit the budget on their own (the least downtime
+//! there is to have), and the result says it was not met.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
@@ -76,6 +85,42 @@ impl Converge {
     pub fn share(&self) -> u8 {
         self.share
     }
+}
+
+/// What [`switch`] says after a round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Switch {
+    /// Pause now: the expected downtime fits the budget.
+    Converged,
+    /// Pause now, although it will not fit: the fixed costs alone do not,
+    /// and the pages left would go within the budget on their own.
+    Hopeless,
+    /// Another round.
+    Continue,
+}
+
+/// The downtime expected if the VM were paused now, with `dirty` bytes
+/// left at `rate` bytes per second and `fixed` costs.
+pub fn expected_downtime(dirty: u64, rate: u64, fixed: Duration) -> Duration {
+    fixed + Duration::from_secs_f64(dirty as f64 / rate.max(1) as f64)
+}
+
+/// Whether to end pre-copy: `fixed` holds the measured round trip twice
+/// and the state's time at the rate.
+pub fn switch(dirty: u64, rate: u64, fixed: Duration, budget: Duration) -> Switch {
+    if expected_downtime(dirty, rate, fixed) <= budget {
+        Switch::Converged
+    } else if fixed >= budget && expected_downtime(dirty, rate, Duration::ZERO) <= budget {
+        Switch::Hopeless
+    } else {
+        Switch::Continue
+    }
+}
+
+/// The fixed costs of the pause: two round trips of `round_trip`, and
+/// `state` bytes at `rate`.
+pub fn fixed_costs(round_trip: Duration, state: u64, rate: u64) -> Duration {
+    round_trip * 2 + Duration::from_secs_f64(state as f64 / rate.max(1) as f64)
 }
 
 /// How long each vCPU naps per [`PERIOD`] for `share` percent.
@@ -170,6 +215,33 @@ mod tests {
         on.after_round(0, 4096);
         assert_eq!(on.after_round(0, 4096), INITIAL);
         assert_eq!(on.after_round(0, 0), INITIAL, "nothing dirtied: cool");
+    }
+
+    /// The fixed costs count against the budget: what would fit on its own
+    /// does not once two round trips are added; when a round trip alone
+    /// fills the budget, pre-copy ends once the pages alone would fit.
+    #[test]
+    fn the_switch_counts_the_round_trips_and_the_state() {
+        let ms = Duration::from_millis;
+        let mib = 1u64 << 20;
+        let rate = 100 * mib;
+        // 4 MiB at 100 MiB/s is 40 ms: alone it fits a 50 ms budget.
+        assert_eq!(switch(4 * mib, rate, ms(0), ms(50)), Switch::Converged);
+        let fixed = fixed_costs(ms(10), mib, rate);
+        assert_eq!(fixed, ms(30), "two round trips and 10 ms of state");
+        assert_eq!(expected_downtime(4 * mib, rate, fixed), ms(70));
+        assert_eq!(switch(4 * mib, rate, fixed, ms(50)), Switch::Continue);
+        assert_eq!(switch(mib, rate, fixed, ms(50)), Switch::Converged);
+        let far = fixed_costs(ms(30), 0, rate);
+        assert_eq!(switch(0, rate, far, ms(50)), Switch::Hopeless);
+        // Hopeless, but 10 MiB would still add 100 ms: one more round.
+        assert_eq!(switch(10 * mib, rate, far, ms(50)), Switch::Continue);
+        assert_eq!(switch(4 * mib, rate, far, ms(50)), Switch::Hopeless);
+        assert_eq!(
+            switch(0, 0, ms(0), ms(0)),
+            Switch::Converged,
+            "no rate yet: no panic"
+        );
     }
 
     /// The timer fires while slowing and stops when told; reading it

@@ -97,6 +97,11 @@ pub enum Kind {
     /// Sender → receiver: the commit point. The sender has given the VM
     /// up: it never resumes its copy on its own from here on.
     Go = 9,
+    /// Sender → receiver, after each pre-copy round: 8 bytes the receiver
+    /// echoes at once, once every frame before it is applied.
+    Ping = 10,
+    /// Receiver → sender: the bytes of the [`Kind::Ping`] it answers.
+    Pong = 11,
 }
 
 impl Kind {
@@ -104,7 +109,7 @@ impl Kind {
     pub fn from_u8(b: u8) -> Option<Kind> {
         use Kind::*;
         [
-            Confirm, Hello, Accept, Refuse, Pages, State, Resumed, Ready, Go,
+            Confirm, Hello, Accept, Refuse, Pages, State, Resumed, Ready, Go, Ping, Pong,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -114,6 +119,7 @@ impl Kind {
     pub fn cap(self) -> usize {
         match self {
             Kind::Confirm | Kind::Accept | Kind::Resumed | Kind::Ready | Kind::Go => 0,
+            Kind::Ping | Kind::Pong => 8,
             Kind::Refuse => 4096,
             // Definition and CPUID tables: tens of KiB per vCPU at most.
             Kind::Hello => 16 << 20,

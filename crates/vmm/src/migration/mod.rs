@@ -21,7 +21,9 @@
 //!    than that is slowed, more with each round it still outpaces the copy
 //!    ([`converge`]: its vCPUs nap), unless `--no-auto-converge`;
 //! 4. once what is left would go within the downtime budget at the measured
-//!    rate, the event loop pauses the vCPUs, captures the VM (as a save
+//!    rate, with the pause's fixed costs counted (two round trips to the
+//!    receiver, measured after each round by a `Ping` it echoes, and the
+//!    state; [`converge::switch`]), the event loop pauses the vCPUs, captures the VM (as a save
 //!    does), lets go of its disk locks and goes back to its work; the
 //!    thread sends the last dirty pages and the state; the receiver builds
 //!    the VM — paused, its disks locked — and says `Ready`;
@@ -63,8 +65,9 @@ use crate::builder::BuildError;
 use crate::config::VmConfig;
 
 /// Version of the migration stream; both sides must speak the same
-/// (2: the Noise channel; 3: `Ready` and `Go`, the commit point).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (2: the Noise channel; 3: `Ready` and `Go`, the commit point; 4: `Ping`
+/// and `Pong`, the round trip the switch rule counts).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The downtime budget when none is given (the API's default).
 pub use crate::api::DEFAULT_MAX_DOWNTIME;
 /// Pre-copy rounds before the final copy is made whatever is left.
@@ -237,6 +240,14 @@ pub struct Progress {
     /// goes on, now; once it is over, as it was when the VM was paused.
     #[serde(default)]
     pub slowed_pct: u8,
+    /// The last measured round trip to the receiver, ms (a `Ping`
+    /// answered once the pages before it were applied).
+    #[serde(default)]
+    pub round_trip_ms: Option<f64>,
+    /// What the final pause was expected to cost at the last round's end:
+    /// what was left at the measured rate plus the fixed costs, ms.
+    #[serde(default)]
+    pub expected_downtime_ms: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
 }

@@ -286,6 +286,8 @@ fn take(
                 bytes += payload.len() as u64;
             }
             (Kind::State, payload) => break payload,
+            // At once: the sender times the answer.
+            (Kind::Ping, payload) => wire::send(s, Kind::Pong, &payload)?,
             (kind, _) => {
                 return Err(MigrationError::protocol(format!(
                     "unexpected {kind:?} during the copy"

@@ -24,7 +24,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::{self, Channel};
-use super::converge::Converge;
+use super::converge::{self, Converge, Switch};
 use super::throttle::Throttle;
 use super::wire::{self, Kind, BATCH_PAGES, PAGE};
 use super::{DowntimeParts, Hello, MigrationError, Phase, Progress, MAX_ROUNDS, PROTOCOL_VERSION};
@@ -260,6 +260,9 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     let mut s = channel::initiate(s, &job.req.key)?;
     let hello =
         serde_json::to_vec(&job.hello).map_err(|e| MigrationError::protocol(e.to_string()))?;
+    // The final state holds the definition and CPUID tables again, and
+    // more: the Hello's size is a floor for it.
+    let state_floor = hello.len() as u64;
     wire::send(&mut s, Kind::Hello, &hello)?;
     wire::expect(&mut s, Kind::Accept)?;
 
@@ -284,7 +287,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         })
         .collect();
     set_phase(job, Phase::Precopy, start);
-    let budget = job.req.max_downtime.as_secs_f64();
+    let budget = job.req.max_downtime;
     let mut throttle = job.req.max_bandwidth.map(Throttle::new);
     let mut pages = all;
     let mut skip_zero = true;
@@ -294,6 +297,7 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         let sent = send_pages(job, &mut s, &pages, skip_zero, throttle.as_mut())?;
         skip_zero = false;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
+        let round_trip = ping(&mut s, u64::from(lock(&job.progress).rounds))?;
         pages = collect_dirty(job)?;
         let dirty = (pages.len() * PAGE) as u64;
         let mut p = lock(&job.progress);
@@ -307,9 +311,23 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         if rounds > 1 {
             p.slowed_pct = converge.after_round(sent, dirty);
         }
+        let fixed = converge::fixed_costs(round_trip, state_floor, rate);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        p.round_trip_ms = Some(ms(round_trip));
+        p.expected_downtime_ms = Some(ms(converge::expected_downtime(dirty, rate, fixed)));
         drop(p);
-        if dirty as f64 / rate as f64 <= budget {
-            break true;
+        match converge::switch(dirty, rate, fixed, budget) {
+            Switch::Converged => break true,
+            Switch::Hopeless => {
+                log::warn!(
+                    "migration: the pause's fixed costs alone ({:.0} ms: two round trips of {:.1} ms and the state) exceed the {} ms budget; pausing now that the pages left would fit it",
+                    ms(fixed),
+                    ms(round_trip),
+                    budget.as_millis()
+                );
+                break false;
+            }
+            Switch::Continue => {}
         }
         slow(job, converge.share());
         if rounds >= MAX_ROUNDS {
@@ -377,6 +395,17 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     p.converged = Some(converged);
     p.dirty_bytes = (last.len() * PAGE) as u64;
     Ok(())
+}
+
+/// Times a round trip to the receiver: a `Ping` carrying `seq`, which it
+/// echoes once every frame before it is applied.
+fn ping(s: &mut Channel<TcpStream>, seq: u64) -> Result<Duration, MigrationError> {
+    let t = Instant::now();
+    wire::send(s, Kind::Ping, &seq.to_le_bytes())?;
+    if wire::expect(s, Kind::Pong)? != seq.to_le_bytes() {
+        return Err(MigrationError::protocol("the receiver echoed another ping"));
+    }
+    Ok(t.elapsed())
 }
 
 /// Has the loop slow the guest by `share` percent, if that is news.
