@@ -429,9 +429,14 @@ pub fn migrate(
             last.max_downtime_ms,
             match (last.converged, last.downtime_ms.unwrap_or(0) > last.max_downtime_ms) {
                 (Some(false), _) => match last.round_trip_ms {
-                    Some(rtt) if 2.0 * rtt >= last.max_downtime_ms as f64 => format!(
+                    Some(rtt)
+                        if 2.0 * rtt >= last.max_downtime_ms as f64
+                            && last.rounds < nestvm_vmm::migration::MAX_ROUNDS =>
+                    {
+                        format!(
                         ", not met: the round trip to {to} alone takes {rtt:.0} ms, twice in the pause"
-                    ),
+                    )
+                    }
                     _ => ", not met: the guest dirtied memory faster than it could be sent".to_owned(),
                 },
                 (_, true) => match last.downtime_parts {

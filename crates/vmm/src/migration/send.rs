@@ -287,7 +287,6 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         })
         .collect();
     set_phase(job, Phase::Precopy, start);
-    let budget = job.req.max_downtime;
     let mut throttle = job.req.max_bandwidth.map(Throttle::new);
     let mut pages = all;
     let mut skip_zero = true;
@@ -296,42 +295,23 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
         let t = Instant::now();
         let sent = send_pages(job, &mut s, &pages, skip_zero, throttle.as_mut())?;
         skip_zero = false;
+        let seq = 2 * u64::from(lock(&job.progress).rounds);
+        // The first answer comes once the pages still on their way are
+        // applied: that wait is part of the round. Over the idle link, the
+        // second one times the round trip alone.
+        ping(&mut s, seq)?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
-        let round_trip = ping(&mut s, u64::from(lock(&job.progress).rounds))?;
         pages = collect_dirty(job)?;
+        let round_trip = ping(&mut s, seq + 1)?;
         let dirty = (pages.len() * PAGE) as u64;
-        let mut p = lock(&job.progress);
-        p.rounds += 1;
-        // The rate of a round that moved little says little: keep the best seen.
-        let rate = ((sent as f64 / secs) as u64).max(p.rate).max(1);
-        p.rate = rate;
-        p.dirty_bytes = dirty;
-        p.elapsed_ms = start.elapsed().as_millis() as u64;
-        let rounds = p.rounds;
-        if rounds > 1 {
-            p.slowed_pct = converge.after_round(sent, dirty);
-        }
-        let fixed = converge::fixed_costs(round_trip, state_floor, rate);
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        p.round_trip_ms = Some(ms(round_trip));
-        p.expected_downtime_ms = Some(ms(converge::expected_downtime(dirty, rate, fixed)));
-        drop(p);
-        match converge::switch(dirty, rate, fixed, budget) {
-            Switch::Converged => break true,
-            Switch::Hopeless => {
-                log::warn!(
-                    "migration: the pause's fixed costs alone ({:.0} ms: two round trips of {:.1} ms and the state) exceed the {} ms budget; pausing now that the pages left would fit it",
-                    ms(fixed),
-                    ms(round_trip),
-                    budget.as_millis()
-                );
-                break false;
-            }
-            Switch::Continue => {}
-        }
-        slow(job, converge.share());
-        if rounds >= MAX_ROUNDS {
-            break false;
+        let round = Round {
+            sent,
+            secs,
+            dirty,
+            round_trip,
+        };
+        if let Some(converged) = judge(job, &mut converge, &round, state_floor, start) {
+            break converged;
         }
     };
 
@@ -395,6 +375,65 @@ fn migrate(job: &Job, start: Instant) -> Result<(), MigrationError> {
     p.converged = Some(converged);
     p.dirty_bytes = (last.len() * PAGE) as u64;
     Ok(())
+}
+
+/// What one pre-copy round measured.
+struct Round {
+    /// Page data sent.
+    sent: u64,
+    /// How long it took, the queued pages applied, seconds.
+    secs: f64,
+    /// Memory dirtied meanwhile.
+    dirty: u64,
+    /// A round trip to the receiver over the idle link.
+    round_trip: Duration,
+}
+
+/// After a round: its figures into the progress, then whether pre-copy
+/// ends (`Some(converged)`) or goes on, the guest slowed as auto-converge
+/// says (the share reported is the one the loop applies).
+fn judge(
+    job: &Job,
+    converge: &mut Converge,
+    r: &Round,
+    state_floor: u64,
+    start: Instant,
+) -> Option<bool> {
+    let budget = job.req.max_downtime;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut p = lock(&job.progress);
+    p.rounds += 1;
+    // The rate of a round that moved little says little: keep the best seen.
+    let rate = ((r.sent as f64 / r.secs) as u64).max(p.rate).max(1);
+    p.rate = rate;
+    p.dirty_bytes = r.dirty;
+    p.elapsed_ms = start.elapsed().as_millis() as u64;
+    let fixed = converge::fixed_costs(r.round_trip, state_floor, rate);
+    p.round_trip_ms = Some(ms(r.round_trip));
+    p.expected_downtime_ms = Some(ms(converge::expected_downtime(r.dirty, rate, fixed)));
+    let rounds = p.rounds;
+    drop(p);
+    match converge::switch(r.dirty, rate, fixed, budget) {
+        Switch::Converged => return Some(true),
+        Switch::Hopeless => {
+            log::warn!(
+                "migration: the pause's fixed costs alone ({:.0} ms: two round trips of {:.1} ms and the state) exceed the {} ms budget; pausing now that the pages left would fit it",
+                ms(fixed),
+                ms(r.round_trip),
+                budget.as_millis()
+            );
+            return Some(false);
+        }
+        Switch::Continue => {}
+    }
+    // Round 1 sent all memory: it says nothing of the guest's pace.
+    let share = match rounds > 1 {
+        true => converge.after_round(r.sent, r.dirty),
+        false => converge.share(),
+    };
+    slow(job, share);
+    lock(&job.progress).slowed_pct = share;
+    (rounds >= MAX_ROUNDS).then_some(false)
 }
 
 /// Times a round trip to the receiver: a `Ping` carrying `seq`, which it
