@@ -437,16 +437,18 @@ mod tests {
             .expect("vCPU event")
     }
 
-    /// The machine starts Paused, runs only after Resume, can be paused and
-    /// resumed, and reports the guest's reset as its exit.
-    #[test]
-    fn paused_until_resumed_then_pause_resume_and_exit() {
-        let Some(hv) = kvm() else { return };
+    /// One vCPU of a 16 MiB VM running `image`, Paused, in its thread;
+    /// its reports, what its guest prints, and the directory to remove.
+    fn one_vcpu(
+        hv: &Hypervisor,
+        tag: &str,
+        image: Vec<u8>,
+    ) -> (VcpuHandle, Receiver<Event>, Captured, std::path::PathBuf) {
         nestvm_kvm::kick::install().unwrap();
-        let dir = std::env::temp_dir().join(format!("nestvm-vcpu-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("nestvm-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("halt.elf");
-        std::fs::write(&kernel, hello("up", Ending::HaltForever)).unwrap();
+        let kernel = dir.join("guest.elf");
+        std::fs::write(&kernel, image).unwrap();
         let config = VmConfig {
             kernel,
             initrd: None,
@@ -461,12 +463,21 @@ mod tests {
             vsock: None,
         };
         let out = Captured::default();
-        let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();
+        let mut vm = crate::builder::build(&config, hv, false, Box::new(out.clone())).unwrap();
         let (tx, rx) = channel();
         let notify = EventFd::new(0).unwrap();
         let vcpu = vm.vcpus.remove(0);
-        let mut handle =
+        let handle =
             VcpuHandle::spawn(vcpu, vm.buses.clone(), vm.state_ctx.clone(), tx, notify).unwrap();
+        (handle, rx, out, dir)
+    }
+
+    /// The machine starts Paused, runs only after Resume, can be paused and
+    /// resumed, and reports the guest's reset as its exit.
+    #[test]
+    fn paused_until_resumed_then_pause_resume_and_exit() {
+        let Some(hv) = kvm() else { return };
+        let (mut handle, rx, out, dir) = one_vcpu(&hv, "vcpu", hello("up", Ending::HaltForever));
 
         // Built and paused: no guest instruction has run.
         std::thread::sleep(Duration::from_millis(200));
@@ -512,6 +523,7 @@ mod tests {
         assert_eq!(next_event(&rx), Event::State(0, State::Running));
         handle.stop_and_join();
         assert_eq!(next_event(&rx), Event::Exited(0, ExitReason::Stopped));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A napping vCPU runs no guest code, yet serves a pause and a stop at
@@ -519,32 +531,8 @@ mod tests {
     #[test]
     fn a_nap_stops_the_guest_but_never_holds_up_a_pause_or_a_stop() {
         let Some(hv) = kvm() else { return };
-        nestvm_kvm::kick::install().unwrap();
-        let dir = std::env::temp_dir().join(format!("nestvm-nap-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let kernel = dir.join("dirtier.elf");
         // Prints a dot after each pass over 1 MiB: output while it runs.
-        std::fs::write(&kernel, nestvm_guests::dirtier(1)).unwrap();
-        let config = VmConfig {
-            kernel,
-            initrd: None,
-            cmdline: String::new(),
-            cpus: 1,
-            memory: 16 << 20,
-            nested: crate::config::NestedMode::Off,
-            disks: vec![],
-            nets: vec![],
-            balloon: None,
-            logs: Default::default(),
-            vsock: None,
-        };
-        let out = Captured::default();
-        let mut vm = crate::builder::build(&config, &hv, false, Box::new(out.clone())).unwrap();
-        let (tx, rx) = channel();
-        let vcpu = vm.vcpus.remove(0);
-        let notify = EventFd::new(0).unwrap();
-        let mut handle =
-            VcpuHandle::spawn(vcpu, vm.buses.clone(), vm.state_ctx.clone(), tx, notify).unwrap();
+        let (mut handle, rx, out, dir) = one_vcpu(&hv, "nap", nestvm_guests::dirtier(1));
         let dots = || out.0.lock().unwrap().len();
         handle.send(Command::Resume);
         assert_eq!(next_event(&rx), Event::State(0, State::Running));
