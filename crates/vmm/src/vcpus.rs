@@ -126,13 +126,20 @@ impl VcpuSet {
         })
     }
 
-    /// Collects, in order, the answers to questions just put to every
-    /// vCPU (so they answered in parallel), all by `deadline`.
-    fn answers<T>(
-        &self,
-        asked: Vec<Receiver<T>>,
-        deadline: Instant,
-    ) -> Result<Vec<T>, VcpuSetError> {
+    /// Puts one question to each vCPU, in order, before waiting for any
+    /// answer (so they answer in parallel), then collects the answers in
+    /// order, all within [`STATE_TIMEOUT`].
+    fn ask_all<T, Q>(&self, questions: impl IntoIterator<Item = Q>) -> Result<Vec<T>, VcpuSetError>
+    where
+        Q: FnOnce(Sender<T>) -> Command,
+    {
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let asked: Vec<_> = self
+            .handles
+            .iter()
+            .zip(questions)
+            .map(|(h, q)| Self::put(h, q))
+            .collect::<Result<_, _>>()?;
         self.handles
             .iter()
             .zip(asked)
@@ -143,15 +150,9 @@ impl VcpuSet {
     /// Pauses every vCPU and waits until each confirms it is paused.
     pub fn pause(&self) -> Result<(), VcpuSetError> {
         self.send_all(|| Command::Pause)?;
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        let asked = self
-            .handles
-            .iter()
-            .map(|h| Self::put(h, Command::Report))
-            .collect::<Result<_, _>>()?;
         // Commands are served in order: the state reported after the Pause
         // is Paused, unless the thread ended.
-        let states = self.answers(asked, deadline)?;
+        let states = self.ask_all(std::iter::repeat(Command::Report))?;
         for (h, state) in self.handles.iter().zip(states) {
             if state != State::Paused {
                 return Err(VcpuSetError::NotPaused { id: h.id(), state });
@@ -168,13 +169,7 @@ impl VcpuSet {
     /// The complete state of every (paused) vCPU, in order; they are all
     /// read at once, each by its own thread.
     pub fn save(&self) -> Result<Vec<VcpuState>, VcpuSetError> {
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        let asked = self
-            .handles
-            .iter()
-            .map(|h| Self::put(h, Command::Save))
-            .collect::<Result<_, _>>()?;
-        let answers = self.answers(asked, deadline)?;
+        let answers = self.ask_all(std::iter::repeat(Command::Save))?;
         answers
             .into_iter()
             .map(|a| a.map_err(VcpuSetError::from))
@@ -189,14 +184,10 @@ impl VcpuSet {
                 have: self.handles.len(),
             });
         }
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        let asked = self
-            .handles
-            .iter()
-            .zip(states)
-            .map(|(h, state)| Self::put(h, |tx| Command::Restore(Box::new(state), tx)))
-            .collect::<Result<_, _>>()?;
-        let answers = self.answers(asked, deadline)?;
+        let questions = states
+            .into_iter()
+            .map(|state| move |tx| Command::Restore(Box::new(state), tx));
+        let answers = self.ask_all(questions)?;
         answers
             .into_iter()
             .try_for_each(|a| a.map_err(VcpuSetError::from))
