@@ -412,6 +412,39 @@ fn report(h: &Hosts) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap()).unwrap()
 }
 
+/// Runs a VM `t` on the source that rewrites `mib` MiB of its `memory`
+/// over and over and, once it made `passes` passes, migrates it with
+/// `args`; both sides must succeed. The source's report.
+fn migrate_dirtier(
+    h: &Hosts,
+    memory: &str,
+    mib: u32,
+    passes: usize,
+    args: &[&str],
+) -> serde_json::Value {
+    h.start(memory, dirtier(mib));
+    wait_for(
+        || dots(&h.src.dir) >= passes,
+        "the guest never finished a pass",
+    );
+    let receiver = h.receive(&h.token);
+    let out = h.migrate_with(args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let received = receiver.wait_with_output().unwrap();
+    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
+    report(h)
+}
+
+/// The moved guest goes on writing at the destination; then it ends there.
+fn writes_on_at_the_destination(h: &Hosts) {
+    let before = dots(&h.dst.dir);
+    wait_for(
+        || dots(&h.dst.dir) > before + 2,
+        "the guest stopped on the destination",
+    );
+    h.dst.ok(&["vm", "kill", "t"]);
+}
+
 /// The destination decides where the disks are: a VM whose disk the
 /// receiver did not place, placed on an image that is not there, with a
 /// mapping for a disk it does not have, or placed on an image another
@@ -654,24 +687,10 @@ fn a_guest_rewriting_its_memory_arrives_with_every_page() {
     // Rewrites 32 MiB over and over: every pre-copy round finds it dirty,
     // and the last pages written before the pause must still arrive. The
     // destination compares a digest of all memory with the source's.
-    h.start("128M", dirtier(32));
-    wait_for(|| dots(&h.src.dir) >= 3, "the guest never finished a pass");
-    let receiver = h.receive(&h.token);
-    let out = h.migrate_with(&["--verify", "--max-downtime", "5ms"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let received = receiver.wait_with_output().unwrap();
-    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(h.src.dir.join("vms/t/migration.json")).unwrap())
-            .unwrap();
+    let v = migrate_dirtier(&h, "128M", 32, 3, &["--verify", "--max-downtime", "5ms"]);
     assert!(v["rounds"].as_u64().unwrap() >= 2, "{v}");
     // It goes on writing there.
-    let before = dots(&h.dst.dir);
-    wait_for(
-        || dots(&h.dst.dir) > before + 2,
-        "the guest stopped on the destination",
-    );
-    h.dst.ok(&["vm", "kill", "t"]);
+    writes_on_at_the_destination(&h);
 }
 
 /// A guest that rewrites 64 MiB over and over outruns a copy capped at
@@ -686,20 +705,14 @@ fn a_guest_writing_faster_than_the_link_is_slowed_until_the_copy_converges() {
         return;
     }
     let h = Hosts::new("converge");
-    h.start("128M", dirtier(64));
-    wait_for(|| dots(&h.src.dir) >= 2, "the guest never finished a pass");
-    let receiver = h.receive(&h.token);
-    let out = h.migrate_with(&[
+    let args = [
         "--verify",
         "--max-bandwidth",
         "64M",
         "--max-downtime",
         "200ms",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let received = receiver.wait_with_output().unwrap();
-    assert_eq!(received.status.code(), Some(0), "{}", text(&received));
-    let v = report(&h);
+    ];
+    let v = migrate_dirtier(&h, "128M", 64, 2, &args);
     assert_eq!(v["phase"], "completed", "{v}");
     assert_eq!(v["converged"], true, "{v}");
     let slowed = v["slowed_pct"].as_u64().unwrap();
@@ -708,12 +721,7 @@ fn a_guest_writing_faster_than_the_link_is_slowed_until_the_copy_converges() {
         "{v}"
     );
     assert!(v["rounds"].as_u64().unwrap() >= 3, "{v}");
-    let before = dots(&h.dst.dir);
-    wait_for(
-        || dots(&h.dst.dir) > before + 2,
-        "the guest stopped on the destination",
-    );
-    h.dst.ok(&["vm", "kill", "t"]);
+    writes_on_at_the_destination(&h);
 }
 
 /// With `--no-auto-converge` the same kind of guest is never slowed:
@@ -727,19 +735,14 @@ fn without_auto_converge_a_guest_that_outruns_the_link_is_never_slowed() {
     let h = Hosts::new("noconv");
     // 8 MiB a pass at 64 MiB/s: a round lasts at least 125 ms, in which
     // the guest rewrites far more than the 1.3 MiB a 20 ms budget allows.
-    h.start("64M", dirtier(8));
-    wait_for(|| dots(&h.src.dir) >= 2, "the guest never finished a pass");
-    let receiver = h.receive(&h.token);
-    let out = h.migrate_with(&[
+    let args = [
         "--no-auto-converge",
         "--max-bandwidth",
         "64M",
         "--max-downtime",
         "20ms",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(receiver.wait_with_output().unwrap().status.code(), Some(0));
-    let v = report(&h);
+    ];
+    let v = migrate_dirtier(&h, "64M", 8, 2, &args);
     assert_eq!(v["phase"], "completed", "{v}");
     assert_eq!(v["converged"], false, "{v}");
     assert_eq!(v["slowed_pct"], 0, "{v}");
