@@ -97,8 +97,8 @@ pub enum Kind {
     /// Sender → receiver: the commit point. The sender has given the VM
     /// up: it never resumes its copy on its own from here on.
     Go = 9,
-    /// Sender → receiver, after each pre-copy round: 8 bytes the receiver
-    /// echoes at once, once every frame before it is applied.
+    /// Sender → receiver, twice after each pre-copy round: 8 bytes the
+    /// receiver echoes at once, once every frame before it is applied.
     Ping = 10,
     /// Receiver → sender: the bytes of the [`Kind::Ping`] it answers.
     Pong = 11,

@@ -22,8 +22,9 @@
 //!    ([`converge`]: its vCPUs nap), unless `--no-auto-converge`;
 //! 4. once what is left would go within the downtime budget at the measured
 //!    rate, with the pause's fixed costs counted (two round trips to the
-//!    receiver, measured after each round by a `Ping` it echoes, and the
-//!    state; [`converge::switch`]), the event loop pauses the vCPUs, captures the VM (as a save
+//!    receiver, timed after each round by a second `Ping` it echoes over
+//!    the idle link, and the state; [`converge::switch`]), the event loop
+//!    pauses the vCPUs, captures the VM (as a save
 //!    does), lets go of its disk locks and goes back to its work; the
 //!    thread sends the last dirty pages and the state; the receiver builds
 //!    the VM — paused, its disks locked — and says `Ready`;
