@@ -249,7 +249,9 @@ impl Vsock {
 
     /// What the host sockets had: new host clients' requests, ends, and
     /// room that let buffered guest bytes go on (the guest hears of the
-    /// credit that freed, or it would wait for it for ever).
+    /// credit that freed, or it would wait for it for ever): once half its
+    /// credit freed, and once a backlog drained to nothing, so that a guest
+    /// that stopped for credit learns of every byte the host took.
     fn host_events(&mut self) {
         for ev in self.host.poll() {
             match ev {
@@ -260,9 +262,13 @@ impl Vsock {
         let freed: Vec<Key> = self
             .host
             .conns
-            .iter()
-            .filter(|(_, c)| c.fwd_cnt.wrapping_sub(c.fwd_cnt_told) >= BUF_ALLOC / 2)
-            .map(|(k, _)| *k)
+            .iter_mut()
+            .filter_map(|(k, c)| {
+                let untold = c.fwd_cnt.wrapping_sub(c.fwd_cnt_told);
+                let owed = untold >= BUF_ALLOC / 2 || (c.caught_up && untold > 0);
+                c.caught_up = false;
+                owed.then_some(*k)
+            })
             .collect();
         for key in freed {
             self.owe(self.header(key, op::CREDIT_UPDATE));

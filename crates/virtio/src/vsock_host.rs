@@ -63,6 +63,9 @@ pub struct Conn {
     pub readable: bool,
     /// The host socket reached its end (or failed).
     pub host_done: bool,
+    /// A backlog towards the host socket drained to nothing since the
+    /// guest was last told its credit: the guest hears of all of it.
+    pub caught_up: bool,
     token: u64,
 }
 
@@ -192,6 +195,7 @@ impl Host {
             peer_fwd_cnt: 0,
             readable: true,
             host_done: false,
+            caught_up: false,
             token,
         };
         self.conns.insert(key, conn);
@@ -272,9 +276,13 @@ impl Host {
         if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             c.readable = true;
         }
-        if set.contains(EventSet::OUT) && c.flush().is_err() {
-            c.host_done = true;
-            out.push(HostEvent::Gone(key));
+        if set.contains(EventSet::OUT) {
+            let backlog = !c.to_host.is_empty();
+            if c.flush().is_err() {
+                c.host_done = true;
+                out.push(HostEvent::Gone(key));
+            }
+            c.caught_up |= backlog && c.to_host.is_empty();
         }
     }
 
