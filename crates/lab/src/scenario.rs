@@ -202,8 +202,8 @@ fn wake_lost_wakeups(
             if let Some(vector) = found {
                 let poked = monitor.poke().is_ok();
                 let _ = tx.send(format!(
-                    "[lab watchdog] L1's CPU was halted with interrupt {vector} pending and \
-                     not delivered (a QEMU lost wakeup); {}",
+                    "[lab watchdog] L1's interrupt {vector} stayed pending and not taken \
+                     for a second (a QEMU lost wakeup); {}",
                     if poked {
                         "a key press woke it"
                     } else {
